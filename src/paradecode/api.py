@@ -1,0 +1,111 @@
+"""The Python API: load a model, pick a method, generate.
+
+    >>> import paradecode as pd
+    >>> model = pd.load_model()                     # the embedded SmolLM2-135M-Instruct
+    >>> out = pd.generate(model, "Name three colours.", method="pld", chat=True)
+    >>> out.text, out.stats.tokens_per_call
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from .decoding.sink import DecodeResult, TokenSink
+from .errors import UserError
+from .methods.base import Method, get_method
+from .models.base import CausalLM
+from .sampling import GenerationConfig
+
+Prompt = str | list[dict] | list[int]
+
+
+def encode_prompt(model: CausalLM, prompt: Prompt, *, chat: bool = False) -> list[int]:
+    """Text, chat messages or token ids -> prompt token ids (validated)."""
+    tok = model.tokenizer
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise UserError("the prompt is empty", "pass some text with --prompt, a file, or stdin", field="prompt")
+        if tok is None:
+            raise UserError("this model has no tokenizer", "pass token ids instead of text")
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise UserError("this model has no chat template", "drop --chat to use the prompt as plain text")
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          tokenize=False)
+            ids = tok.encode(ids, add_special_tokens=False)
+        else:
+            ids = tok.encode(prompt)
+    elif prompt and isinstance(prompt[0], dict):
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise UserError("chat messages need a model with a chat template", "pass plain text instead")
+        text = tok.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+        ids = tok.encode(text, add_special_tokens=False)
+    else:
+        ids = [int(t) for t in prompt]
+        if any(t < 0 or t >= model.vocab_size for t in ids):
+            raise UserError("prompt token id out of range", f"ids must be in [0, {model.vocab_size})")
+    if not ids:
+        raise UserError("the prompt is empty", "pass some text with --prompt, a file, or stdin", field="prompt")
+    return list(ids)
+
+
+def _check_fits(model: CausalLM, n_prompt: int, gen: GenerationConfig) -> None:
+    if n_prompt >= model.max_context:
+        raise UserError(f"the prompt has {n_prompt} tokens, longer than the model's context window of "
+                        f"{model.max_context}", "shorten the prompt", field="prompt")
+    if n_prompt + gen.max_new_tokens > model.max_context:
+        raise UserError(f"prompt ({n_prompt} tokens) + max new tokens ({gen.max_new_tokens}) exceed the context "
+                        f"window of {model.max_context}",
+                        f"lower --max-new-tokens to at most {model.max_context - n_prompt}", field="max_new_tokens")
+
+
+def _make_gen(gen: GenerationConfig | None, kw: Mapping[str, Any]) -> GenerationConfig:
+    if gen is not None and kw:
+        raise TypeError("pass either gen=GenerationConfig(...) or keyword settings, not both")
+    return gen if gen is not None else GenerationConfig(**kw)
+
+
+def generate(model: CausalLM, prompt: Prompt, method: str | Method = "plain",
+             options: Mapping[str, Any] | None = None, *, chat: bool = False,
+             gen: GenerationConfig | None = None, stream: Callable[[str], None] | None = None,
+             trace: bool = False, **settings) -> DecodeResult:
+    """Generate a continuation of ``prompt`` with ``method``.
+
+    ``settings`` are :class:`GenerationConfig` fields (``max_new_tokens``,
+    ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``). ``stream``
+    receives text pieces as tokens are accepted. ``trace=True`` records what
+    each model call proposed and accepted (for ``paradecode viz``).
+    """
+    g = _make_gen(gen, settings)
+    m = get_method(method, options)
+    ids = encode_prompt(model, prompt, chat=chat)
+    _check_fits(model, len(ids), g)
+    sink = _sink(model, g, m, stream, trace)
+    t0 = time.perf_counter()
+    m.decode(model, ids, g, sink)
+    sink.stats.wall_time = time.perf_counter() - t0
+    return sink.result(ids)
+
+
+def generate_batch(model: CausalLM, prompts: Sequence[Prompt], method: str | Method = "plain",
+                   options: Mapping[str, Any] | None = None, *, chat: bool = False,
+                   gen: GenerationConfig | None = None, **settings) -> list[DecodeResult]:
+    """Generate for several prompts (batched where the method supports it)."""
+    g = _make_gen(gen, settings)
+    m = get_method(method, options)
+    if not prompts:
+        raise UserError("no prompts given", "pass at least one prompt")
+    all_ids = [encode_prompt(model, p, chat=chat) for p in prompts]
+    for ids in all_ids:
+        _check_fits(model, len(ids), g)
+    sinks = [_sink(model, g, m, None, False) for _ in all_ids]
+    m.decode_batch(model, all_ids, g, sinks)
+    return [s.result(ids) for s, ids in zip(sinks, all_ids)]
+
+
+def _sink(model: CausalLM, g: GenerationConfig, m: Method, stream, trace: bool) -> TokenSink:
+    sink = TokenSink(gen=g, eos_token_ids=g.eos_token_ids if g.eos_token_ids is not None else model.info.eos_token_ids,
+                     tokenizer=model.tokenizer, on_text=stream, trace=[] if trace else None)
+    sink.stats.method = m.name
+    return sink

