@@ -1,0 +1,172 @@
+"""The shared draft-and-verify loop: every drafter feeds this one loop and one verifier.
+
+Each step (gpt-fast's ``speculative_decode``, generalised to trees):
+
+1. the drafter proposes a :class:`~.tree.Draft` (a chain or a tree; empty =
+   a plain step) within a node budget set by :class:`BackOff`, the remaining
+   token budget and the cache capacity;
+2. ONE target call feeds ``[last committed token, node_0 .. node_{n-1}]``
+   with the tree attention mask and tree positions, giving logits for the
+   root and every node (the last committed token's key/value is not cached
+   yet, so every call computes it);
+3. :func:`~.verify.verify` picks the accepted path plus the recovered/bonus
+   token;
+4. ``cache.compact`` keeps the root and the accepted path in place, dropping
+   every other node's key/value;
+5. the tokens go to the sink (which alone applies EOS, stop strings and the
+   token budget) and the drafter observes the call.
+
+Lossless: greedy output equals plain greedy decoding and sampled output
+follows the target distribution exactly, whatever the drafter proposes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from ..methods.plain import prefill
+from ..models.base import CausalLM
+from ..sampling import GenerationConfig, next_token
+from ..stats import DecodeStats
+from .sink import TokenSink
+from .tree import Draft, tree_attention_mask, tree_positions
+from .verify import Verdict, verify
+
+
+class Drafter(ABC):
+    """Proposes drafts and learns from verification. One instance per request.
+
+    ``max_nodes`` is the largest draft the drafter wants verified in one call;
+    the loop may ask for fewer (back-off, end of budget, cache capacity).
+    """
+
+    max_nodes: int = 8
+
+    def begin(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, stats: DecodeStats) -> None:
+        """Reset state for a new request (build tables from the prompt...)."""
+
+    @abstractmethod
+    def propose(self, context: list[int], max_nodes: int) -> Draft:
+        """A draft of at most ``max_nodes`` nodes continuing ``context`` (prompt + committed tokens)."""
+
+    def observe(self, context: list[int], verdict: Verdict, logits: torch.Tensor) -> None:
+        """Learn from one verification call.
+
+        ``context`` is prompt + committed tokens *including* ``verdict.tokens``;
+        ``logits`` (n+1, V) are the target's logits at the root
+        (``context[-len(verdict.tokens) - 1]``) and at each node of
+        ``verdict.draft``.
+        """
+
+    def memory_bytes(self) -> int:
+        """Extra memory the drafter holds (reported in ``stats.extra``)."""
+        return 0
+
+
+@dataclass
+class BackOff:
+    """Adaptive draft budget so a drafter that keeps missing costs ~nothing.
+
+    A call with a draft costs more than a plain step (on the 2-core CPU, a
+    2..16-token call takes ~1.6x a 1-token call), so drafting only pays when
+    drafts are accepted. After a call whose draft had no accepted token the
+    budget halves; after one with accepted tokens it doubles (up to
+    ``max_nodes``). At budget 0 the loop takes ``wait`` plain steps without
+    drafting, then probes with ``probe_nodes``; a failed probe doubles the
+    wait (up to ``max_wait``), a successful one restores the full cycle.
+    ``enabled=False`` keeps the budget fixed at ``max_nodes``.
+    """
+
+    max_nodes: int
+    enabled: bool = True
+    first_wait: int = 4
+    max_wait: int = 64
+    probe_nodes: int | None = None      # None: max(1, max_nodes // 4)
+    budget: int = field(init=False)
+    wait: int = field(init=False)
+    _next_wait: int = field(init=False)
+    plain_steps: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.budget = self.max_nodes
+        self.wait = 0
+        self._next_wait = self.first_wait
+
+    def allow(self) -> int:
+        """Nodes the next call may carry (0 = a plain step, skip drafting)."""
+        if not self.enabled or self.budget > 0:
+            return self.max_nodes if not self.enabled else self.budget
+        if self.wait > 0:
+            self.wait -= 1
+            self.plain_steps += 1
+            return 0
+        return self.probe_nodes if self.probe_nodes is not None else max(1, self.max_nodes // 4)
+
+    def update(self, proposed: int, accepted: int) -> None:
+        """Learn from a call that carried ``proposed`` draft nodes, ``accepted`` of them kept."""
+        if not self.enabled or proposed == 0:
+            return
+        if accepted > 0:
+            self.budget = min(self.max_nodes, max(self.budget, 1) * 2)
+            self._next_wait = self.first_wait
+        elif self.budget > 0:
+            self.budget //= 2
+            if self.budget == 0:
+                self.wait = self._next_wait
+        else:                                                        # a failed probe
+            self._next_wait = min(self.max_wait, self._next_wait * 2)
+            self.wait = self._next_wait
+
+
+def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int], gen: GenerationConfig,
+                       sink: TokenSink, backoff: BackOff | bool = True) -> None:
+    """Generate into ``sink`` with ``drafter`` proposing and the target verifying (batch 1)."""
+    stats = sink.stats
+    if not isinstance(backoff, BackOff):
+        backoff = BackOff(drafter.max_nodes, enabled=bool(backoff))
+    capacity = min(model.max_context, len(prompt_ids) + gen.max_new_tokens + backoff.max_nodes + 1)
+    generator = None if gen.greedy else gen.generator()
+    stats.prompt_tokens = len(prompt_ids)
+
+    cache, last_logits = prefill(model, prompt_ids, capacity, sink)  # last_logits (V,)
+    first = int(next_token(last_logits, gen, generator))
+    stats.record_call(1)
+    with stats.timing("draft"):
+        drafter.begin(model, prompt_ids, gen, stats)
+    context = list(prompt_ids) + [first]
+    sink.emit([first])
+
+    while not sink.done:
+        start = cache.length                      # the root (context[-1]) goes to slot `start`
+        room = cache.capacity - start - 1
+        if room < 0:
+            break
+        budget = min(backoff.allow(), room)
+        with stats.timing("draft"):
+            draft = drafter.propose(context, budget) if budget > 0 else Draft.empty()
+            draft = draft.truncate(budget, max_depth=sink.remaining - 1)
+        stats.draft_tokens += len(draft)
+
+        with stats.timing("verify"):
+            ids = torch.tensor([[context[-1]] + draft.tokens])                     # (1, n+1)
+            pos = tree_positions(draft.parents, len(context) - 1)[None]          # (1, n+1)
+            mask = None if draft.is_chain else tree_attention_mask(draft.parents)[None]  # (1, n+1, n+1)
+            logits = model.forward(cache, ids, pos, mask)[0]                      # (n+1, V)
+            verdict = verify(logits, draft, gen, generator)
+            cache.compact(start, [0] + [i + 1 for i in verdict.accepted_nodes])
+        stats.model_calls += 1
+        stats.record_call(min(len(verdict.tokens), sink.remaining))
+        backoff.update(len(draft), verdict.num_accepted)
+        sink.record("verify", proposed=draft.tokens, accepted=verdict.tokens, parents=draft.parents,
+                    probs=[round(p, 4) for p in verdict.probs])
+        context.extend(verdict.tokens)
+        if sink.emit(verdict.tokens):
+            break
+        with stats.timing("draft"):
+            drafter.observe(context, verdict, logits)
+
+    stats.extra["drafter_memory_bytes"] = drafter.memory_bytes()
+    stats.extra["backoff_plain_steps"] = backoff.plain_steps

@@ -1,0 +1,108 @@
+"""The one verifier: which draft tokens the target keeps, for chains and trees.
+
+Vocabulary. One verification call gives the target's logits at the root (the
+last committed token) and at every draft node. Walking down from the root,
+
+* an **accepted** token is a draft node the target keeps;
+* the **recovered** token is the target's own token at the first position
+  where every candidate child was rejected;
+* the **bonus** token is the target's token after an accepted leaf (the whole
+  path was accepted, so the call yields one more token for free).
+
+Every call therefore produces ``len(accepted) + 1`` tokens.
+
+Greedy (``temperature == 0``): a child is accepted when its token equals the
+target's argmax at its parent; the output is exactly plain greedy decoding.
+
+Sampling: recursive rejection sampling over the children of each node
+(speculative sampling, Leviathan et al. 2023 and Chen et al. 2023 for one
+child; multi-candidate form of SpecInfer, Miao et al. 2024). With ``r`` the
+target distribution at the node, the children are tried in order; child ``x``
+drawn from ``q`` is accepted with probability ``min(1, r(x) / q(x))``,
+otherwise ``r <- norm(max(0, r - q))`` and the next child is tried; when all
+are rejected the recovered token is drawn from the final ``r``. Deterministic
+drafts use a one-hot ``q``, which reduces to "accept ``x`` with probability
+``r(x)``, else remove ``x`` from ``r`` and renormalise". The produced tokens
+follow the target distribution exactly, provided each node's ``q`` row is the
+distribution it was really drawn from (given its path and earlier siblings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sampling import GenerationConfig, target_probs
+from .tree import Draft
+
+
+@dataclass
+class Verdict:
+    """Outcome of one verification call."""
+
+    accepted_nodes: list[int]          # draft node indices on the kept path, root's child first
+    tokens: list[int]                  # accepted draft tokens + the recovered/bonus token
+    probs: list[float] = field(default_factory=list)  # target probability of each produced token
+    draft: Draft | None = None         # the draft that was verified
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.accepted_nodes)
+
+
+def verify(logits: torch.Tensor, draft: Draft, gen: GenerationConfig,
+           generator: torch.Generator | None = None) -> Verdict:
+    """Verify ``draft`` against the target's ``logits`` (n+1, V): row 0 = root, row i+1 = node i."""
+    probs = target_probs(logits, gen)                                 # (n+1, V)
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(draft.parents):
+        children.setdefault(p, []).append(i)
+
+    accepted: list[int] = []
+    tokens: list[int] = []
+    out_probs: list[float] = []
+    node = -1
+    while True:
+        r = probs[node + 1]                                           # (V,) target at this node
+        picked = None
+        if gen.greedy:
+            best = int(r.argmax())
+            picked = next((c for c in children.get(node, []) if draft.tokens[c] == best), None)
+        else:
+            for c in children.get(node, []):
+                x = draft.tokens[c]
+                q = _draft_row(draft, c, r.shape[-1])                 # (V,)
+                u = float(torch.rand((), generator=generator))
+                if u * float(q[x]) < float(r[x]):                     # accept with min(1, r(x)/q(x))
+                    picked = c
+                    break
+                r = residual(r, q)
+        if picked is None:
+            tok = int(r.argmax()) if gen.greedy else int(torch.multinomial(r, 1, generator=generator))
+            tokens.append(tok)
+            out_probs.append(float(probs[node + 1, tok]))
+            return Verdict(accepted, tokens, out_probs, draft)
+        accepted.append(picked)
+        tokens.append(draft.tokens[picked])
+        out_probs.append(float(probs[node + 1, draft.tokens[picked]]))
+        node = picked
+
+
+def residual(r: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, r - q)) (V,): what is left of ``r`` after rejecting a draw from ``q``.
+
+    If nothing is left (``q`` covers ``r`` up to rounding, so rejection had
+    probability ~0) ``r`` itself is returned.
+    """
+    left = (r - q).clamp_(min=0)                                      # (V,)
+    total = float(left.sum())
+    return left / total if total > 1e-12 else r
+
+
+def _draft_row(draft: Draft, node: int, vocab: int) -> torch.Tensor:
+    if draft.q is not None:
+        return draft.q[node]
+    q = torch.zeros(vocab)
+    q[draft.tokens[node]] = 1.0
+    return q
