@@ -1,0 +1,1 @@
+"""Drafters: what proposes candidate tokens for the shared draft-and-verify loop."""

@@ -1,0 +1,214 @@
+"""Drafting a chain with an autoregressive draft LM that keeps its own KV cache.
+
+Shared by the ``draft`` method (a smaller model with the same tokenizer;
+Leviathan et al. 2023, "Fast Inference from Transformers via Speculative
+Decoding"; Chen et al. 2023, "Accelerating Large Language Model Decoding with
+Speculative Sampling") and the ``selfspec`` method (the target with layers
+skipped; Zhang et al. 2023, "Draft & Verify").
+
+Cache bookkeeping. The draft cache mirrors a token list ``cached``: slot ``i``
+holds the draft's keys/values of ``cached[i]``. Before drafting, the cache is
+rolled back to the longest common prefix of ``cached`` and the current
+context, and the missing context tokens (usually the recovered/bonus token,
+plus the last draft token when the whole draft was accepted) are fed in one
+call whose last logits give the first draft token. Rejected draft tokens are
+thus forgotten and accepted ones kept without recomputation.
+
+Draft length. Two training-free rules, both from transformers' assisted
+generation: the ``heuristic`` schedule grows k by 2 when every drafted token
+was accepted and shrinks it by 1 otherwise; and drafting stops early once the
+draft's own probability of the token it just proposed (softmax at temperature
+1) falls below ``confidence_threshold`` (the token is kept: it may still be
+accepted, and verifying it costs almost nothing).
+
+Exactness. When sampling, the draft token is drawn from q = the draft's
+logits processed by :func:`~paradecode.sampling.target_probs` (same
+temperature/top-k/top-p as the target) and q travels with the draft, so the
+verifier's min(1, p/q) test keeps the target distribution exact. The draft
+samples with its own generator, seeded differently from the verifier's: the
+two random streams must be independent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..decoding.speculative import Drafter
+from ..decoding.tree import Draft
+from ..decoding.verify import Verdict
+from ..methods.base import check, option
+from ..models.base import CausalLM, KVCache
+from ..sampling import GenerationConfig, sample, target_probs
+from ..stats import DecodeStats
+
+Schedule = Literal["heuristic", "constant"]
+
+
+@dataclass(frozen=True)
+class ChainDraftOptions:
+    """Options every chain drafter shares (draft length and early stopping)."""
+
+    num_draft_tokens: int = option(4, "draft tokens per step at the start (k)")
+    min_draft_tokens: int = option(1, "lower bound for k under the heuristic schedule")
+    max_draft_tokens: int = option(12, "upper bound for k under the heuristic schedule")
+    schedule: Schedule = option("heuristic", "heuristic: k+2 when all drafted tokens are accepted, "
+                                             "k-1 otherwise; constant: always k")
+    confidence_threshold: float = option(0.3, "stop drafting once the draft's probability of its token "
+                                              "falls below this (0 disables)")
+
+    def validate(self) -> None:
+        check(self.min_draft_tokens >= 1, "min_draft_tokens", f"must be ≥ 1, got {self.min_draft_tokens}",
+              "pass 1 or more")
+        check(self.max_draft_tokens >= self.min_draft_tokens, "max_draft_tokens",
+              f"must be ≥ min_draft_tokens ({self.min_draft_tokens}), got {self.max_draft_tokens}",
+              "raise max_draft_tokens or lower min_draft_tokens")
+        check(self.min_draft_tokens <= self.num_draft_tokens <= self.max_draft_tokens, "num_draft_tokens",
+              f"must lie in [{self.min_draft_tokens}, {self.max_draft_tokens}], got {self.num_draft_tokens}",
+              "pick a value between min_draft_tokens and max_draft_tokens")
+        check(0.0 <= self.confidence_threshold < 1.0, "confidence_threshold",
+              f"must be in [0, 1), got {self.confidence_threshold}", "use e.g. 0.3, or 0 to disable")
+
+    def chain_options(self) -> "ChainDraftOptions":
+        """Just the shared fields (method configs subclass this one)."""
+        return ChainDraftOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ChainDraftOptions)})
+
+
+def next_draft_length(k: int, drafted: int, accepted: int, lo: int, hi: int, schedule: Schedule) -> int:
+    """The draft length for the next step (transformers' ``heuristic`` schedule).
+
+    >>> next_draft_length(4, drafted=4, accepted=4, lo=1, hi=12, schedule="heuristic")
+    6
+    >>> next_draft_length(4, drafted=4, accepted=2, lo=1, hi=12, schedule="heuristic")
+    3
+    """
+    if schedule == "constant" or drafted == 0:
+        return k
+    k = k + 2 if accepted >= drafted else k - 1
+    return max(lo, min(hi, k))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists.
+
+    >>> common_prefix([1, 2, 3, 4], [1, 2, 5])
+    2
+    """
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def draft_seed(seed: int | None) -> int | None:
+    """A seed for the draft's sampler, distinct from the verifier's ``seed`` (independent streams)."""
+    return None if seed is None else (seed * 1_000_003 + 0x5EED) % (2**63)
+
+
+class ChainDrafter(Drafter):
+    """Proposes a chain by running a causal draft LM token by token on its own cache.
+
+    Subclasses say what the draft LM is by overriding :meth:`setup`, which
+    returns the draft cache; :meth:`draft_forward` runs the draft on new tokens.
+    """
+
+    def __init__(self, options: ChainDraftOptions):
+        self.opt = options
+        self.max_nodes = options.max_draft_tokens     # what the loop's back-off may grant at most
+        self.k = options.num_draft_tokens
+        self.cache: KVCache | None = None
+        self.cached: list[int] = []           # the tokens whose draft keys/values fill the cache
+        self.last_drafted = 0
+        self.gen: GenerationConfig | None = None
+        self.stats: DecodeStats | None = None
+        self.generator: torch.Generator | None = None
+
+    # -- what subclasses provide ----------------------------------------------
+    def setup(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, capacity: int) -> KVCache:
+        """Prepare the draft LM; return its (possibly pre-filled) cache. ``self.cached`` must match it."""
+        raise NotImplementedError
+
+    def draft_forward(self, cache: KVCache, ids: torch.Tensor, logits_for: torch.Tensor) -> torch.Tensor:
+        """Run the draft on new tokens ids (1, T) after the cache: logits (1, T', V) at ``logits_for``."""
+        raise NotImplementedError
+
+    # -- Drafter interface ----------------------------------------------------
+    def begin(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, stats: DecodeStats) -> None:
+        self.gen, self.stats = gen, stats
+        self.k = self.opt.num_draft_tokens
+        self.cached = []
+        self.last_drafted = 0
+        seed = draft_seed(gen.seed)
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        # context ≤ prompt + max_new_tokens; the draft cache also holds up to k-1 draft tokens
+        capacity = min(len(prompt_ids) + gen.max_new_tokens + self.opt.max_draft_tokens + 1, model.max_context)
+        self.cache = self.setup(model, prompt_ids, gen, capacity)
+        stats.extra["draft_lengths"] = {}                 # drafted length -> how many steps
+
+    def propose(self, context: list[int], max_nodes: int) -> Draft:
+        k = min(self.k, max_nodes, self.cache.capacity - len(context) + 1)
+        if k <= 0:
+            self.last_drafted = 0
+            return Draft.empty()
+        logits = self._catch_up(context)                             # (V,)
+        tokens: list[int] = []
+        qs: list[torch.Tensor] = []
+        for i in range(k):
+            tok, q = self._pick(logits)
+            tokens.append(tok)
+            if q is not None:
+                qs.append(q)
+            if i == k - 1:
+                break
+            confidence = float(logits.softmax(-1)[tok])
+            if confidence < self.opt.confidence_threshold:
+                break
+            logits = self._feed([tok])
+        self.last_drafted = len(tokens)
+        hist = self.stats.extra["draft_lengths"]
+        hist[len(tokens)] = hist.get(len(tokens), 0) + 1
+        return Draft.chain(tokens, q=torch.stack(qs) if qs else None)   # q: (n, V) or None
+
+    def observe(self, context: list[int], verdict: Verdict, logits: torch.Tensor) -> None:
+        drafted = len(verdict.draft) if verdict.draft is not None else self.last_drafted  # after truncation
+        o = self.opt
+        self.k = next_draft_length(self.k, drafted, verdict.num_accepted, o.min_draft_tokens, o.max_draft_tokens,
+                                   o.schedule)
+
+    def memory_bytes(self) -> int:
+        c = self.cache
+        if c is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (getattr(c, "k", None), getattr(c, "v", None))
+                   if isinstance(t, torch.Tensor))
+
+    # -- internals --------------------------------------------------------------
+    def _catch_up(self, context: list[int]) -> torch.Tensor:
+        """Roll the draft cache back to what still matches ``context``, feed the rest; last logits (V,)."""
+        n = min(common_prefix(self.cached, context), len(context) - 1)  # feed ≥ 1 token to get logits
+        self.cache.rollback(n)
+        del self.cached[n:]
+        return self._feed(context[n:])
+
+    def _feed(self, ids: list[int]) -> torch.Tensor:
+        x = torch.tensor([ids], dtype=torch.long)                        # (1, T)
+        with torch.inference_mode():
+            logits = self.draft_forward(self.cache, x, torch.tensor([len(ids) - 1]))  # (1, 1, V)
+        self.cached.extend(ids)
+        self.stats.draft_calls += 1
+        return logits[0, -1]
+
+    def _pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """The draft token and, when sampling, its distribution q (V,)."""
+        if self.gen.greedy:
+            return int(logits.argmax()), None
+        q = target_probs(logits, self.gen)                              # (V,)
+        return int(sample(q, self.generator)), q
