@@ -1,0 +1,90 @@
+"""Options shared by several subcommands, parsed and validated in one place."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from ..errors import UserError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="local Hugging Face model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--backend", default="native", help="native (fast, Llama family) or transformers (any causal LM)")
+    g.add_argument("--dtype", default="float32", help="weight format: float32 or bfloat16 (more: `paradecode models`)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def model_from_args(args: argparse.Namespace):
+    from ..models import load_model
+
+    return load_model(args.model, backend=args.backend, dtype=args.dtype, threads=args.threads)
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="plain", help="decoding method (list them with `paradecode methods`)")
+    g.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, repeatable (e.g. -o max_ngram=3)")
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"option {pair!r} is not KEY=VALUE", "write options like -o max_ngram=3")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def method_options(args: argparse.Namespace) -> dict[str, Any]:
+    return parse_options(args.option)
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string, repeatable")
+
+
+def generation_config(args: argparse.Namespace):
+    from ..sampling import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """--prompt TEXT, --prompt-file PATH, or stdin (when piped)."""
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UserError("both --prompt and --prompt-file given", "pass only one of them")
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.prompt_file is not None:
+        path = args.prompt_file
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            if not os.path.isfile(path):
+                raise UserError(f"prompt file {path} does not exist", "check the path given to --prompt-file")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"cannot read prompt file {path}: {e}", "pass a readable UTF-8 text file") from None
+    elif not sys.stdin.isatty():
+        text = sys.stdin.read()
+    else:
+        raise UserError("no prompt given", "pass --prompt TEXT, --prompt-file PATH, or pipe text on stdin")
+    if not text.strip():
+        raise UserError("the prompt is empty", "pass some text with --prompt, --prompt-file, or stdin")
+    return text

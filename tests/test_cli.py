@@ -1,0 +1,162 @@
+"""CLI: every bad input gives one line naming the problem and the fix, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from paradecode.cli import main
+from paradecode.models.loading import resolve_model_path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("paradecode: error:"), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory):
+    """A tiny Llama saved as a HF directory with the default model's tokenizer, 64-token context."""
+    from paradecode.models.tiny import tiny_hf_model
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_hf_model("llama", vocab_size=49152, hidden=32, layers=1, heads=2, kv_heads=1,
+                          intermediate=64, max_context=64)
+    model.save_pretrained(d)
+    src = resolve_model_path(None)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / f).exists():
+            shutil.copy(src / f, d / f)
+    return d
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--model", "/does/not/exist"], ["does not exist", "--model"]),
+    (["--max-new-tokens", "0"], ["max new tokens", "≥ 1"]),
+    (["--max-new-tokens", "-5"], ["max new tokens"]),
+    (["--temperature", "-0.5"], ["temperature", "greedy"]),
+    (["--top-p", "0"], ["top-p", "(0, 1]"]),
+    (["--top-p", "1.2"], ["top-p"]),
+    (["--top-k", "-1"], ["top-k"]),
+    (["--method", "no-such-method"], ["unknown method", "plain"]),
+    (["--method", "plain", "-o", "nope=1"], ["no option", "nope"]),
+    (["-o", "novalue"], ["KEY=VALUE"]),
+    (["--backend", "onnx"], ["unknown backend", "native"]),
+    (["--dtype", "float8"], ["unknown dtype", "float32"]),
+])
+def test_bad_generate_options(capsys, args, needles):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "Hello", *args)
+    assert_one_line_error(code, err, *needles)
+
+
+def test_empty_prompt(capsys):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "   ")
+    assert_one_line_error(code, err, "prompt is empty")
+
+
+def test_missing_prompt_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "--prompt-file", str(tmp_path / "missing.txt"))
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_empty_prompt_file(capsys, tmp_path):
+    p = tmp_path / "empty.txt"
+    p.write_text("\n\n")
+    code, _, err = run_cli(capsys, "generate", "--prompt-file", str(p))
+    assert_one_line_error(code, err, "prompt is empty")
+
+
+def test_model_dir_without_config(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--model", str(tmp_path))
+    assert_one_line_error(code, err, "config.json")
+
+
+def test_model_file_not_gguf(capsys, tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"junk")
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--model", str(f))
+    assert_one_line_error(code, err, "not a .gguf")
+
+
+def test_broken_gguf(capsys, tmp_path):
+    f = tmp_path / "broken.gguf"
+    f.write_bytes(b"not really a gguf file")
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--model", str(f))
+    assert_one_line_error(code, err, "GGUF")
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    import transformers as tf
+
+    cfg = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                         bos_token_id=1, eos_token_id=2)
+    tf.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--model", str(tmp_path))
+    assert_one_line_error(code, err, "GPT2LMHeadModel", "LlamaForCausalLM", "--backend transformers")
+
+
+def test_prompt_longer_than_context(capsys, small_model_dir):
+    code, _, err = run_cli(capsys, "generate", "--model", str(small_model_dir), "--prompt", "word " * 200)
+    assert_one_line_error(code, err, "context window", "shorten the prompt")
+
+
+def test_prompt_plus_tokens_beyond_context(capsys, small_model_dir):
+    code, _, err = run_cli(capsys, "generate", "--model", str(small_model_dir), "--prompt", "word " * 20,
+                           "--max-new-tokens", "60")
+    assert_one_line_error(code, err, "context window", "--max-new-tokens")
+
+
+def test_small_model_dir_generates_on_both_backends(capsys, small_model_dir):
+    outs = []
+    for backend in ("native", "transformers"):
+        code, out, err = run_cli(capsys, "generate", "--model", str(small_model_dir), "--backend", backend,
+                                 "--prompt", "one two three", "--max-new-tokens", "8", "--json")
+        assert code == 0, err
+        outs.append(json.loads(out.strip().splitlines()[-1])["token_ids"])
+    assert outs[0] == outs[1] and len(outs[0]) == 8
+
+
+def test_methods_and_models_commands(capsys):
+    code, out, _ = run_cli(capsys, "methods", "--json")
+    assert code == 0
+    names = {m["name"] for m in json.loads(out)}
+    assert "plain" in names
+    code, out, _ = run_cli(capsys, "models", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["installed"] and info["converted"] and info["name"] == "SmolLM2-135M-Instruct"
+
+
+def test_generate_end_to_end_default_model():
+    """A real process: streams text, then prints one JSON object on the last line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "paradecode", "generate", "--chat", "--prompt", "What is the capital of France?",
+         "--max-new-tokens", "12", "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "Paris" in data["text"]
+    assert data["stats"]["model_calls"] >= 1 and data["stats"]["tokens_per_s"] > 0
+    assert len(data["token_ids"]) == data["stats"]["new_tokens"]
+
+
+def test_generate_streams_from_stdin():
+    proc = subprocess.run([sys.executable, "-m", "paradecode", "generate", "--chat", "--max-new-tokens", "8"],
+                          input="Name one colour.", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    assert "model calls" in proc.stderr
