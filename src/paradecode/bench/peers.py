@@ -1,0 +1,181 @@
+"""Other implementations measured in the same run, on the same prompts and token budget.
+
+A peer takes prompt token ids and returns the generated ids (EOS excluded)
+and the wall time. Every peer is optional: :meth:`Peer.setup` returns a note
+saying why it is skipped (not installed, needs a GGUF file, needs a draft
+model) and the benchmark prints that note instead of failing.
+
+* ``transformers``: ``model.generate`` greedy on the same weights;
+* ``transformers-pld``: the same with ``prompt_lookup_num_tokens``;
+* ``transformers-assisted``: the same with ``assistant_model`` (``--draft-model``);
+* ``llama.cpp``: ``llama-cpp-python`` on the GGUF file, greedy (top-k 1).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+@dataclass
+class PeerContext:
+    """What peers need to know about the model under test."""
+
+    model_spec: str | None                 # what the user passed to --model (None: the default model)
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    threads: int | None = None
+    draft_model: str | None = None
+    hf_model: Any = None                   # a loaded transformers model (tests); else loaded lazily
+    prompt_lookup_tokens: int = 10
+    _draft_hf: Any = field(default=None, repr=False)
+
+    def hf_path(self) -> Path | None:
+        from ..models.loading import resolve_model_path
+
+        return resolve_model_path(self.model_spec)
+
+    def gguf_path(self) -> Path | None:
+        from ..models.loading import default_gguf
+
+        if self.model_spec in (None, "default"):
+            return default_gguf()
+        p = Path(self.model_spec)
+        return p if p.suffix == ".gguf" and p.is_file() else None
+
+    def transformers_model(self):
+        if self.hf_model is None:
+            self.hf_model = _load_hf(self.hf_path())
+        return self.hf_model
+
+    def draft_hf(self):
+        if self._draft_hf is None and self.draft_model:
+            from ..models.loading import resolve_model_path
+
+            self._draft_hf = _load_hf(resolve_model_path(self.draft_model))
+        return self._draft_hf
+
+
+def _load_hf(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+class Peer:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+
+    def __init__(self, ctx: PeerContext):
+        self.ctx = ctx
+
+    def setup(self) -> str | None:
+        """Prepare; return None when ready or a one-line note why this peer is skipped."""
+        return None
+
+    def generate(self, ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+        raise NotImplementedError
+
+
+def _cut_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:i]
+    return tokens
+
+
+class TransformersGreedy(Peer):
+    name = "transformers"
+    summary = "transformers model.generate, greedy"
+
+    def setup(self) -> str | None:
+        if importlib.util.find_spec("transformers") is None:
+            return "transformers is not installed"
+        self.model = self.ctx.transformers_model()
+        return None
+
+    def extra_config(self) -> dict[str, Any]:
+        """Extra ``GenerationConfig`` fields of this peer."""
+        return {}
+
+    def extra_kwargs(self) -> dict[str, Any]:
+        """Extra ``generate`` arguments that are not config fields (models)."""
+        return {}
+
+    def generate(self, ids, max_new_tokens):
+        import torch
+        from transformers import GenerationConfig
+
+        cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                               eos_token_id=list(self.ctx.eos_token_ids), pad_token_id=self.ctx.pad_token_id,
+                               **self.extra_config())
+        x = torch.tensor([ids])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg,
+                                      **self.extra_kwargs())
+        wall = time.perf_counter() - t0
+        return _cut_eos(out[0, len(ids):].tolist(), self.ctx.eos_token_ids), wall
+
+
+class TransformersPromptLookup(TransformersGreedy):
+    name = "transformers-pld"
+    summary = "transformers model.generate with prompt_lookup_num_tokens (prompt lookup decoding)"
+
+    def extra_config(self):
+        return {"prompt_lookup_num_tokens": self.ctx.prompt_lookup_tokens}
+
+
+class TransformersAssisted(TransformersGreedy):
+    name = "transformers-assisted"
+    summary = "transformers model.generate with assistant_model (speculative decoding with a draft model)"
+
+    def setup(self):
+        if not self.ctx.draft_model:
+            return "no draft model given (pass --draft-model PATH to include assisted generation)"
+        note = super().setup()
+        self.assistant = self.ctx.draft_hf()
+        return note
+
+    def extra_kwargs(self):
+        return {"assistant_model": self.assistant}
+
+
+class LlamaCpp(Peer):
+    name = "llama.cpp"
+    summary = "llama-cpp-python on the same GGUF file, greedy (top-k 1)"
+
+    def setup(self):
+        if importlib.util.find_spec("llama_cpp") is None:
+            return "llama-cpp-python is not installed (pip install 'paradecode[llamacpp]', compiles ~10 min)"
+        gguf = self.ctx.gguf_path()
+        if gguf is None:
+            return "llama.cpp needs a GGUF file (the default model or a --model path ending in .gguf)"
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_threads=self.ctx.threads or os.cpu_count(), n_ctx=4096,
+                         verbose=False)
+        self.eos = set(self.ctx.eos_token_ids) | {self.llm.token_eos()}
+        return None
+
+    def generate(self, ids, max_new_tokens):
+        out: list[int] = []
+        self.llm.reset()                      # no prompt-cache reuse between runs: measure the full prompt
+        t0 = time.perf_counter()
+        for tok in self.llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                                     reset=True):
+            if tok in self.eos:
+                break
+            out.append(int(tok))
+            if len(out) >= max_new_tokens:
+                break
+        return out, time.perf_counter() - t0
+
+
+PEERS: dict[str, type[Peer]] = {p.name: p for p in (TransformersGreedy, TransformersPromptLookup,
+                                                     TransformersAssisted, LlamaCpp)}

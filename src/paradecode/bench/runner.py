@@ -1,0 +1,410 @@
+"""Run the benchmark matrix: models × (methods + peers) × prompts × repeats, resumably.
+
+Measurement protocol (Spec-Bench conventions, greedy, batch 1):
+
+1. warm-up: plain decoding and every method/peer run ``warmup`` times on the
+   first prompt (not recorded);
+2. for each repeat, for each prompt, for each method or peer: a plain
+   decoding run, then the method's run, in the same process (ABAB). The pair
+   is one *line* of ``results.jsonl``;
+3. the method's tokens are compared with the paired plain run (exactness);
+   a lossless method that differs is reported loudly with the first
+   differing position.
+
+``results.jsonl`` is appended line by line (flushed); a rerun with the same
+settings skips the lines already present, so an interrupted run continues
+where it stopped. Lines made with other measurement settings (max new tokens,
+threads, dtype, backend, seed) are refused unless ``fresh=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import UserError
+from .metrics import PeakRSS, first_difference
+from .prompts import BenchPrompt, load_prompts
+
+RESULTS_FILE = "results.jsonl"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class BenchConfig:
+    models: list[str | None] = field(default_factory=lambda: [None])
+    methods: list[str] | None = None          # None: every registered autoregressive method
+    categories: list[str] | None = None       # None: all
+    num_prompts: int | None = 3               # per category; None: all
+    max_new_tokens: int = 64
+    repeats: int = 1
+    seed: int = 0
+    threads: int | None = None
+    backend: str = "native"
+    dtype: str = "float32"
+    out: Path = Path("paradecode-bench")
+    peers: list[str] | None = None            # None: all known peers; []: none
+    warmup: int = 1
+    sweeps: list[str] = field(default_factory=list)     # "method:option=v1,v2"
+    options: dict[str, dict] = field(default_factory=dict)   # method -> {option: value}
+    draft_model: str | None = None
+    fresh: bool = False
+    command: str = ""
+
+    def measurement_key(self) -> str:
+        """Hash of the settings that change what a line means (not of the matrix's extent)."""
+        key = {"v": FORMAT_VERSION, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
+               "threads": self.threads, "backend": self.backend, "dtype": self.dtype, "temperature": 0.0}
+        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Variant:
+    """One column of the matrix: a method with options, or a peer."""
+
+    key: str                     # "pld", "pld[max_ngram=3]", "peer:transformers"
+    name: str
+    kind: str                    # "method" | "peer"
+    lossless: bool = False
+    options: dict = field(default_factory=dict)
+    sweep: tuple[str, Any] | None = None     # (option, value) when part of a --sweep
+    runner: Any = None           # Method instance or Peer
+
+    def describe(self) -> dict:
+        return {"key": self.key, "name": self.name, "kind": self.kind, "lossless": self.lossless,
+                "options": self.options, **({"sweep": list(self.sweep)} if self.sweep else {})}
+
+
+def variant_key(name: str, options: dict) -> str:
+    if not options:
+        return name
+    return f"{name}[{','.join(f'{k}={v}' for k, v in sorted(options.items()))}]"
+
+
+def parse_sweep(spec: str) -> tuple[str, str, list[str]]:
+    """``"pld:max_draft=2,4,8"`` -> ("pld", "max_draft", ["2", "4", "8"])."""
+    method, sep, rest = spec.partition(":")
+    option, sep2, values = rest.partition("=")
+    vals = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not sep2 or not method.strip() or not option.strip() or not vals:
+        raise UserError(f"sweep {spec!r} is not METHOD:OPTION=V1,V2,...", "write e.g. --sweep pld:max_draft=2,4,8",
+                        field="sweep")
+    return method.strip(), option.strip().replace("-", "_"), vals
+
+
+# -- results file --------------------------------------------------------------
+
+class ResultsFile:
+    """Append-only JSONL of measured lines; knows which lines are already done."""
+
+    def __init__(self, path: Path, config_key: str, *, fresh: bool = False):
+        self.path = path
+        self.config_key = config_key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh and path.exists():
+            path.unlink()
+        self.lines: list[dict] = []
+        if path.exists():
+            for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not raw.strip():
+                    continue
+                try:
+                    line = json.loads(raw)
+                except ValueError:       # a line cut by an interruption: measure it again
+                    continue
+                if line.get("config") != config_key:
+                    raise UserError(f"{path} holds results measured with other settings (line {n})",
+                                    "use another --out folder, or pass --fresh to start over")
+                self.lines.append(line)
+
+    @staticmethod
+    def key(line: dict) -> tuple:
+        return line["model"], line["method"], line["prompt_id"], line["repeat"]
+
+    def done(self) -> set[tuple]:
+        return {self.key(ln) for ln in self.lines if not ln.get("error")}
+
+    def append(self, line: dict) -> None:
+        line = {"config": self.config_key, **line}
+        # the previous line may lack its newline if a run was killed mid-write
+        text = self.path.read_bytes()[-1:] if self.path.exists() and self.path.stat().st_size else b"\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            if text != b"\n":
+                f.write("\n")
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+        self.lines.append(line)
+
+
+# -- one model -------------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    label: str                   # key used in the results ("default", a path, "tiny")
+    model: Any                   # CausalLM
+    hf_model: Any = None         # a transformers model with the same weights, if already at hand
+
+
+def load_bench_model(spec: str | None, cfg: BenchConfig) -> LoadedModel:
+    if spec == "tiny":           # test hook: a random-weight tiny Llama, prompts become token ids
+        from ..models.tiny import tiny_pair
+
+        hf, native = tiny_pair("llama", seed=0)
+        return LoadedModel("tiny", native, hf.model)
+    from ..models import load_model
+
+    return LoadedModel(spec or "default", load_model(spec, backend=cfg.backend, dtype=cfg.dtype,
+                                                     threads=cfg.threads))
+
+
+def build_variants(cfg: BenchConfig, notes: list[str]) -> list[Variant]:
+    """The methods of the matrix (registry order), their option variants and sweeps."""
+    from ..methods.base import all_methods, get_method, method_options
+
+    registry = all_methods()
+    sweeps = [parse_sweep(s) for s in cfg.sweeps]
+    wanted = cfg.methods
+    if wanted is None:
+        wanted = [n for n, c in registry.items() if n != "plain" and c.family == "autoregressive"]
+    for m in list(wanted) + [s[0] for s in sweeps] + list(cfg.options):
+        if m not in registry:
+            raise UserError(f"unknown method {m!r}", f"choose from: {', '.join(registry)}", field="methods")
+    variants: list[Variant] = []
+
+    def add(name: str, options: dict, sweep=None) -> None:
+        cls = registry[name]
+        if cls.family != "autoregressive":
+            notes.append(f"{name}: skipped — a {cls.family} method is not part of the autoregressive matrix")
+            return
+        opts = dict(cfg.options.get(name, {}))
+        if cfg.draft_model:
+            for o in method_options(cls):
+                if o["name"] in ("draft_model", "draft", "draft_path") and o["name"] not in opts:
+                    opts[o["name"]] = cfg.draft_model
+        opts.update(options)
+        key = variant_key(name, options if sweep else {k: v for k, v in opts.items()
+                                                        if k in cfg.options.get(name, {})})
+        if any(v.key == key for v in variants):
+            return
+        try:
+            method = get_method(name, opts)
+        except UserError as e:
+            notes.append(f"{name}: skipped — {e.message}")
+            return
+        variants.append(Variant(key, name, "method", bool(cls.lossless), opts, sweep, method))
+
+    for name in wanted:
+        if name != "plain":
+            add(name, {})
+    for name, option, values in sweeps:
+        for v in values:
+            add(name, {option: v}, sweep=(option, v))
+    return variants
+
+
+def build_peers(cfg: BenchConfig, lm: LoadedModel, notes: list[str]) -> list[Variant]:
+    from .peers import PEERS, PeerContext
+
+    names = list(PEERS) if cfg.peers is None else cfg.peers
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise UserError(f"unknown peer {unknown[0]!r}", f"choose from: {', '.join(PEERS)} (or none)", field="peers")
+    info = lm.model.info
+    ctx = PeerContext(model_spec=None if lm.label == "default" else lm.label, eos_token_ids=info.eos_token_ids,
+                      pad_token_id=info.pad_token_id, threads=cfg.threads, draft_model=cfg.draft_model,
+                      hf_model=lm.hf_model)
+    out = []
+    for n in names:
+        peer = PEERS[n](ctx)
+        try:
+            note = peer.setup()
+        except UserError as e:
+            note = e.message
+        except Exception as e:  # a peer that cannot start must not stop the benchmark
+            note = f"failed to start: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if note:
+            notes.append(f"peer {n}: skipped — {note}")
+        else:
+            out.append(Variant(f"peer:{n}", n, "peer", False, {}, None, peer))
+    return out
+
+
+# -- measuring ---------------------------------------------------------------------
+
+def _run_method(model, ids: list[int], method, max_new_tokens: int, seed: int) -> dict:
+    from ..api import generate
+
+    with PeakRSS() as mem:
+        r = generate(model, list(ids), method, max_new_tokens=max_new_tokens, seed=seed)
+    s = r.stats
+    return {"tokens": r.token_ids, "new_tokens": s.new_tokens, "wall": s.wall_time, "model_calls": s.model_calls,
+            "accepted_sum": sum(s.accepted_lengths), "accepted_count": len(s.accepted_lengths),
+            "accepted_histogram": {str(k): v for k, v in s.accepted_histogram().items()},
+            "draft": s.draft_time, "verify": s.verify_time, "prefill": s.prefill_time,
+            "finish": r.finish_reason, "rss_peak_mb": mem.peak_mb}
+
+
+def _run_peer(peer, ids: list[int], max_new_tokens: int) -> dict:
+    with PeakRSS() as mem:
+        tokens, wall = peer.generate(list(ids), max_new_tokens)
+    return {"tokens": tokens, "new_tokens": len(tokens), "wall": wall, "rss_peak_mb": mem.peak_mb}
+
+
+def _run(v: Variant, model, ids, cfg: BenchConfig) -> dict:
+    if v.kind == "peer":
+        return _run_peer(v.runner, ids, cfg.max_new_tokens)
+    return _run_method(model, ids, v.runner, cfg.max_new_tokens, cfg.seed)
+
+
+def measure_line(v: Variant, model, prompt: BenchPrompt, ids: list[int], repeat: int, cfg: BenchConfig,
+                 plain) -> dict:
+    """One ABAB pair: plain decoding, then the variant, on the same prompt."""
+    base = _run_method(model, ids, plain, cfg.max_new_tokens, cfg.seed)
+    line: dict[str, Any] = {"model": None, "method": v.key, "kind": v.kind, "lossless": v.lossless,
+                            "prompt_id": prompt.id, "category": prompt.category, "repeat": repeat,
+                            "prompt_tokens": len(ids),
+                            "plain": {"new_tokens": base["new_tokens"], "wall": base["wall"]}}
+    try:
+        run = _run(v, model, ids, cfg)
+    except Exception as e:  # one broken method must not stop the benchmark; the report shows the error
+        line.update(error=f"{type(e).__name__}: {e}", exact=False, first_diff=None, run={})
+        return line
+    diff = first_difference(run["tokens"], base["tokens"])
+    line["exact"] = diff is None
+    line["first_diff"] = diff
+    if diff is not None:
+        line["differs"] = {"plain": base["tokens"][diff:diff + 5], "method": run["tokens"][diff:diff + 5]}
+    line["rss_peak_mb"] = round(max(run.pop("rss_peak_mb"), 0.0), 1)
+    run.pop("tokens")
+    line["run"] = run
+    line["error"] = None
+    return line
+
+
+def run_benchmark(cfg: BenchConfig, *, models: Sequence[LoadedModel] | None = None,
+                  prompts: Sequence[BenchPrompt] | None = None, console=None,
+                  on_line: Callable[[dict], None] | None = None) -> dict:
+    """Measure what is missing from ``cfg.out/results.jsonl``, then write the report; return it.
+
+    ``models``/``prompts`` let callers (tests, notebooks) pass loaded models
+    and their own prompts (e.g. token ids) instead of ``cfg.models`` and the
+    shipped suites.
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    from ..methods.base import get_method
+    from .report import build_report, write_report
+
+    console = console or Console(stderr=True)
+    if cfg.repeats < 1 or cfg.warmup < 0 or cfg.max_new_tokens < 1 or (cfg.num_prompts is not None
+                                                                       and cfg.num_prompts < 1):
+        raise UserError("repeats, max new tokens and num prompts must be ≥ 1 and warmup ≥ 0",
+                        "check --repeats, --max-new-tokens, --num-prompts and --warmup")
+    prompts = list(prompts) if prompts is not None else load_prompts(cfg.categories, cfg.num_prompts)
+    if not prompts:
+        raise UserError("no prompts selected", "check --categories and --num-prompts")
+    out = Path(cfg.out)
+    results = ResultsFile(out / RESULTS_FILE, cfg.measurement_key(), fresh=cfg.fresh)
+    notes: list[str] = []
+    variants = build_variants(cfg, notes)          # validate methods before loading any model
+    for n in notes:
+        console.print(f"[yellow]note:[/yellow] {escape(n)}")
+    plain = get_method("plain")
+    selection: set[tuple] = set()
+    described: dict[str, dict] = {v.key: v.describe() for v in variants}
+    model_names: dict[str, str] = {}
+    specs = list(models) if models is not None else list(cfg.models)
+    computed = 0
+    for spec in specs:
+        lm = spec if isinstance(spec, LoadedModel) else load_bench_model(spec, cfg)
+        model_names[lm.label] = lm.model.info.name
+        peer_notes: list[str] = []
+        matrix = variants + build_peers(cfg, lm, peer_notes)
+        for n in peer_notes:
+            console.print(f"[yellow]note:[/yellow] {escape(n)}")
+        notes += [n for n in peer_notes if n not in notes]
+        described.update({v.key: v.describe() for v in matrix})
+        ids_of = {p.id: p.encode(lm.model) for p in prompts}
+        for p in prompts:
+            if len(ids_of[p.id]) + cfg.max_new_tokens > lm.model.max_context:
+                raise UserError(f"prompt {p.id} ({len(ids_of[p.id])} tokens) + {cfg.max_new_tokens} new tokens "
+                                f"exceed the context of {lm.model.info.name}", "lower --max-new-tokens")
+        done = results.done()
+        todo = [(r, p, v) for r in range(cfg.repeats) for p in prompts for v in matrix
+                if (lm.label, v.key, p.id, r) not in done]
+        selection |= {(lm.label, v.key, p.id, r) for r in range(cfg.repeats) for p in prompts for v in matrix}
+        skipped = len(done & selection)
+        if skipped:
+            console.print(f"resuming: {skipped} lines of {lm.label} already in {results.path}, "
+                          f"{len(todo)} to measure")
+        if not todo:
+            continue
+        _warmup(cfg, lm, matrix, plain, ids_of[prompts[0].id], console)
+        computed += _measure(cfg, lm, todo, plain, ids_of, results, console, on_line)
+    lines = [ln for ln in results.lines if ResultsFile.key(ln) in selection]
+    report = build_report(lines, cfg=cfg, variants=described, notes=notes, model_names=model_names,
+                          categories=[c for c in _categories(prompts)], computed=computed)
+    write_report(report, out)
+    return report
+
+
+def _categories(prompts: Sequence[BenchPrompt]) -> list[str]:
+    seen: dict[str, None] = {}
+    for p in prompts:
+        seen.setdefault(p.category)
+    return list(seen)
+
+
+def _warmup(cfg: BenchConfig, lm: LoadedModel, matrix: list[Variant], plain, ids, console) -> None:
+    if not cfg.warmup:
+        return
+    n = min(16, cfg.max_new_tokens)
+    with console.status(f"warming up {lm.label} ({cfg.warmup}× each method on one prompt)…"):
+        for _ in range(cfg.warmup):
+            _run_method(lm.model, ids, plain, n, cfg.seed)
+            for v in matrix:
+                try:
+                    if v.kind == "peer":
+                        _run_peer(v.runner, ids, n)
+                    else:
+                        _run_method(lm.model, ids, v.runner, n, cfg.seed)
+                except Exception:  # reported when measured
+                    pass
+
+
+def _measure(cfg, lm, todo, plain, ids_of, results: ResultsFile, console, on_line) -> int:
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    prompts = {p.id: p for _, p, _ in todo}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=False) as bar:
+        task = bar.add_task(lm.label, total=len(todo))
+        for r, p, v in todo:
+            bar.update(task, description=escape(f"{lm.label} · {v.key} · {p.category} · repeat {r + 1}"))
+            line = measure_line(v, lm.model, prompts[p.id], ids_of[p.id], r, cfg, plain)
+            line["model"] = lm.label
+            line["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            results.append(line)
+            if line.get("error"):
+                console.print(f"[red]error:[/red] {escape(v.key)} on {p.id}: {escape(line['error'])}")
+            elif not line["exact"] and v.lossless:
+                console.print(f"[bold red]EXACTNESS FAILURE:[/bold red] lossless method {escape(v.key)} differs from "
+                              f"plain greedy on {p.id} at token {line['first_diff']} "
+                              f"(plain {line['differs']['plain']} vs {line['differs']['method']})")
+            if on_line is not None:
+                on_line(line)
+            bar.advance(task)
+    return len(todo)
+
+
+def config_dict(cfg: BenchConfig) -> dict:
+    d = asdict(cfg)
+    d["out"] = str(cfg.out)
+    return d
+
