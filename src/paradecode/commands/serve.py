@@ -1,0 +1,26 @@
+"""`paradecode serve`: the HTTP API (see :mod:`paradecode.server.app`)."""
+
+from __future__ import annotations
+
+from ._common import add_model_args, model_from_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve the HTTP API (POST /v1/generate)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from ..errors import UserError
+    from ..server import create_app
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"port {args.port} is out of range", "pass --port between 1 and 65535")
+    model = model_from_args(args)
+    uvicorn.run(create_app(model), host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,139 @@
+"""The paradecode HTTP API.
+
+    GET  /health           liveness and the loaded model
+    GET  /v1/methods       registered methods with their options
+    POST /v1/generate      one prompt (text or chat messages), one method -> text, token ids, stats
+                           ("stream": true answers with server-sent events, one per text piece)
+
+Every bad request gets a JSON error object and the server keeps serving::
+
+    {"error": {"type": "invalid_request", "message": "...", "fix": "...", "field": "top_p"}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from ..errors import UserError
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class GenerateRequest(BaseModel):
+    prompt: str | None = Field(None, description="plain text prompt (or give messages)")
+    messages: list[Message] | None = Field(None, description="chat messages; implies the chat template")
+    chat: bool = Field(False, description="wrap a text prompt in the model's chat template")
+    method: str = "plain"
+    options: dict[str, Any] = Field(default_factory=dict, description="method options")
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    stream: bool = False
+
+
+def _error(status: int, type_: str, message: str, fix: str | None = None, field: str | None = None) -> JSONResponse:
+    body = {"type": type_, "message": message}
+    if fix:
+        body["fix"] = fix
+    if field:
+        body["field"] = field
+    return JSONResponse(status_code=status, content={"error": body})
+
+
+def create_app(model) -> FastAPI:
+    """An app serving ``model`` (a loaded CausalLM). One decode runs at a time."""
+    from ..api import generate
+    from ..methods import all_methods, get_method, method_options
+    from ..sampling import GenerationConfig
+
+    app = FastAPI(title="paradecode", version="0.1.0")
+    lock = threading.Lock()  # the CPU does one decode at a time; requests queue here
+
+    @app.exception_handler(UserError)
+    async def user_error(_: Request, e: UserError):
+        return _error(400, "invalid_request", e.problem, e.fix, e.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        field = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        return _error(422, "invalid_request", f"{field or 'body'}: {first.get('msg', 'invalid request')}",
+                      "see GET /docs for the request schema", field)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception):
+        return _error(500, "internal_error", f"{type(e).__name__}: {e}")
+
+    @app.get("/health")
+    def health():
+        i = model.info
+        return {"status": "ok", "model": i.name, "backend": i.backend, "dtype": i.dtype,
+                "max_context": i.max_context}
+
+    @app.get("/v1/methods")
+    def methods():
+        return [{"name": n, "lossless": c.lossless, "family": c.family, "summary": c.summary,
+                 "options": json.loads(json.dumps(method_options(c), default=str))}
+                for n, c in all_methods().items()]
+
+    def prepare(req: GenerateRequest):
+        if req.prompt is None and not req.messages:
+            raise UserError("give a prompt or messages", 'send {"prompt": "..."} or {"messages": [...]}',
+                            field="prompt")
+        if req.prompt is not None and req.messages:
+            raise UserError("give either prompt or messages, not both", "drop one of them", field="prompt")
+        gen = GenerationConfig(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
+                               top_p=req.top_p, seed=req.seed, stop=tuple(req.stop))
+        method = get_method(req.method, req.options)
+        prompt = [m.model_dump() for m in req.messages] if req.messages else req.prompt
+        return prompt, method, gen
+
+    def run(req: GenerateRequest, stream=None):
+        prompt, method, gen = prepare(req)
+        with lock:
+            return generate(model, prompt, method, chat=req.chat, gen=gen, stream=stream)
+
+    @app.post("/v1/generate")
+    async def generate_endpoint(req: GenerateRequest):
+        if not req.stream:
+            out = await asyncio.to_thread(run, req)
+            return {**out.to_dict(), "prompt_tokens": len(out.prompt_ids), "model": model.info.name}
+        prepare(req)  # validate before the stream starts, so errors are proper error objects
+        pieces: queue.Queue = queue.Queue()
+
+        def work():
+            try:
+                out = run(req, stream=lambda piece: pieces.put(("text", piece)))
+                pieces.put(("done", out.to_dict()))
+            except UserError as e:
+                pieces.put(("error", {"type": "invalid_request", "message": e.problem, "fix": e.fix}))
+            except Exception as e:  # reported to the client, the server keeps serving
+                pieces.put(("error", {"type": "internal_error", "message": f"{type(e).__name__}: {e}"}))
+
+        threading.Thread(target=work, daemon=True).start()
+
+        async def events():
+            while True:
+                kind, data = await asyncio.to_thread(pieces.get)
+                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                if kind in ("done", "error"):
+                    break
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
