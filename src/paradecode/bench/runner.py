@@ -161,6 +161,11 @@ def load_bench_model(spec: str | None, cfg: BenchConfig) -> LoadedModel:
                                                      threads=cfg.threads))
 
 
+def in_matrix(cls) -> bool:
+    """Autoregressive-model methods (plain, draft-and-verify, Jacobi...) belong here; diffusion LMs do not."""
+    return "diffusion" not in str(cls.family).lower()
+
+
 def build_variants(cfg: BenchConfig, notes: list[str]) -> list[Variant]:
     """The methods of the matrix (registry order), their option variants and sweeps."""
     from ..methods.base import all_methods, get_method, method_options
@@ -169,7 +174,7 @@ def build_variants(cfg: BenchConfig, notes: list[str]) -> list[Variant]:
     sweeps = [parse_sweep(s) for s in cfg.sweeps]
     wanted = cfg.methods
     if wanted is None:
-        wanted = [n for n, c in registry.items() if n != "plain" and c.family == "autoregressive"]
+        wanted = [n for n, c in registry.items() if n != "plain" and in_matrix(c)]
     for m in list(wanted) + [s[0] for s in sweeps] + list(cfg.options):
         if m not in registry:
             raise UserError(f"unknown method {m!r}", f"choose from: {', '.join(registry)}", field="methods")
@@ -177,7 +182,7 @@ def build_variants(cfg: BenchConfig, notes: list[str]) -> list[Variant]:
 
     def add(name: str, options: dict, sweep=None) -> None:
         cls = registry[name]
-        if cls.family != "autoregressive":
+        if not in_matrix(cls):
             notes.append(f"{name}: skipped — a {cls.family} method is not part of the autoregressive matrix")
             return
         opts = dict(cfg.options.get(name, {}))

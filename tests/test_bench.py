@@ -1,0 +1,200 @@
+"""The benchmark: suites, metrics, an end-to-end run on a tiny model, exactness detection, resume, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from paradecode.bench.metrics import aggregate, first_difference, per_prompt
+from paradecode.bench.prompts import CATEGORIES, BenchPrompt, load_prompts, load_suite
+from paradecode.bench.runner import RESULTS_FILE, BenchConfig, LoadedModel, parse_sweep, run_benchmark
+from paradecode.errors import UserError
+from paradecode.methods.base import REGISTRY, option, register
+from paradecode.methods.plain import Plain
+
+EXACT, WRONG = "test-exact", "test-wrong"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Opts:
+    draft_len: int = option(4, "unused; lets the test sweep an option")
+
+
+class _Exact(Plain):
+    """Plain decoding under another name: a lossless method that is exact."""
+
+    name = EXACT
+    Config = _Opts
+    family = "draft-and-verify"
+
+
+class _Wrong(Plain):
+    """Claims to be lossless but changes its third token: must be caught as inexact."""
+
+    name = WRONG
+    family = "draft-and-verify"
+
+    def decode_batch(self, model, prompts, gen, sinks):
+        for sink in sinks:
+            emit = sink.emit
+
+            def patched(new, emit=emit, sink=sink):
+                new = [(t + 1) % model.vocab_size if len(sink.tokens) == 2 and i == 0 else t
+                       for i, t in enumerate(new)]
+                return emit(new)
+            sink.emit = patched
+        super().decode_batch(model, prompts, gen, sinks)
+
+
+@pytest.fixture
+def test_methods():
+    """Register the two test-only methods; remove them afterwards."""
+    for cls in (_Exact, _Wrong):
+        register(cls)
+    yield
+    for cls in (_Exact, _Wrong):
+        REGISTRY.pop(cls.name, None)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from paradecode.bench.runner import load_bench_model
+
+    return load_bench_model("tiny", BenchConfig())
+
+
+def _prompts(n: int = 3) -> list[BenchPrompt]:
+    base = [5, 9, 14, 5, 9, 14, 22, 31, 5, 9]
+    return [BenchPrompt(id=f"qa-t{i}", category="qa", source="test", licence="Apache-2.0",
+                        ids=tuple(base[i:] + [40 + i])) for i in range(n)]
+
+
+def _cfg(tmp_path, **kw) -> BenchConfig:
+    base = dict(models=["tiny"], methods=[EXACT, WRONG], max_new_tokens=12, out=tmp_path, peers=[], warmup=1)
+    return BenchConfig(**{**base, **kw})
+
+
+# -- suites ---------------------------------------------------------------------------
+
+def test_every_category_has_ten_prompts_with_source_and_licence():
+    for c in CATEGORIES:
+        prompts = load_suite(c)
+        assert len(prompts) >= 10, c
+        assert len({p.id for p in prompts}) == len(prompts)
+        for p in prompts:
+            assert p.category == c and p.source and p.licence
+            assert p.messages or p.text
+    code = load_suite("code")
+    assert all("HumanEval/" in p.source and "MIT" in p.licence for p in code)
+    assert len(load_prompts(["qa", "math"], 2)) == 4
+
+
+def test_unknown_category_is_a_user_error():
+    with pytest.raises(UserError, match="unknown category"):
+        load_prompts(["poetry"])
+
+
+# -- metrics --------------------------------------------------------------------------
+
+def test_first_difference():
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+    assert first_difference([], []) is None
+
+
+def test_aggregate_uses_token_weighted_speed_and_median_over_repeats():
+    def line(pid, rep, wall, plain_wall, exact=True):
+        return {"model": "m", "method": "x", "prompt_id": pid, "category": "qa", "repeat": rep, "exact": exact,
+                "first_diff": None if exact else 3, "plain": {"new_tokens": 10, "wall": plain_wall},
+                "run": {"new_tokens": 10, "wall": wall, "model_calls": 6, "accepted_sum": 10,
+                        "accepted_count": 5, "accepted_histogram": {"2": 5}, "draft": 0.1}}
+    lines = [line("a", 0, 1.0, 2.0), line("a", 1, 3.0, 2.0), line("a", 2, 1.0, 2.0),   # median wall 1.0
+             line("b", 0, 2.0, 2.0, exact=False)]
+    rows = per_prompt(lines)
+    assert len(rows) == 2
+    f = aggregate(rows)
+    assert f["tokens_per_s"] == pytest.approx(20 / 3.0)
+    assert f["plain_tokens_per_s"] == pytest.approx(20 / 4.0)
+    assert f["speedup"] == pytest.approx(4.0 / 3.0)
+    assert f["mat"] == pytest.approx(2.0)
+    assert f["calls_per_token"] == pytest.approx(12 / 20)
+    assert f["exactness"] == 0.5
+
+
+def test_parse_sweep():
+    assert parse_sweep("pld:max-draft=2,4") == ("pld", "max_draft", ["2", "4"])
+    with pytest.raises(UserError):
+        parse_sweep("pld=2,4")
+
+
+# -- end to end -----------------------------------------------------------------------
+
+def test_end_to_end_report_and_exactness(tmp_path, test_methods, tiny_lm):
+    report = run_benchmark(_cfg(tmp_path, repeats=2), models=[tiny_lm], prompts=_prompts())
+    for name in ("report.md", "report.json", "results.jsonl", "speedup.png", "accepted.png"):
+        assert (tmp_path / name).is_file(), name
+    parsed = json.loads((tmp_path / "report.json").read_text())
+    lines = [json.loads(x) for x in (tmp_path / RESULTS_FILE).read_text().splitlines()]
+    assert len(lines) == 2 * 3 * 2                              # methods × prompts × repeats
+    res = parsed["results"]["tiny"]
+    assert res[EXACT]["overall"]["exactness"] == 1.0
+    assert res[EXACT]["overall"]["mat"] == pytest.approx(1.0)
+    assert res[EXACT]["overall"]["speedup"] > 0
+    assert res[WRONG]["overall"]["exactness"] == 0.0           # the planted non-exact method is caught
+    fails = parsed["exactness_failures"]
+    assert {f["method"] for f in fails} == {WRONG} and all(f["first_diff"] == 2 for f in fails)
+    assert all(ln["first_diff"] == 2 for ln in lines if ln["method"] == WRONG)
+    md = (tmp_path / "report.md").read_text()
+    assert "EXACTNESS FAILURES" in md and "qa" in md and parsed["machine"]["cpu"]
+    assert parsed["machine"]["versions"]["torch"] and "transformers" in parsed["machine"]["versions"]
+    assert report["categories"] == ["qa"]
+
+
+def test_resume_measures_only_missing_lines(tmp_path, test_methods, tiny_lm):
+    cfg = _cfg(tmp_path, methods=[EXACT])
+    first = run_benchmark(cfg, models=[tiny_lm], prompts=_prompts())
+    assert first["lines_measured_now"] == 3
+    path = tmp_path / RESULTS_FILE
+    kept = path.read_text().splitlines()[:1]
+    path.write_text(kept[0] + "\n" + '{"config": "cut mid-wri')      # an interrupted run
+    seen = []
+    again = run_benchmark(cfg, models=[tiny_lm], prompts=_prompts(), on_line=seen.append)
+    assert again["lines_measured_now"] == 2 and len(seen) == 2
+    assert json.loads(kept[0])["prompt_id"] not in {ln["prompt_id"] for ln in seen}
+    assert again["lines"] == 3
+    nothing = run_benchmark(cfg, models=[tiny_lm], prompts=_prompts())
+    assert nothing["lines_measured_now"] == 0
+    with pytest.raises(UserError, match="other settings"):
+        run_benchmark(_cfg(tmp_path, methods=[EXACT], max_new_tokens=5), models=[tiny_lm], prompts=_prompts())
+    fresh = run_benchmark(_cfg(tmp_path, methods=[EXACT], max_new_tokens=5, fresh=True), models=[tiny_lm],
+                          prompts=_prompts())
+    assert fresh["lines_measured_now"] == 3
+
+
+def test_cli_with_peer_and_sweep(tmp_path, test_methods):
+    from paradecode.cli import main
+
+    out = tmp_path / "run"
+    code = main(["bench", "--model", "tiny", "--methods", EXACT, "--categories", "qa", "--num-prompts", "2",
+                 "--max-new-tokens", "8", "--peers", "transformers,llama.cpp", "--sweep", f"{EXACT}:draft_len=2,3",
+                 "--out", str(out), "--warmup", "0"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    methods = report["results"]["tiny"]
+    assert set(methods) == {EXACT, f"{EXACT}[draft_len=2]", f"{EXACT}[draft_len=3]", "peer:transformers"}
+    assert methods["peer:transformers"]["overall"]["mat"] is None
+    assert methods["peer:transformers"]["overall"]["tokens_per_s"] > 0
+    assert report["command"].startswith("paradecode bench")
+    assert (out / "sweep.png").is_file()
+    assert any("llama.cpp" in n for n in report["notes"]) or "peer:llama.cpp" in methods
+
+
+def test_cli_rejects_bad_input(tmp_path, capsys):
+    from paradecode.cli import main
+
+    assert main(["bench", "--methods", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["bench", "--categories", "poetry", "--out", str(tmp_path), "--methods", "plain"]) == 2
