@@ -43,7 +43,7 @@ class HFCache(KVCache):
     def compact(self, start: int, keep: torch.Tensor | Sequence[int]) -> None:
         keep = torch.as_tensor(keep, dtype=torch.long)
         idx = torch.cat([torch.arange(start), keep + start])
-        if int(idx.max(initial=-1)) >= self.length if idx.numel() else False:
+        if idx.numel() and int(idx.max()) >= self.length:
             raise ValueError("compact indices beyond the filled cache")
         for layer in self._layers():
             layer.keys = layer.keys.index_select(-2, idx)
