@@ -198,3 +198,22 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     assert main(["bench", "--methods", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown method" in capsys.readouterr().err
     assert main(["bench", "--categories", "poetry", "--out", str(tmp_path), "--methods", "plain"]) == 2
+
+
+class _NeedsConfig(Plain):
+    name = "test-needs-config"
+    family = "draft-and-verify"
+
+    def decode_batch(self, model, prompts, gen, sinks):
+        raise UserError("method test-needs-config needs a draft model", "pass -o draft_model=PATH")
+
+
+def test_method_unusable_as_configured_is_skipped_with_a_note(tmp_path, tiny_lm):
+    register(_NeedsConfig)
+    try:
+        report = run_benchmark(_cfg(tmp_path, methods=[_NeedsConfig.name], warmup=0), models=[tiny_lm],
+                               prompts=_prompts(2))
+    finally:
+        REGISTRY.pop(_NeedsConfig.name, None)
+    assert report["lines"] == 0 and report["lines_measured_now"] == 0
+    assert any("needs a draft model" in n for n in report["notes"])

@@ -63,6 +63,7 @@ def per_prompt(lines: Iterable[dict]) -> list[dict]:
             "model_calls": run.get("model_calls"), "accepted_sum": run.get("accepted_sum"),
             "accepted_count": run.get("accepted_count"), "histogram": run.get("accepted_histogram") or {},
             "exact": all(x["exact"] for x in lns), "rss_peak_mb": max(x.get("rss_peak_mb", 0.0) for x in lns),
+            "rss_delta_mb": max(x.get("rss_delta_mb", 0.0) for x in lns),
             "first_diff": next((x["first_diff"] for x in lns if not x["exact"]), None),
         })
     return rows
@@ -81,6 +82,7 @@ def aggregate(rows: Sequence[dict]) -> dict[str, Any]:
         "speedup": tps / ptps if ptps > 0 else None,
         "exactness": sum(r["exact"] for r in rows) / len(rows) if rows else None,
         "rss_peak_mb": max((r["rss_peak_mb"] for r in rows), default=0.0),
+        "rss_delta_mb": max((r["rss_delta_mb"] for r in rows), default=0.0),
         "draft_share": sum(r["draft_time"] for r in rows) / wall if wall > 0 else 0.0,
         "mat": None, "calls_per_token": None,
     }
@@ -120,7 +122,8 @@ def summarise(lines: Iterable[dict], categories: Sequence[str]) -> dict[str, dic
 class PeakRSS:
     """Sample this process's resident memory in a background thread; ``peak_mb`` after the block.
 
-    ``with PeakRSS() as m: work()`` → ``m.peak_mb``. Sampling every 20 ms
+    ``with PeakRSS() as m: work()`` → ``m.peak_mb`` (process peak) and ``m.delta_mb``
+    (peak above the process's memory when the block started). Sampling every 20 ms
     costs well under 1% of a core.
     """
 
@@ -143,7 +146,7 @@ class PeakRSS:
             self.peak = max(self.peak, self._rss())
 
     def __enter__(self) -> "PeakRSS":
-        self.peak = self._rss()
+        self.start = self.peak = self._rss()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self
@@ -156,3 +159,8 @@ class PeakRSS:
     @property
     def peak_mb(self) -> float:
         return self.peak / 2**20
+
+    @property
+    def delta_mb(self) -> float:
+        """Peak minus the resident memory at the start of the block: what the run itself added."""
+        return max(0, self.peak - self.start) / 2**20

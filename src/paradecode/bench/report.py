@@ -119,7 +119,7 @@ def markdown(report: dict) -> str:
             out.append(f"| {key} | " + " | ".join(cells) + " |")
         out += ["", "Overall figures:", "",
                 "| method | kind | tokens/s | plain tokens/s | speedup | MAT | calls/token | exactness | "
-                "draft share | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "draft share | peak RSS MB (+ added by the run) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for key in _order(methods):
             s = methods[key]
             f = s["overall"]
@@ -131,7 +131,7 @@ def markdown(report: dict) -> str:
             out.append(f"| {key} | {kind} | {f['tokens_per_s']:.1f} | {f['plain_tokens_per_s']:.1f} | "
                        f"{_fmt(f['speedup'], '.2f', '×')} | {_fmt(f['mat'], '.2f')} | "
                        f"{_fmt(f['calls_per_token'], '.2f')} | {exact} | "
-                       f"{_fmt(100 * f['draft_share'], '.0f', '%')} | {f['rss_peak_mb']:.0f} |")
+                       f"{_fmt(100 * f['draft_share'], '.0f', '%')} | {f['rss_peak_mb']:.0f} (+{f['rss_delta_mb']:.0f}) |")
         out.append("")
     if report["errors"]:
         out += ["## Errors", ""] + [f"- {e['method']} on {e['prompt_id']} ({e['model']}): {e['error']}"

@@ -250,13 +250,14 @@ def _run_method(model, ids: list[int], method, max_new_tokens: int, seed: int) -
             "accepted_sum": sum(s.accepted_lengths), "accepted_count": len(s.accepted_lengths),
             "accepted_histogram": {str(k): v for k, v in s.accepted_histogram().items()},
             "draft": s.draft_time, "verify": s.verify_time, "prefill": s.prefill_time,
-            "finish": r.finish_reason, "rss_peak_mb": mem.peak_mb}
+            "finish": r.finish_reason, "rss_peak_mb": mem.peak_mb, "rss_delta_mb": mem.delta_mb}
 
 
 def _run_peer(peer, ids: list[int], max_new_tokens: int) -> dict:
     with PeakRSS() as mem:
         tokens, wall = peer.generate(list(ids), max_new_tokens)
-    return {"tokens": tokens, "new_tokens": len(tokens), "wall": wall, "rss_peak_mb": mem.peak_mb}
+    return {"tokens": tokens, "new_tokens": len(tokens), "wall": wall, "rss_peak_mb": mem.peak_mb,
+            "rss_delta_mb": mem.delta_mb}
 
 
 def _run(v: Variant, model, ids, cfg: BenchConfig) -> dict:
@@ -275,6 +276,9 @@ def measure_line(v: Variant, model, prompt: BenchPrompt, ids: list[int], repeat:
                             "plain": {"new_tokens": base["new_tokens"], "wall": base["wall"]}}
     try:
         run = _run(v, model, ids, cfg)
+    except UserError as e:  # the method is not usable as configured (e.g. needs a draft model)
+        line.update(error=e.message, user_error=True, exact=False, first_diff=None, run={})
+        return line
     except Exception as e:  # one broken method must not stop the benchmark; the report shows the error
         line.update(error=f"{type(e).__name__}: {e}", exact=False, first_diff=None, run={})
         return line
@@ -283,7 +287,8 @@ def measure_line(v: Variant, model, prompt: BenchPrompt, ids: list[int], repeat:
     line["first_diff"] = diff
     if diff is not None:
         line["differs"] = {"plain": base["tokens"][diff:diff + 5], "method": run["tokens"][diff:diff + 5]}
-    line["rss_peak_mb"] = round(max(run.pop("rss_peak_mb"), 0.0), 1)
+    line["rss_peak_mb"] = round(run.pop("rss_peak_mb"), 1)
+    line["rss_delta_mb"] = round(run.pop("rss_delta_mb"), 1)
     run.pop("tokens")
     line["run"] = run
     line["error"] = None
@@ -350,7 +355,7 @@ def run_benchmark(cfg: BenchConfig, *, models: Sequence[LoadedModel] | None = No
         if not todo:
             continue
         _warmup(cfg, lm, matrix, plain, ids_of[prompts[0].id], console)
-        computed += _measure(cfg, lm, todo, plain, ids_of, results, console, on_line)
+        computed += _measure(cfg, lm, todo, plain, ids_of, results, console, on_line, notes)
     lines = [ln for ln in results.lines if ResultsFile.key(ln) in selection]
     report = build_report(lines, cfg=cfg, variants=described, notes=notes, model_names=model_names,
                           categories=[c for c in _categories(prompts)], computed=computed)
@@ -382,7 +387,7 @@ def _warmup(cfg: BenchConfig, lm: LoadedModel, matrix: list[Variant], plain, ids
                     pass
 
 
-def _measure(cfg, lm, todo, plain, ids_of, results: ResultsFile, console, on_line) -> int:
+def _measure(cfg, lm, todo, plain, ids_of, results: ResultsFile, console, on_line, notes: list[str]) -> int:
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -390,10 +395,22 @@ def _measure(cfg, lm, todo, plain, ids_of, results: ResultsFile, console, on_lin
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=console, transient=False) as bar:
         task = bar.add_task(lm.label, total=len(todo))
+        disabled: set[str] = set()
+        measured = 0
         for r, p, v in todo:
+            if v.key in disabled:
+                bar.advance(task)
+                continue
             bar.update(task, description=escape(f"{lm.label} · {v.key} · {p.category} · repeat {r + 1}"))
             line = measure_line(v, lm.model, prompts[p.id], ids_of[p.id], r, cfg, plain)
             line["model"] = lm.label
+            if line.pop("user_error", False):   # skip this method for the rest of the run, say why once
+                disabled.add(v.key)
+                notes.append(f"{v.key}: skipped — {line['error']}")
+                console.print(f"[yellow]note:[/yellow] {escape(notes[-1])}")
+                bar.advance(task)
+                continue
+            measured += 1
             line["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             results.append(line)
             if line.get("error"):
@@ -405,7 +422,7 @@ def _measure(cfg, lm, todo, plain, ids_of, results: ResultsFile, console, on_lin
             if on_line is not None:
                 on_line(line)
             bar.advance(task)
-    return len(todo)
+    return measured
 
 
 def config_dict(cfg: BenchConfig) -> dict:
