@@ -1,0 +1,286 @@
+"""The ``draft`` method: a separate draft model with its own KV cache.
+
+Greedy output must equal plain greedy token for token; a draft with the
+target's own weights must be accepted 100% (a stale or badly rolled-back
+draft cache would break that); sampled output must follow the target's exact
+distribution (chi-square against an enumerated distribution on a tiny model),
+and dropping the draft's q must be caught by the same test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from paradecode.api import generate
+from paradecode.decoding.sink import TokenSink
+from paradecode.decoding.verify import Verdict
+from paradecode.drafters.chain import ChainDrafter, common_prefix, draft_seed, next_draft_length
+from paradecode.errors import UserError
+from paradecode.methods.base import get_method
+from paradecode.methods.draft import ModelDrafter
+from paradecode.models.tiny import tiny_model
+from paradecode.sampling import GenerationConfig, target_probs
+from paradecode.stats import DecodeStats
+
+from prompts import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model("llama", seed=0, layers=2)
+
+
+@pytest.fixture(scope="module")
+def twin():
+    """Same weights as ``target``, a separate instance (its own cache, its own calls)."""
+    return tiny_model("llama", seed=0, layers=2)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A different, 1-layer model on the same 97-token vocabulary."""
+    return tiny_model("llama", seed=1, layers=1)
+
+
+def _prompt(n: int, seed: int = 0, vocab: int = 97) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def _plain(model, prompt, n, **kw):
+    return generate(model, prompt, "plain", max_new_tokens=n, ignore_eos=True, **kw)
+
+
+# -- pure pieces ----------------------------------------------------------------------------------
+def test_heuristic_schedule():
+    assert next_draft_length(4, 4, 4, 1, 12, "heuristic") == 6           # all accepted: +2
+    assert next_draft_length(4, 4, 3, 1, 12, "heuristic") == 3           # otherwise: -1
+    assert next_draft_length(1, 4, 0, 1, 12, "heuristic") == 1           # clamped below
+    assert next_draft_length(12, 3, 3, 1, 12, "heuristic") == 12         # clamped above
+    assert next_draft_length(4, 4, 0, 1, 12, "constant") == 4
+    assert next_draft_length(4, 0, 0, 1, 12, "heuristic") == 4           # no draft: no evidence
+
+
+def test_common_prefix_and_seed():
+    assert common_prefix([], [1]) == 0 and common_prefix([1, 2], [1, 2]) == 2 and common_prefix([1, 3], [1, 2]) == 1
+    assert draft_seed(None) is None and draft_seed(5) != 5 and draft_seed(5) == draft_seed(5)
+
+
+# -- the draft cache follows the context ------------------------------------------------------------
+def test_draft_cache_mirrors_context_through_accepts_and_rejects(target, twin):
+    """After every proposal the draft cache holds exactly context + all draft tokens but the last."""
+    method = get_method("draft", {"draft_model": twin, "confidence_threshold": 0.0, "schedule": "constant",
+                                  "num_draft_tokens": 3})
+    d = ModelDrafter(method.config, twin)
+    stats = DecodeStats()
+    d.begin(target, _prompt(7), GenerationConfig(max_new_tokens=50), stats)
+    context = _prompt(7) + [5]
+    for accept in (3, 0, 1, 2, 3, 0):
+        draft = d.propose(context, 8)
+        assert len(draft) == 3
+        assert d.cached == context + draft.tokens[:-1] and d.cache.length == len(d.cached)
+        tokens = draft.tokens[:accept] + [11 + accept]                    # a recovered/bonus token
+        verdict = Verdict(list(range(accept)), tokens, draft=draft)
+        context = context + tokens
+        d.observe(context, verdict, torch.zeros(len(draft) + 1, 97))
+    # the cache content equals a from-scratch encoding of what it claims to hold
+    torch.testing.assert_close(twin.forward(d.cache, torch.tensor([[context[-1]]]))[0, -1],
+                               twin.forward(twin.new_cache(1, 64), torch.tensor([d.cached + [context[-1]]]))[0, -1],
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_confidence_threshold_stops_drafting(target, small):
+    r = generate(target, _prompt(6), "draft", {"draft_model": small, "confidence_threshold": 0.99},
+                 max_new_tokens=20, ignore_eos=True)
+    assert set(r.stats.extra["draft_lengths"]) <= {1}                    # tiny models are never that sure
+
+
+# -- greedy: identical to plain ---------------------------------------------------------------------
+def test_same_weights_draft_is_always_accepted(target, twin):
+    """A twin draft must agree everywhere: any cache bookkeeping slip shows up as a rejection."""
+    p = _prompt(9)
+    ref = _plain(target, p, 60)
+    r = generate(target, p, "draft", {"draft_model": twin, "confidence_threshold": 0.0}, max_new_tokens=60,
+                 ignore_eos=True)
+    assert r.token_ids == ref.token_ids
+    assert r.stats.acceptance_rate == 1.0
+    assert r.stats.tokens_per_call > 3                                    # k grew: 4, 6, 8, ...
+    assert max(r.stats.extra["draft_lengths"]) > 4
+    assert r.stats.draft_calls > 0 and r.stats.draft_tokens > 0
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 20), seed=st.integers(0, 1000), k=st.integers(1, 6),
+       schedule=st.sampled_from(["heuristic", "constant"]), conf=st.sampled_from([0.0, 0.05, 0.3]),
+       budget=st.integers(1, 40))
+def test_greedy_matches_plain(target, small, n, seed, k, schedule, conf, budget):
+    p = _prompt(n, seed)
+    ref = _plain(target, p, budget)
+    r = generate(target, p, "draft", {"draft_model": small, "num_draft_tokens": k, "max_draft_tokens": max(k, 8),
+                                      "schedule": schedule, "confidence_threshold": conf},
+                 max_new_tokens=budget, ignore_eos=True)
+    assert r.token_ids == ref.token_ids
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_greedy_matches_plain_other_families(arch):
+    t, d = tiny_model(arch, seed=3, layers=2), tiny_model(arch, seed=4, layers=1)
+    p = _prompt(10, 3)
+    assert generate(t, p, "draft", {"draft_model": d, "confidence_threshold": 0.0}, max_new_tokens=30,
+                    ignore_eos=True).token_ids == _plain(t, p, 30).token_ids
+
+
+def test_stops_like_plain_at_eos(target, twin):
+    """Without ignore_eos the sink stops the draft method at the very token plain stops at."""
+    for seed in range(6):
+        p = _prompt(5, seed)
+        ref = generate(target, p, "plain", max_new_tokens=40, eos_token_ids=(7, 11, 13))
+        r = generate(target, p, "draft", {"draft_model": twin}, max_new_tokens=40, eos_token_ids=(7, 11, 13))
+        assert (r.token_ids, r.finish_reason) == (ref.token_ids, ref.finish_reason)
+
+
+# -- refusing a draft with another vocabulary -------------------------------------------------------
+class _Tok:
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def get_vocab(self):
+        return self.vocab
+
+
+def test_refuses_other_vocabulary(target):
+    other = tiny_model("llama", seed=1, layers=1, vocab_size=89)
+    with pytest.raises(UserError, match="vocabulary has 89 tokens but the target's has 97"):
+        generate(target, _prompt(5), "draft", {"draft_model": other}, max_new_tokens=5)
+
+
+def test_refuses_other_tokenizer():
+    t, d = tiny_model("llama", seed=0, layers=1), tiny_model("llama", seed=1, layers=1)
+    t.tokenizer = _Tok({"a": 0, "b": 1})
+    d.tokenizer = _Tok({"a": 1, "b": 0})
+    with pytest.raises(UserError, match="tokenizer differs"):
+        generate(t, _prompt(5), "draft", {"draft_model": d}, max_new_tokens=5)
+
+
+def test_needs_a_draft_model(target):
+    with pytest.raises(UserError, match="needs a draft model"):
+        generate(target, _prompt(5), "draft", max_new_tokens=5)
+    with pytest.raises(UserError, match="does not exist"):
+        generate(target, _prompt(5), "draft", {"draft_model": "/nonexistent/model"}, max_new_tokens=5)
+    with pytest.raises(UserError, match="num_draft_tokens"):
+        get_method("draft", {"num_draft_tokens": 40})
+    with pytest.raises(UserError, match="confidence_threshold"):
+        get_method("draft", {"confidence_threshold": "1.5"})
+
+
+# -- sampling: exact distribution -------------------------------------------------------------------
+V_SMALL = 8
+RUNS = 600
+PROMPT = [3, 7, 4]
+DRAFT_OPTIONS = {"confidence_threshold": 0.0, "schedule": "constant", "num_draft_tokens": 2}
+
+
+def exact_pair_distribution(model, prompt: list[int], gen: GenerationConfig) -> torch.Tensor:
+    """P(t2 = a, t3 = b) of the 2nd and 3rd generated tokens under plain sampling: (V, V)."""
+    V = model.vocab_size
+
+    def probs(ids):                                                        # (V,)
+        return target_probs(model.forward(model.new_cache(1, 64), torch.tensor([ids]))[0, -1], gen)
+
+    out = torch.zeros(V, V, dtype=torch.float64)
+    p1 = probs(prompt)
+    for t1 in range(V):
+        if p1[t1] == 0:
+            continue
+        p2 = probs(prompt + [t1])
+        for t2 in range(V):
+            if p2[t2] > 0:
+                out[t2] += p1[t1].double() * p2[t2].double() * probs(prompt + [t1, t2]).double()
+    return out
+
+
+def sampled_pairs(model, prompt, method: str, options: dict, gen: GenerationConfig, n: int) -> torch.Tensor:
+    """Counts (V, V) of the 2nd and 3rd tokens over ``n`` seeded runs of ``method``."""
+    m = get_method(method, options)
+    V = model.vocab_size
+    counts = torch.zeros(V, V, dtype=torch.float64)
+    for seed in range(n):
+        g = GenerationConfig(max_new_tokens=4, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
+                             seed=seed, ignore_eos=True)
+        sink = TokenSink(gen=g, eos_token_ids=())
+        m.decode(model, prompt, g, sink)
+        counts[sink.tokens[1], sink.tokens[2]] += 1
+    return counts
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Chi-square goodness of fit, pooling cells with expected count < 5; impossible cells must stay empty."""
+    counts, probs = counts.flatten(), probs.flatten() / probs.sum()
+    assert counts[probs == 0].sum() == 0, "a token outside the target's support was produced"
+    exp = probs * counts.sum()
+    small = exp < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([exp[~small], exp[small].sum()[None]])
+    keep = exp > 0
+    return float(chisquare(obs[keep].numpy(), exp[keep].numpy() * obs[keep].sum().item() / exp[keep].sum().item()
+                           ).pvalue)
+
+
+@pytest.fixture(scope="module")
+def small_vocab_pair():
+    return (tiny_model("llama", seed=5, layers=2, vocab_size=V_SMALL),
+            tiny_model("llama", seed=6, layers=1, vocab_size=V_SMALL))
+
+
+SAMPLING = [GenerationConfig(temperature=1.0, top_k=3), GenerationConfig(temperature=0.7, top_p=0.9)]
+
+
+@pytest.mark.parametrize("gen", SAMPLING, ids=["t1-top3", "t0.7-topp0.9"])
+def test_sampling_is_exact(small_vocab_pair, gen):
+    t, d = small_vocab_pair
+    counts = sampled_pairs(t, PROMPT, "draft", DRAFT_OPTIONS | {"draft_model": d}, gen, RUNS)
+    assert chi2_pvalue(counts, exact_pair_distribution(t, PROMPT, gen)) > 1e-4
+
+
+def test_negative_control_q_without_top_k_is_detected(small_vocab_pair, monkeypatch):
+    """Tokens drawn with top-k but q reported without it (raw softmax): the test must fail.
+
+    (Dropping q altogether would *not* be a bug: a sampled draft verified as a
+    deterministic one stays exact, it is only accepted less often.)
+    """
+    t, d = small_vocab_pair
+    pick = ChainDrafter._pick
+    monkeypatch.setattr(ChainDrafter, "_pick", lambda self, logits: (pick(self, logits)[0], logits.softmax(-1)))
+    gen = SAMPLING[0]
+    counts = sampled_pairs(t, PROMPT, "draft", DRAFT_OPTIONS | {"draft_model": d}, gen, RUNS)
+    assert chi2_pvalue(counts, exact_pair_distribution(t, PROMPT, gen)) < 1e-4
+
+
+# -- the default model as its own draft ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def default_twin():
+    from paradecode import load_model
+
+    return load_model(dtype="float32")
+
+
+def test_default_model_with_itself_as_draft(default_model, default_twin):
+    """Plumbing on the real model: a second instance drafts; greedy output equals plain."""
+    for prompt in (PROMPTS[0], PROMPTS[5], PROMPTS[12]):
+        ref = generate(default_model, prompt, "plain", chat=True, max_new_tokens=24)
+        r = generate(default_model, prompt, "draft", {"draft_model": default_twin, "confidence_threshold": 0.0},
+                     chat=True, max_new_tokens=24)
+        assert r.token_ids == ref.token_ids
+        assert r.stats.acceptance_rate >= 0.9                                  # same weights (float ties aside)
+        assert r.stats.model_calls < ref.stats.model_calls
+
+
+def test_default_model_path_option_loads_the_draft(default_model):
+    """``draft_model`` as a string goes through load_model (here the default model's name)."""
+    r = generate(default_model, PROMPTS[3], "draft", {"draft_model": "default"}, chat=True, max_new_tokens=8)
+    ref = generate(default_model, PROMPTS[3], "plain", chat=True, max_new_tokens=8)
+    assert r.token_ids == ref.token_ids and r.stats.extra["draft_model"] == "SmolLM2-135M-Instruct"
