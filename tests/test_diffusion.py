@@ -1,0 +1,218 @@
+"""Diffusion samplers, rules, caches and the shipped task model."""
+
+import pytest
+import torch
+
+from paradecode.diffusion import DIFFUSION_SAMPLERS, VOCAB, build_sampler, generate
+from paradecode.diffusion import rules
+from paradecode.diffusion.learn2pd import FEATURES, LogisticFilter
+from paradecode.diffusion.model import BlockKVCache, DiffusionShape, DiffusionTransformer, load_shipped
+from paradecode.diffusion.tasks import TASKS, eval_instances
+from paradecode.diffusion.train import encode_instance
+from paradecode.errors import UserError
+
+torch.set_num_threads(1)   # tiny models: threads only add overhead on the shared CPU
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    shape = DiffusionShape(vocab_size=len(VOCAB), hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2,
+                           head_dim=8, max_context=64, mask_id=VOCAB.mask_id, eos_id=VOCAB.eos_id)
+    return DiffusionTransformer(shape).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    torch.set_num_threads(1)
+    return load_shipped()
+
+
+@pytest.fixture(scope="module")
+def filter_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("l2pd") / "filter.json"
+    LogisticFilter(torch.tensor([8.0, 2.0, 0.0, 0.0, 0.5, 0.0]), -6.0).save(path, {})
+    return str(path)
+
+
+def prompt_of(task, i=0, seed=0):
+    words, answer = eval_instances(task, i + 1, seed)[i]
+    return words, encode_instance(words, answer, TASKS[task].gen_length)[0]
+
+
+# -- pure rules ---------------------------------------------------------------------------------
+def test_factor_rule_worked_example():
+    conf = torch.tensor([[0.8, 0.99, 0.7, 0.1]])
+    masked = torch.ones_like(conf, dtype=torch.bool)
+    assert rules.factor_rule(conf, masked, 1.0).tolist() == [[True, True, False, False]]
+    # tiny factor still commits the most confident one
+    assert rules.factor_rule(conf, masked, 1e-6).tolist() == [[False, True, False, False]]
+
+
+def test_threshold_rule_is_strict_and_commits_at_least_one():
+    conf = torch.tensor([[1.0, 1.0, 0.5], [0.2, 0.3, 0.1]])
+    masked = torch.tensor([[True, True, True], [True, False, True]])
+    assert rules.threshold_rule(conf, masked, 1.0).tolist() == [[True, False, False], [True, False, False]]
+    assert rules.threshold_rule(conf, masked, 0.4).tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_local_leap_relaxes_only_near_anchors():
+    conf = torch.tensor([[0.95, 0.8, 0.8, 0.8, 0.8]])
+    masked = torch.ones_like(conf, dtype=torch.bool)
+    assert rules.local_leap_rule(conf, masked, 0.9, 0.75, 2).tolist() == [[True, True, True, False, False]]
+
+
+def test_eot_fill_and_schedule_and_prophet():
+    eos = VOCAB.eos_id
+    tokens = torch.tensor([[5, 6, eos, 7, 8, 9]])
+    committed = torch.tensor([[True, False, True, False, True, False]])
+    assert rules.eot_fill(tokens, committed, eos).tolist() == [[False, False, False, True, True, True]]
+    assert rules.llada_schedule(10, 4) == [3, 3, 2, 2]
+    gap = torch.tensor([[8.0, 8.0], [1.0, 1.0]])
+    masked = torch.ones(2, 2, dtype=torch.bool)
+    assert rules.prophet_go_all_in(gap, masked, torch.tensor([0.0, 0.9]), (7.5, 5.0, 2.5)).tolist() == [True, False]
+
+
+# -- the block loop -----------------------------------------------------------------------------
+def _configs(filter_path):
+    for name in DIFFUSION_SAMPLERS:
+        for cache, block in (("none", 0), ("prefix", 5), ("dual", 5)):
+            if name == "freedave" and cache != "none":
+                continue
+            opts = {"cache": cache, "block_length": block}
+            if name == "learn2pd":
+                opts["filter"] = filter_path
+            yield name, opts
+
+
+def test_every_sampler_commits_each_step_and_terminates(tiny, filter_path):
+    for task in ("copy",):
+        _, ids = prompt_of(task)
+        G = TASKS[task].gen_length
+        for name, opts in _configs(filter_path):
+            r = build_sampler(name, opts).decode(tiny, ids, G)
+            assert all(c >= 1 for c in r.committed_per_step), (name, opts)
+            assert sum(r.committed_per_step) == G and not (r.answer == VOCAB.mask_id).any(), (name, opts)
+            assert 1 <= r.nfe <= G + 2 * (G // (opts["block_length"] or G)), (name, opts)
+
+
+def test_batch_of_two_matches_two_single_decodes(tiny):
+    a, b = VOCAB.encode("<bos> copy : a b c d"), VOCAB.encode("<bos> reverse : d f b a")
+    s = build_sampler("threshold", {"threshold": 0.3})
+    both = s.decode(tiny, [a, b], 10).answer
+    assert torch.equal(both[0], s.decode(tiny, a, 10).answer[0])
+    assert torch.equal(both[1], s.decode(tiny, b, 10).answer[0])
+
+
+class Recording:
+    """Wraps a model and records every sequence it is called on."""
+
+    def __init__(self, model):
+        self.model, self.shape, self.calls = model, model.shape, []
+
+    def forward(self, ids, **kw):
+        self.calls.append(ids.clone())
+        return self.model.forward(ids, **kw)
+
+
+def test_threshold_one_reproduces_one_token_per_step_order(tiny, shipped):
+    for model in (tiny, shipped):
+        for task in ("sort", "latin"):
+            _, ids = prompt_of(task)
+            G = TASKS[task].gen_length
+            ref, thr = Recording(model), Recording(model)
+            a = generate(ref, ids, G, build_sampler("llada"))
+            b = generate(thr, ids, G, build_sampler("threshold", {"threshold": 1.0}))
+            assert torch.equal(a.x, b.x) and a.nfe == b.nfe == G
+            assert all(torch.equal(p, q) for p, q in zip(ref.calls, thr.calls))
+            assert b.committed_per_step == [1] * G
+
+
+def test_caches_exact_when_nothing_changed(shipped, tiny):
+    for model in (shipped, tiny):
+        _, ids = prompt_of("latin")
+        x = torch.tensor(ids + [VOCAB.mask_id] * 20)[None]
+        x[0, len(ids):len(ids) + 3] = torch.tensor(VOCAB.encode("1 2 3"))
+        P = len(ids)
+        for mode in ("prefix", "dual"):
+            cache = BlockKVCache(model, mode)
+            full = cache.refresh(x, (P + 5, P + 10))
+            torch.testing.assert_close(cache.step(x), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_first_step_of_each_block_is_exact(shipped):
+    _, ids = prompt_of("reverse", 2)
+    base = build_sampler("llada", {"block_length": 5}).decode(shipped, ids, 10)
+    for cache in ("prefix", "dual"):
+        r = build_sampler("llada", {"block_length": 5, "cache": cache}).decode(shipped, ids, 10)
+        assert r.nfe == base.nfe == 10
+        assert r.answer[0, 0] == base.answer[0, 0] or r.answer[0, 5] == base.answer[0, 5]
+
+
+# -- FreeDave: lossless -------------------------------------------------------------------------
+def test_freedave_identical_to_one_token_per_step_on_many_seeds_and_tasks(shipped):
+    ref_nfe = dave_nfe = 0
+    for task in TASKS:
+        for i in range(3):
+            _, ids = prompt_of(task, i, seed=3)
+            G = TASKS[task].gen_length
+            for block in ((0, 5)[i % 2],):
+                ref = build_sampler("llada", {"block_length": block}).decode(shipped, ids, G)
+                dave = build_sampler("freedave", {"drafts": 4 + i % 5, "block_length": block}).decode(shipped, ids, G)
+                assert torch.equal(ref.x, dave.x), (task, i, block)
+                ref_nfe += ref.nfe
+                dave_nfe += dave.nfe
+    assert dave_nfe * 1.5 <= ref_nfe
+
+
+def test_freedave_identical_on_random_tiny_model(tiny):
+    for task in ("copy", "text"):
+        for i in range(2):
+            _, ids = prompt_of(task, i)
+            G = TASKS[task].gen_length
+            ref = build_sampler("llada").decode(tiny, ids, G)
+            assert torch.equal(ref.x, build_sampler("freedave").decode(tiny, ids, G).x)
+
+
+# -- configs, registry, shipped model --------------------------------------------------------------
+def test_configs_are_validated_once_with_named_fields():
+    with pytest.raises(UserError, match="threshold"):
+        build_sampler("threshold", {"threshold": "1.5"})
+    with pytest.raises(UserError, match="no option"):
+        build_sampler("factor", {"tau": "1"})
+    with pytest.raises(UserError, match="cache"):
+        build_sampler("freedave", {"cache": "dual"})
+    with pytest.raises(UserError, match="unknown diffusion sampler"):
+        build_sampler("nope")
+    assert build_sampler("llada", {"steps": "5", "remasking": "random"}).config.steps == 5
+    assert set(DIFFUSION_SAMPLERS) == {"llada", "threshold", "factor", "prophet", "localleap", "learn2pd", "freedave"}
+    assert len(FEATURES) == 6
+
+
+def test_diffusion_samplers_not_in_autoregressive_registry():
+    from paradecode.methods.base import all_methods
+
+    assert not set(all_methods()) & set(DIFFUSION_SAMPLERS)
+
+
+def test_shipped_model_copies_held_out_lists(shipped):
+    ok = 0
+    for words, ids in (prompt_of("copy", i, seed=11) for i in range(8)):
+        r = build_sampler("llada").decode(shipped, ids, 10)
+        ok += TASKS["copy"].check(words, VOCAB.decode(r.answer[0]).split())
+    assert ok >= 7
+
+
+def test_shipped_learn2pd_filter_loads_and_decodes(shipped):
+    words, ids = prompt_of("sort", 1)
+    r = build_sampler("learn2pd").decode(shipped, ids, 10)
+    assert r.nfe <= 10 and not (r.answer == VOCAB.mask_id).any()
+
+
+def test_cli_generate_and_samplers(capsys):
+    from paradecode.cli import main
+
+    assert main(["diffusion", "generate", "copy : a b c d", "--sampler", "freedave"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "a b c d" and "nfe=" in out
+    assert main(["diffusion", "generate", "copy : a b zz", "--sampler", "threshold"]) == 2
