@@ -53,8 +53,10 @@ def build_report(lines: Sequence[dict], *, cfg, variants: dict[str, dict], notes
         for key, s in methods.items():
             if variants.get(key, {}).get("lossless"):
                 failures += [{"model": model, "method": key, **f} for f in s["failures"]]
+    ok = {(ln["model"], ln["method"], ln["prompt_id"], ln["repeat"]) for ln in lines if not ln.get("error")}
     errors = [{"model": ln["model"], "method": ln["method"], "prompt_id": ln["prompt_id"], "error": ln["error"]}
-              for ln in lines if ln.get("error")]
+              for ln in lines if ln.get("error")
+              and (ln["model"], ln["method"], ln["prompt_id"], ln["repeat"]) not in ok]   # not fixed by a rerun
     return {
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": cfg.command,
