@@ -46,6 +46,8 @@ def register(sub) -> None:
     b.add_argument("--weights", default=None, help="diffusion .safetensors (default: the shipped model)")
     b.add_argument("--out", default="benchmarks", help="output directory (JSON, Markdown table, PNG plots)")
     b.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    b.add_argument("--no-cache-speed", action="store_true",
+                   help="skip the cache wall-clock comparison on a larger random-weight model")
     b.set_defaults(func=run_bench)
 
 
@@ -145,7 +147,8 @@ def run_bench(args) -> int:
     if args.n < 1:
         raise UserError(f"-n must be >= 1, got {args.n}", "pass a positive number of instances")
     rows = bench.run(_model(args.weights), tasks, args.n)
-    paths = bench.save(rows, Path(args.out), bench.machine_name())
+    speed = None if args.no_cache_speed else bench.cache_speed()
+    paths = bench.save(rows, Path(args.out), bench.machine_name(), speed)
     print(paths["markdown"].read_text())
     print(f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plots in {args.out}")
     return 0

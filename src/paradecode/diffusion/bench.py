@@ -162,12 +162,17 @@ def markdown(rows: list[dict], machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save(rows: list[dict], out_dir: Path, machine: str) -> dict[str, Path]:
+def save(rows: list[dict], out_dir: Path, machine: str, cache_rows: list[dict] | None = None) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "diffusion_results.json").write_text(json.dumps(rows, indent=1))
+    (out_dir / "diffusion_results.json").write_text(json.dumps({"tasks": rows, "cache_speed": cache_rows}, indent=1))
     md = out_dir / "diffusion_table.md"
-    md.write_text(markdown(rows, machine))
+    text = markdown(rows, machine)
+    if cache_rows:
+        text += "\n### Cache wall-clock on a larger random-weight model (" + cache_rows[0]["model"] + ")\n\n"
+        text += "| cache | median s | speedup vs none | NFE |\n|---|---|---|---|\n"
+        text += "".join(f"| {r['cache']} | {r['seconds']:.2f} | {r['speedup']:.2f}x | {r['nfe']} |\n" for r in cache_rows)
+    md.write_text(text)
     return {"json": out_dir / "diffusion_results.json", "markdown": md, "plots": plot(rows, out_dir)}
 
 
@@ -176,3 +181,31 @@ def machine_name() -> str:
 
     return f"{platform.processor() or platform.machine()}, torch {torch.__version__}, " \
            f"{torch.get_num_threads()} thread(s), shared CPU ({time.strftime('%Y-%m-%d')})"
+
+
+def cache_speed(hidden: int = 256, layers: int = 4, prompt: int = 64, gen_length: int = 128, block: int = 32,
+                steps: int = 32, repeats: int = 3, seed: int = 0) -> list[dict]:
+    """Wall time of the three cache modes on a larger random-weight model (LLaDA-shaped, no training),
+    where per-token compute — what the cache saves — dominates over per-call overhead. Same
+    schedule (``steps`` low-confidence steps over ``gen_length`` in blocks of ``block``) for all
+    modes; the modes are interleaved and the median of ``repeats`` is reported."""
+    from .model import DiffusionShape, DiffusionTransformer
+
+    torch.manual_seed(seed)
+    shape = DiffusionShape(vocab_size=512, hidden=hidden, intermediate=hidden * 8 // 3, layers=layers,
+                           heads=hidden // 64, kv_heads=hidden // 64, head_dim=64,
+                           max_context=prompt + gen_length, mask_id=511, eos_id=510)
+    model = DiffusionTransformer(shape).eval().requires_grad_(False)
+    ids = torch.randint(0, 500, (prompt,)).tolist()
+    secs: dict[str, list[float]] = {"none": [], "prefix": [], "dual": []}
+    nfe = {}
+    for _ in range(repeats):
+        for mode in secs:
+            r = build_sampler("llada", {"steps": steps, "block_length": block, "cache": mode}).decode(
+                model, ids, gen_length)
+            secs[mode].append(r.seconds)
+            nfe[mode] = r.nfe
+    base = statistics.median(secs["none"])
+    return [{"cache": m, "seconds": statistics.median(s), "speedup": base / statistics.median(s), "nfe": nfe[m],
+             "model": f"random {layers}x{hidden}, prompt {prompt}, gen {gen_length}, block {block}, steps {steps}"}
+            for m, s in secs.items()]
