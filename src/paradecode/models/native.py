@@ -1,11 +1,35 @@
 """Native Llama-family backend with a preallocated static KV cache.
 
 In the spirit of gpt-fast: plain PyTorch, fused QKV and gate/up projections,
-explicit positions, one ``scaled_dot_product_attention`` call per layer over
-the filled part of a preallocated cache. Covers Llama (incl. SmolLM2),
-Mistral-style grouped-query attention and Qwen2 (q/k/v bias). RoPE scaling
-follows the checkpoint's config through transformers' own RoPE initialisers,
-so the frequencies are the ones transformers uses.
+explicit positions. Covers Llama (incl. SmolLM2), Mistral-style grouped-query
+attention and Qwen2 (q/k/v bias). RoPE scaling follows the checkpoint's
+config through transformers' own RoPE initialisers, so the frequencies are
+the ones transformers uses.
+
+Weight formats (``dtype``): ``float32``; ``bfloat16``; ``int8`` (weight-only,
+per output channel, bfloat16 activations, see :mod:`.quant`). Whatever the
+format, the residual stream, RoPE, the KV cache and attention run in float32:
+they are a small share of the work and keep the low-precision formats close
+to float32.
+
+Why the engine looks the way it does (measurements in ``docs/engine.md``):
+
+* a decode step streams every weight once, so it is memory bound; a block of
+  up to ~16 new tokens costs little more than one token, which is what makes
+  verification nearly free;
+* attention of a short block against the cache is two small matmuls, with
+  grouped-query heads folded into the query rows ((B, Hkv, G*T, D) against
+  (B, Hkv, S, D)) instead of expanding K/V, and one additive mask shared by
+  every layer;
+* *position invariance*: a token's logits do not depend on how many tokens
+  share its call (greedy verification must reproduce plain one-token decoding
+  bit for bit, not only up to rounding). The bfloat16 and int8 kernels
+  compute each row independently, but only within one kernel: float32 GEMM
+  (MKL) switches kernels below 4 rows, bfloat16 (oneDNN) for a single row
+  (its GEMV sums long rows in another order). So float32 and bfloat16
+  products are always given at least 4 rows, padded with zero rows; the int8
+  kernel needs no padding. Attention rows are padded the same way, and
+  masked cache slots add exact zeros. Tested in ``tests/test_models.py``.
 """
 
 from __future__ import annotations
@@ -18,10 +42,14 @@ import torch
 import torch.nn.functional as F
 
 from .base import CausalLM, KVCache, ModelInfo, causal_mask
+from .quant import Int8Weight, linear, quantize_int8
 from ..errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# weight format -> dtype of the activations fed to the projections
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
+MIN_ROWS = 4            # GEMM rows below which MKL (float32) / oneDNN (bfloat16) take a GEMV kernel
+ATTN_BLOCK = 1 << 22    # max score elements per attention matmul (long prompts go in query blocks)
 
 
 @dataclass(frozen=True)
@@ -40,14 +68,19 @@ class LlamaShape:
 
 
 class StaticKVCache(KVCache):
-    """Preallocated keys/values: (layers, B, kv_heads, capacity, head_dim)."""
+    """Preallocated keys/values: (layers, B, kv_heads, capacity, head_dim), float32.
 
-    def __init__(self, shape: LlamaShape, batch_size: int, capacity: int, dtype: torch.dtype):
+    Allocated with ``torch.empty``: pages are only touched (and count towards
+    resident memory) once tokens are written, so a large capacity is cheap
+    until used. Slots below ``length`` are always written before being read.
+    """
+
+    def __init__(self, shape: LlamaShape, batch_size: int, capacity: int, dtype: torch.dtype = torch.float32):
         self.batch_size = batch_size
         self.capacity = capacity
         kv = (shape.layers, batch_size, shape.kv_heads, capacity, shape.head_dim)
-        self.k = torch.zeros(kv, dtype=dtype)
-        self.v = torch.zeros(kv, dtype=dtype)
+        self.k = torch.empty(kv, dtype=dtype)
+        self.v = torch.empty(kv, dtype=dtype)
         self.valid = torch.ones(batch_size, capacity, dtype=torch.bool)  # False: padding slot
         self._length = 0
         self._all_valid = True  # fast path: no padding anywhere in the filled part
@@ -123,7 +156,10 @@ class NativeLlama(CausalLM):
                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}; use --backend transformers for others")
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
-        self.dtype = DTYPES[dtype]
+        self.format = dtype
+        self.dtype = DTYPES[dtype]          # activations fed to the projections
+        self.quantized = dtype == "int8"
+        self._pad_rows = not self.quantized   # see MIN_ROWS
         c = hf_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         max_ctx = int(getattr(c, "max_position_embeddings", 2048))
@@ -143,8 +179,8 @@ class NativeLlama(CausalLM):
         pos = torch.arange(max_ctx, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]                         # (P, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)                          # (P, D)
-        self.cos_table = (emb.cos() * self.rope_scale).to(self.dtype)
-        self.sin_table = (emb.sin() * self.rope_scale).to(self.dtype)
+        self.cos_table = emb.cos() * self.rope_scale                     # (P, D) float32
+        self.sin_table = emb.sin() * self.rope_scale
         self.tokenizer = tokenizer
         eos = getattr(c, "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
@@ -161,40 +197,69 @@ class NativeLlama(CausalLM):
 
     # -- weights -------------------------------------------------------------
     def _load(self, w: Mapping[str, torch.Tensor]) -> None:
+        """Convert each checkpoint tensor once; matrices become the chosen format."""
         s, dt = self.shape, self.dtype
 
-        def get(name: str) -> torch.Tensor:
+        def raw(name: str) -> torch.Tensor:
             try:
-                return w[name].to(dt).contiguous()
+                return w[name]
             except KeyError:
                 raise UserError(f"weight {name} missing from the checkpoint",
                                 "check that the model directory is a complete Llama-family checkpoint") from None
 
-        self.embed = get("model.embed_tokens.weight")                    # (V, H)
-        self.lm_head = self.embed if s.tie_embeddings or "lm_head.weight" not in w else get("lm_head.weight")
-        self.norm = get("model.norm.weight")
+        def vec(name: str) -> torch.Tensor:     # norms and biases: small, kept in the activation dtype
+            return raw(name).to(dt).contiguous()
+
+        def mat(*names: str) -> torch.Tensor | Int8Weight:
+            m = torch.cat([raw(n) for n in names]) if len(names) > 1 else raw(names[0])
+            return quantize_int8(m) if self.quantized else m.to(dt).contiguous()
+
+        self.embed = mat("model.embed_tokens.weight")                    # (V, H)
+        self.lm_head = self.embed if s.tie_embeddings or "lm_head.weight" not in w else mat("lm_head.weight")
+        self.norm = vec("model.norm.weight")
         self.wqkv, self.bqkv, self.wo, self.wgu, self.wdown, self.ln1, self.ln2 = ([] for _ in range(7))
         for i in range(s.layers):
             p = f"model.layers.{i}."
-            self.wqkv.append(torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
-            self.bqkv.append(torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            self.wqkv.append(mat(*(p + f"self_attn.{n}_proj.weight" for n in "qkv")))
+            self.bqkv.append(torch.cat([vec(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
                              if s.qkv_bias else None)
-            self.wo.append(get(p + "self_attn.o_proj.weight"))
-            self.wgu.append(torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]))
-            self.wdown.append(get(p + "mlp.down_proj.weight"))
-            self.ln1.append(get(p + "input_layernorm.weight"))
-            self.ln2.append(get(p + "post_attention_layernorm.weight"))
+            self.wo.append(mat(p + "self_attn.o_proj.weight"))
+            self.wgu.append(mat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"))
+            self.wdown.append(mat(p + "mlp.down_proj.weight"))
+            self.ln1.append(vec(p + "input_layernorm.weight"))
+            self.ln2.append(vec(p + "post_attention_layernorm.weight"))
 
     def weight_bytes(self) -> int:
-        ts = [self.embed, self.norm, *self.wqkv, *self.wo, *self.wgu, *self.wdown, *self.ln1, *self.ln2]
-        if self.lm_head is not self.embed:
-            ts.append(self.lm_head)
-        return sum(t.numel() * t.element_size() for t in ts)
+        """Bytes of weights one decode step reads (the embedding table only via the LM head)."""
+        ts = [self.lm_head, self.norm, *self.wqkv, *self.wo, *self.wgu, *self.wdown, *self.ln1, *self.ln2,
+              *(b for b in self.bqkv if b is not None)]
+        return sum(t.nbytes() if isinstance(t, Int8Weight) else t.numel() * t.element_size() for t in ts)
+
+    def matrices(self, layers: Sequence[int] | None = None) -> list:
+        """The projection matrices of a decode step, in order (for benchmarks)."""
+        out = []
+        for i in (self.layers_all if layers is None else layers):
+            out += [self.wqkv[i], self.wo[i], self.wgu[i], self.wdown[i]]
+        return out + [self.lm_head]
 
     # -- interface -----------------------------------------------------------
     def new_cache(self, batch_size: int = 1, capacity: int | None = None) -> StaticKVCache:
         cap = min(capacity or self.shape.max_context, self.shape.max_context)
-        return StaticKVCache(self.shape, batch_size, cap, self.dtype)
+        return StaticKVCache(self.shape, batch_size, cap)
+
+    def _linear(self, x: torch.Tensor, w, b=None) -> torch.Tensor:
+        """Projection of x (B, T, K); float32/bfloat16 get ≥ MIN_ROWS rows (see module docstring)."""
+        B, T, K = x.shape
+        if self._pad_rows and B * T < MIN_ROWS:
+            xp = x.new_zeros(MIN_ROWS, K)                                # (4, K)
+            xp[:B * T] = x.reshape(B * T, K)
+            return F.linear(xp, w, b)[:B * T].view(B, T, -1)
+        return linear(x, w, b)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed, Int8Weight):
+            return self.embed.rows(ids)                                  # (B, T, H) float32
+        return F.embedding(ids, self.embed).float()
 
     @torch.inference_mode()
     def forward(self, cache, input_ids, positions=None, attn_mask=None, *, input_valid=None,
@@ -209,45 +274,82 @@ class NativeLlama(CausalLM):
                             "shorten the prompt or lower --max-new-tokens")
         if positions is None:
             positions = self.default_positions(cache, T, B)
-        cos = self.cos_table[positions].unsqueeze(1)                     # (B, 1, T, D)
-        sin = self.sin_table[positions].unsqueeze(1)
+        cos = self.cos_table[positions].unsqueeze(2)                     # (B, T, 1, D)
+        sin = self.sin_table[positions].unsqueeze(2)
 
-        # attention mask over the filled cache + the new block: (B, 1, T, S)
         if input_valid is not None:
             cache.valid[:, L0:S] = input_valid
             cache._all_valid = cache._all_valid and bool(input_valid.all())
         else:
             cache.valid[:, L0:S] = True
-        mask = self._mask(cache, T, attn_mask, input_valid)
+        bias = self._mask_bias(cache, T, attn_mask, input_valid)          # (B, 1, 1, T, S) or None
 
-        x = F.embedding(input_ids, self.embed)                           # (B, T, H)
         Hq, Hkv, D = s.heads, s.kv_heads, s.head_dim
+        G = Hq // Hkv
+        M = G * T                                                        # query rows per kv head
+        qbuf = torch.zeros(B, Hkv, max(M, MIN_ROWS), D)                  # zero rows pad tiny blocks
+        qview = qbuf[:, :, :M].view(B, Hkv, G, T, D)
+        scale = 1.0 / math.sqrt(D)
+        cdt = self.dtype
+
+        x = self._embed(input_ids)                                       # (B, T, H) float32 residual
         for i in (self.layers_all if layers is None else layers):
-            h = _rms_norm(x, self.ln1[i], s.eps)
-            qkv = F.linear(h, self.wqkv[i], self.bqkv[i])                # (B, T, (Hq+2Hkv)*D)
-            q, k, v = qkv.split((Hq * D, Hkv * D, Hkv * D), dim=-1)
-            q = q.view(B, T, Hq, D).transpose(1, 2)                      # (B, Hq, T, D)
-            k = k.view(B, T, Hkv, D).transpose(1, 2)                     # (B, Hkv, T, D)
-            v = v.view(B, T, Hkv, D).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            cache.k[i, :, :, L0:S] = k
-            cache.v[i, :, :, L0:S] = v
-            a = F.scaled_dot_product_attention(
-                q, cache.k[i, :, :, :S], cache.v[i, :, :, :S], attn_mask=mask,
-                scale=1.0 / math.sqrt(D), enable_gqa=Hq != Hkv)          # (B, Hq, T, D)
-            x = x + F.linear(a.transpose(1, 2).reshape(B, T, Hq * D), self.wo[i])
-            h = _rms_norm(x, self.ln2[i], s.eps)
-            gate, up = F.linear(h, self.wgu[i]).chunk(2, dim=-1)         # (B, T, I) each
-            x = x + F.linear(F.silu(gate) * up, self.wdown[i])
+            h = F.rms_norm(x, (s.hidden,), eps=s.eps).to(cdt) * self.ln1[i]
+            qkv = self._linear(h, self.wqkv[i], self.bqkv[i]).float()    # (B, T, (Hq+2Hkv)*D)
+            qkv = qkv.view(B, T, Hq + 2 * Hkv, D)
+            qk = qkv[:, :, :Hq + Hkv]                                    # (B, T, Hq+Hkv, D)
+            qk = qk * cos + _rotate_half(qk) * sin                       # RoPE on q and k at once
+            cache.k[i, :, :, L0:S] = qk[:, :, Hq:].transpose(1, 2)       # (B, Hkv, T, D)
+            cache.v[i, :, :, L0:S] = qkv[:, :, Hq + Hkv:].transpose(1, 2)
+            # (B, T, Hq, D) -> (B, Hkv, G, T, D): head h = kv * G + g
+            torch.mul(qk[:, :, :Hq].view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4), scale, out=qview)
+            a = self._attend(qbuf, cache.k[i, :, :, :S], cache.v[i, :, :, :S], bias, M)  # (B, Hkv, Mp, D)
+            a = a[:, :, :M].view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4)           # (B, T, Hkv, G, D)
+            a = torch.empty(B, T, Hq * D, dtype=cdt).copy_(a.reshape(B, T, Hq * D))
+            x = x + self._linear(a, self.wo[i])
+            h = F.rms_norm(x, (s.hidden,), eps=s.eps).to(cdt) * self.ln2[i]
+            gate, up = self._linear(h, self.wgu[i]).chunk(2, dim=-1)     # (B, T, I) each
+            x = x + self._linear(F.silu(gate) * up, self.wdown[i])
         cache._length = S
         if logits_for is not None:
             x = x[:, logits_for]
-        x = _rms_norm(x, self.norm, s.eps)
-        return F.linear(x, self.lm_head).float()                         # (B, T', V)
+        h = F.rms_norm(x, (s.hidden,), eps=s.eps).to(cdt) * self.norm
+        h = h.contiguous()
+        return self._linear(h, self.lm_head).float()                     # (B, T', V)
 
     @staticmethod
-    def _mask(cache: StaticKVCache, T: int, attn_mask, input_valid) -> torch.Tensor | None:
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                M: int) -> torch.Tensor:
+        """Softmax attention of query rows q (B, Hkv, Mp, D) against k, v (B, Hkv, S, D).
+
+        Rows beyond M are padding. ``bias`` (B, 1, 1, T, S) is 0 / -inf with
+        rows ordered (G, T). Long blocks are split into query chunks to bound
+        the score matrix; rows are independent, so chunking changes nothing.
+        """
+        B, Hkv, Mp, D = q.shape
+        S = k.shape[2]
+        kt = k.transpose(-1, -2)                                         # (B, Hkv, D, S)
+        if Mp * S * B * Hkv <= ATTN_BLOCK or bias is None:
+            scores = torch.matmul(q, kt)                                 # (B, Hkv, Mp, S)
+            if bias is not None:
+                G, T = M // bias.shape[3], bias.shape[3]
+                scores[:, :, :M].view(B, Hkv, G, T, S).add_(bias)
+            return torch.matmul(scores.softmax(-1), v)                   # (B, Hkv, Mp, D)
+        T = bias.shape[3]
+        G = M // T
+        out = torch.empty(B, Hkv, G, T, D)
+        step = max(1, ATTN_BLOCK // (S * B * Hkv * G))
+        qg = q[:, :, :M].view(B, Hkv, G, T, D)
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
+            sc = torch.matmul(qg[:, :, :, t0:t1], kt.unsqueeze(2))      # (B, Hkv, G, t, S)
+            sc.add_(bias[..., t0:t1, :])
+            out[:, :, :, t0:t1] = torch.matmul(sc.softmax(-1), v.unsqueeze(2))
+        return out.view(B, Hkv, M, D)
+
+    @staticmethod
+    def _mask_bias(cache: StaticKVCache, T: int, attn_mask, input_valid) -> torch.Tensor | None:
+        """Additive mask (B, 1, 1, T, S): 0 where a new token may look, -inf elsewhere."""
         L0 = cache.length
         if attn_mask is None and T == 1 and cache._all_valid and (input_valid is None or bool(input_valid.all())):
             return None  # one token seeing everything: no mask needed
@@ -257,4 +359,6 @@ class NativeLlama(CausalLM):
             # nobody attends to padding, but every token sees itself (keeps pad rows finite)
             new = (new & input_valid[:, None, :]) | torch.eye(T, dtype=torch.bool)
         old = cache.valid[:, None, :L0].expand(B, T, L0)
-        return torch.cat([old, new], dim=-1).unsqueeze(1)                # (B, 1, T, S)
+        allowed = torch.cat([old, new], dim=-1)                          # (B, T, S)
+        bias = torch.zeros(B, T, L0 + T).masked_fill_(~allowed, float("-inf"))
+        return bias.view(B, 1, 1, T, L0 + T)
