@@ -58,7 +58,7 @@ class NGramPool:
             self._remove(key, next(iter(conts)))
         elif len(self._order) >= self.capacity:
             self._remove(*next(iter(self._order)))
-        conts[cont] = None
+        self._by_key.setdefault(key, OrderedDict())[cont] = None   # (an eviction may have dropped the key)
         self._order[(key, cont)] = None
 
     def extend(self, ngrams: Iterable[Sequence[int]]) -> None:
