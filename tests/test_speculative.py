@@ -1,0 +1,244 @@
+"""The shared draft-and-verify loop: greedy equality with plain decoding for any draft
+shape, exact sampling end to end, back-off policy, stopping and capacity edges."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+import paradecode as pd
+import paradecode.decoding.verify as verify_mod
+from paradecode.decoding.sink import TokenSink
+from paradecode.decoding.speculative import BackOff, Drafter, speculative_decode
+from paradecode.decoding.tree import Draft
+from paradecode.models.tiny import tiny_model
+from paradecode.sampling import GenerationConfig, target_probs
+
+
+def run(model, drafter, prompt, gen, backoff=True) -> TokenSink:
+    sink = TokenSink(gen=gen, eos_token_ids=gen.eos_token_ids or model.info.eos_token_ids)
+    speculative_decode(model, drafter, prompt, gen, sink, backoff=backoff)
+    return sink
+
+
+def plain(model, prompt, gen) -> list[int]:
+    return pd.generate(model, prompt, "plain", gen=gen).token_ids
+
+
+class OracleTreeDrafter(Drafter):
+    """Random trees mixing the true greedy continuation with random tokens."""
+
+    def __init__(self, truth: list[int], n_prompt: int, vocab: int, seed: int, width: int, depth: int,
+                 p_true: float):
+        self.truth, self.n_prompt, self.vocab = truth, n_prompt, vocab
+        self.rng = random.Random(seed)
+        self.width, self.depth, self.p_true = width, depth, p_true
+        self.max_nodes = width * depth
+        self.observed = 0
+
+    def propose(self, context, max_nodes):
+        done = len(context) - self.n_prompt
+        tokens, parents = [], []
+        for b in range(self.rng.randint(0, self.width)):
+            parent = -1
+            for d in range(self.rng.randint(1, self.depth)):
+                i = done + d
+                good = i < len(self.truth) and self.rng.random() < self.p_true
+                tokens.append(self.truth[i] if good else self.rng.randrange(self.vocab))
+                parents.append(parent)
+                parent = len(tokens) - 1
+                if self.rng.random() < 0.3:     # sometimes fork from an inner node
+                    parent = self.rng.randrange(-1, len(tokens))
+        return Draft(tokens, parents)
+
+    def observe(self, context, verdict, logits):
+        assert logits.shape[0] == len(verdict.draft) + 1
+        assert context[-len(verdict.tokens):] == verdict.tokens
+        self.observed += 1
+
+
+@settings(max_examples=12, deadline=None)
+@given(prompt=st.lists(st.integers(3, 96), min_size=1, max_size=12), seed=st.integers(0, 10**6),
+       width=st.integers(1, 3), depth=st.integers(1, 6), p_true=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
+       backoff=st.booleans(), n=st.integers(1, 24))
+def test_greedy_equals_plain_for_any_tree(tiny, prompt, seed, width, depth, p_true, backoff, n):
+    gen = GenerationConfig(max_new_tokens=n, ignore_eos=True)
+    truth = plain(tiny, prompt, gen)
+    drafter = OracleTreeDrafter(truth, len(prompt), tiny.vocab_size, seed, width, depth, p_true)
+    sink = run(tiny, drafter, prompt, gen, backoff)
+    assert sink.tokens == truth
+    assert sink.stats.model_calls == len(sink.stats.accepted_lengths)   # prefill + one per verify call
+    assert sum(sink.stats.accepted_lengths) == len(truth)
+
+
+def test_perfect_drafts_cut_calls(tiny):
+    prompt, gen = [5, 6, 7], GenerationConfig(max_new_tokens=30, ignore_eos=True)
+    truth = plain(tiny, prompt, gen)
+    sink = run(tiny, OracleTreeDrafter(truth, 3, tiny.vocab_size, 0, 1, 8, 1.0), prompt, gen)
+    assert sink.tokens == truth
+    assert sink.stats.model_calls < 15 and sink.stats.tokens_per_call > 2
+    assert sink.stats.draft_tokens > 0
+
+
+def test_stops_at_eos_and_near_capacity(tiny):
+    gen = GenerationConfig(max_new_tokens=20, ignore_eos=True)
+    prompt = [7, 8, 9, 10]
+    truth = plain(tiny, prompt, gen)
+    eos = truth[6]
+    gen_eos = GenerationConfig(max_new_tokens=20, eos_token_ids=(eos,))
+    want = plain(tiny, prompt, gen_eos)
+    sink = run(tiny, OracleTreeDrafter(truth, 4, tiny.vocab_size, 1, 2, 8, 0.9), prompt, gen_eos)
+    assert sink.tokens == want and sink.finish_reason == "eos"
+    # a prompt that nearly fills the context window: drafts must shrink to fit
+    long_prompt = [3 + (i * 7) % 90 for i in range(tiny.max_context - 10)]
+    gen = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    truth = plain(tiny, long_prompt, gen)
+    sink = run(tiny, OracleTreeDrafter(truth, len(long_prompt), tiny.vocab_size, 2, 3, 8, 1.0), long_prompt, gen)
+    assert sink.tokens == truth
+
+
+def test_backoff_policy():
+    b = BackOff(8, first_wait=2, max_wait=8)
+    assert b.allow() == 8
+    b.update(8, 0)
+    assert b.allow() == 4
+    for n in (4, 2, 1):
+        b.update(n, 0)
+    assert b.budget == 0
+    assert [b.allow() for _ in range(3)] == [0, 0, 2]      # two plain steps, then a probe
+    b.update(2, 0)                                         # failed probe: wait doubles
+    assert [b.allow() for _ in range(5)] == [0, 0, 0, 0, 2]
+    b.update(2, 1)                                         # success regrows
+    assert b.allow() == 2
+    b.update(2, 2)
+    b.update(4, 3)
+    assert b.allow() == 8
+    b.update(0, 0)                                         # empty drafts teach nothing
+    assert b.allow() == 8 and b.plain_steps == 6
+    fixed = BackOff(5, enabled=False)
+    fixed.update(5, 0)
+    assert fixed.allow() == 5
+
+
+# -- exact sampling end to end ------------------------------------------------------------------
+VOCAB = 12
+
+
+@pytest.fixture(scope="module")
+def small():
+    return tiny_model("llama", vocab_size=VOCAB, seed=3)
+
+
+SHARP = 2.0
+
+
+class MarkovDrafter(Drafter):
+    """Draws chains (or trees of iid siblings) from a fixed random next-token table, with q."""
+
+    def __init__(self, gen, width: int, depth: int, seed: int = 0):
+        g = torch.Generator().manual_seed(0)
+        self.table = target_probs(torch.randn(VOCAB, VOCAB, generator=g) * SHARP, gen)   # (V, V)
+        self.width, self.depth = width, depth
+        self.max_nodes = width * depth
+        self.g = torch.Generator().manual_seed(seed + 1)
+
+    def propose(self, context, max_nodes):
+        tokens, parents, qs = [], [], []
+        for _ in range(self.width):
+            last, parent = context[-1], -1
+            for _ in range(self.depth):
+                q = self.table[last]
+                last = int(torch.multinomial(q, 1, generator=self.g))
+                tokens.append(last)
+                parents.append(parent)
+                qs.append(q)
+                parent = len(tokens) - 1
+        return Draft(tokens, parents, torch.stack(qs))
+
+
+# [3, 4, 5] + the small model's greedy continuation: lookups find what the model tends to say
+PROMPT = [3, 4, 5, 9, 0, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9]
+
+
+def exact_marginals(model, prompt, gen):
+    """Exact P(t1, t2) and P(t2, t3) of plain sampling, from the model's own probabilities."""
+    V = model.vocab_size
+
+    def probs(seqs):                                         # list of sequences -> (N, V)
+        c = model.new_cache(len(seqs), 64)
+        return target_probs(model.forward(c, torch.tensor(seqs))[:, -1], gen)
+
+    p1 = probs([prompt])[0]                                  # (V,)
+    p2 = probs([prompt + [a] for a in range(V)])             # (V, V): [a, b]
+    p3 = probs([prompt + [a, b] for a in range(V) for b in range(V)]).view(V, V, V)
+    joint = p1[:, None, None] * p2[:, :, None] * p3          # (V, V, V)
+    return joint.sum(2), joint.sum(0)
+
+
+def chi2_pvalue(counts, probs):
+    counts, probs = counts.flatten().double(), probs.flatten().double()
+    probs = probs / probs.sum()
+    assert counts[probs == 0].sum() == 0
+    exp = probs * counts.sum()
+    small = exp < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([exp[~small], exp[small].sum()[None]])
+    keep = exp > 0
+    exp = exp * (obs[keep].sum() / exp[keep].sum())
+    return float(chisquare(obs[keep].numpy(), exp[keep].numpy()).pvalue)
+
+
+def sample_counts(model, make_run, n):
+    """Counts of (t1, t2) and (t2, t3) over n seeds; checks drafts were accepted along the way."""
+    counts12 = torch.zeros(VOCAB, VOCAB)
+    counts23 = torch.zeros(VOCAB, VOCAB)
+    accepted = 0
+    for seed in range(n):
+        t, stats = make_run(seed)
+        counts12[t[0], t[1]] += 1
+        counts23[t[1], t[2]] += 1
+        accepted += sum(a - 1 for a in stats.accepted_lengths)
+    assert accepted > n // 4, "the drafts were hardly ever accepted: the test would not exercise them"
+    return counts12, counts23
+
+
+GEN = dict(max_new_tokens=4, temperature=1.0, ignore_eos=True)
+DRAFTERS = {   # the draft's randomness must be fresh in every run: its tokens are draws from q
+    "chain_q": lambda gen: MarkovDrafter(gen, 1, 3, seed=10_000 + gen.seed),
+    "tree_iid_q": lambda gen: MarkovDrafter(gen, 3, 2, seed=10_000 + gen.seed),
+}
+
+
+def _loop_run(small, name):
+    def make(seed):
+        gen = GenerationConfig(seed=seed, **GEN)
+        sink = run(small, DRAFTERS[name](gen), PROMPT, gen)
+        return sink.tokens, sink.stats
+    return make
+
+
+def _method_run(small, method):
+    def make(seed):
+        out = pd.generate(small, PROMPT, method, {"backoff": False}, seed=seed, **GEN)
+        return out.token_ids, out.stats
+    return make
+
+
+@pytest.mark.parametrize("source", ["chain_q", "tree_iid_q", "pld", "ngram", "recycle"])
+def test_sampling_end_to_end_matches_plain_distribution(small, source):
+    make = _loop_run(small, source) if source in DRAFTERS else _method_run(small, source)
+    c12, c23 = sample_counts(small, make, 500)
+    e12, e23 = exact_marginals(small, PROMPT, GenerationConfig(**GEN))
+    assert chi2_pvalue(c12, e12) > 1e-4 and chi2_pvalue(c23, e23) > 1e-4
+
+
+def test_sampling_end_to_end_negative_control(small, monkeypatch):
+    monkeypatch.setattr(verify_mod, "residual", lambda r, q: r)
+    c12, c23 = sample_counts(small, _loop_run(small, "chain_q"), 500)
+    e12, e23 = exact_marginals(small, PROMPT, GenerationConfig(**GEN))
+    assert min(chi2_pvalue(c12, e12), chi2_pvalue(c23, e23)) < 1e-6
