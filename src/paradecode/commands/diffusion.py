@@ -98,9 +98,9 @@ def run_generate(args) -> int:
         r = sampler.decode(model, ids, args.gen_length)
         print(" ".join(map(str, r.answer[0].tolist())))
     else:
-        words = args.prompt.split()
-        if words and words[0] != "<bos>":
-            words = ["<bos>"] + words
+        from ..diffusion.tasks import format_prompt
+
+        words = format_prompt(args.prompt)
         r = sampler.decode(_model(args.weights), VOCAB.encode(" ".join(words)), args.gen_length)
         print(VOCAB.decode(r.answer[0]))
     print(f"nfe={r.nfe} tokens/step={r.committed_per_step} wall={r.seconds * 1000:.1f} ms")

@@ -36,7 +36,7 @@ def default_settings() -> list[Setting]:
     out = [S("one-per-step", "llada"), S("llada steps=G/2", "llada", (("steps", -2),)),
            S("llada steps=G/4", "llada", (("steps", -4),)),
            S("random remask", "llada", (("remasking", "random"),))]
-    out += [S(f"threshold {t}", "threshold", (("threshold", t),)) for t in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)]
+    out += [S(f"threshold {t}", "threshold", (("threshold", t),)) for t in (0.5, 0.7, 0.8, 0.9, 0.99)]
     out += [S(f"factor {f}", "factor", (("factor", f),)) for f in (0.5, 1.0, 2.0, 4.0)]
     out += [S(f"threshold 0.9 block=G/2 {c}", "threshold", (("threshold", 0.9), ("block_length", -2), ("cache", c)))
             for c in ("none", "prefix", "dual")]

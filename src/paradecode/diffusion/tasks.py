@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import UserError
 from .vocab import ITEMS
 
 Instance = tuple[list[str], list[str]]
@@ -196,3 +197,19 @@ def eval_instances(task: str, n: int, seed: int = 0) -> list[Instance]:
 
 def hash_task(task: str) -> int:
     return sum((i + 1) * ord(c) for i, c in enumerate(task))   # stable across runs (unlike hash())
+
+
+def format_prompt(text: str) -> list[str]:
+    """User text such as ``"sort : d a c b"`` or ``"insert k 2 : a b c"`` → the model's fixed prompt
+    layout (adds ``<bos>`` and the ``<pad>`` slots). ``text ...`` prompts are passed through."""
+    words = [w for w in text.split() if w not in ("<bos>", "<pad>")]
+    if not words:
+        raise UserError("empty prompt", 'write e.g. "sort : d a c b"')
+    if words[0] == "text" or ":" not in words:
+        return ["<bos>", *words]
+    i = words.index(":")
+    op, args, xs = words[0], words[1:i], words[i + 1:]
+    if len(args) > 2 or len(xs) > MAX_ITEMS:
+        raise UserError(f"prompt {text!r} does not fit the task layout",
+                        f"use at most 2 arguments and {MAX_ITEMS} list items")
+    return _layout(op, args, xs)
