@@ -165,7 +165,8 @@ def plot(report: dict, out: Path) -> list[str]:
         if not keys:
             continue
         # speedup per category per method: grouped bars
-        fig, ax = plt.subplots(figsize=(max(6, 1.1 * (len(cats) + 1) * max(1, len(keys)) / 3), 4))
+        groups = len(cats) + 1
+        fig, ax = plt.subplots(figsize=(min(18, max(7, groups * (0.22 * len(keys) + 0.4))), 4.5))
         width = 0.8 / len(keys)
         for i, key in enumerate(keys):
             ys = [(methods[key]["categories"].get(c) or {}).get("speedup") or 0 for c in cats]
@@ -187,12 +188,13 @@ def plot(report: dict, out: Path) -> list[str]:
         if hkeys:
             fig, ax = plt.subplots(figsize=(6.5, 4))
             for key in hkeys:
-                h = methods[key]["histogram"]
+                h = {int(k): v for k, v in methods[key]["histogram"].items()}   # JSON keys are strings
                 total = sum(h.values())
                 xs = sorted(h)
                 ax.plot(xs, [h[x] / total for x in xs], marker="o", label=key)
+            ax.set_yscale("log")                 # the tail (long accepted runs) is what differs
             ax.set_xlabel("tokens produced per target call")
-            ax.set_ylabel("share of calls")
+            ax.set_ylabel("share of calls (log)")
             ax.set_title("Accepted lengths")
             ax.legend(fontsize=7)
             fig.tight_layout()
