@@ -217,3 +217,8 @@ def test_method_unusable_as_configured_is_skipped_with_a_note(tmp_path, tiny_lm)
         REGISTRY.pop(_NeedsConfig.name, None)
     assert report["lines"] == 0 and report["lines_measured_now"] == 0
     assert any("needs a draft model" in n for n in report["notes"])
+
+
+def test_bad_method_option_is_a_user_error(tmp_path, test_methods, tiny_lm):
+    with pytest.raises(UserError, match="no option"):
+        run_benchmark(_cfg(tmp_path, sweeps=[f"{EXACT}:nope=1,2"]), models=[tiny_lm], prompts=_prompts(1))

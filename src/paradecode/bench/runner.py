@@ -91,8 +91,8 @@ def parse_sweep(spec: str) -> tuple[str, str, list[str]]:
     option, sep2, values = rest.partition("=")
     vals = [v.strip() for v in values.split(",") if v.strip()]
     if not sep or not sep2 or not method.strip() or not option.strip() or not vals:
-        raise UserError(f"sweep {spec!r} is not METHOD:OPTION=V1,V2,...", "write e.g. --sweep pld:max_draft=2,4,8",
-                        field="sweep")
+        raise UserError(f"sweep {spec!r} is not METHOD:OPTION=V1,V2,...",
+                        "write e.g. --sweep pld:num_draft_tokens=2,4,8", field="sweep")
     return method.strip(), option.strip().replace("-", "_"), vals
 
 
@@ -195,11 +195,7 @@ def build_variants(cfg: BenchConfig, notes: list[str]) -> list[Variant]:
                                                         if k in cfg.options.get(name, {})})
         if any(v.key == key for v in variants):
             return
-        try:
-            method = get_method(name, opts)
-        except UserError as e:
-            notes.append(f"{name}: skipped — {e.message}")
-            return
+        method = get_method(name, opts)          # a bad option or value is the user's to fix: raise
         variants.append(Variant(key, name, "method", bool(cls.lossless), opts, sweep, method))
 
     for name in wanted:
