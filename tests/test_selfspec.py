@@ -86,9 +86,17 @@ def test_agreement_score():
 
 
 def test_calibration_on_a_tiny_model(deep):
-    r = calibrate(deep, _prompt(20), n_skip=2, steps=5)
+    """Calibration chooses a set and leaves the prompt encoded with every layer in the cache."""
+    p = _prompt(20)
+    cache = deep.new_cache(1, 40)
+    r = calibrate(deep, cache, p, n_skip=2, steps=5, window=8)
     assert len(r.skip) == 2 and set(r.skip) <= {1, 2, 3, 4} and 1 <= len(r.evaluated) <= 5
     assert 0.0 <= r.score[0] <= 1.0
+    assert cache.length == len(p)
+    nxt = torch.tensor([[5]])
+    torch.testing.assert_close(deep.forward(cache, nxt)[0, -1],
+                               deep.forward(deep.new_cache(1, 40), torch.tensor([p + [5]]))[0, -1],
+                               atol=1e-4, rtol=1e-4)
 
 
 # -- greedy: identical to plain -------------------------------------------------------------------
@@ -152,17 +160,22 @@ def test_sampling_is_exact():
 
 # -- the default model -------------------------------------------------------------------------------
 def test_default_model_matches_plain_on_all_prompts(default_model):
-    """Greedy token identity with plain on every prompt (short outputs; a light, cheap calibration)."""
-    options = {"skip_ratio": 0.1, "calibration_steps": 2}
+    """Greedy token identity with plain on every prompt (short outputs).
+
+    Most prompts use a fixed skip set that SmolLM2 tolerates well (~80% of the
+    draft tokens accepted, so accepting and rejecting are both exercised);
+    every fifth prompt runs a light calibration instead.
+    """
     mismatches, accepted, drafted = [], 0, 0
-    for prompt in PROMPTS:
+    for i, prompt in enumerate(PROMPTS):
+        options = {"skip_ratio": 0.1, "calibration_steps": 2} if i % 5 == 0 else {"skip_layers": "3,5,25"}
         ref = generate(default_model, prompt, "plain", chat=True, max_new_tokens=24)
         r = generate(default_model, prompt, "selfspec", options, chat=True, max_new_tokens=24)
         if r.token_ids != ref.token_ids:
             mismatches.append(prompt[:40])
         s = r.stats
         assert len(s.extra["skip_layers"]) == 3 and not {0, 29} & set(s.extra["skip_layers"])
-        accepted += sum(a - 1 for a in s.accepted_lengths[1:])
+        accepted += sum(a - 1 for a in s.accepted_lengths)
         drafted += s.draft_tokens
     assert not mismatches
     assert drafted > 0 and accepted / drafted > 0.3                       # the skipped model is a real draft

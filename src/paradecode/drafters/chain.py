@@ -123,6 +123,7 @@ class ChainDrafter(Drafter):
         self.cache: KVCache | None = None
         self.cached: list[int] = []           # the tokens whose draft keys/values fill the cache
         self.last_drafted = 0
+        self.prompt_len = 0
         self.gen: GenerationConfig | None = None
         self.stats: DecodeStats | None = None
         self.generator: torch.Generator | None = None
@@ -139,6 +140,7 @@ class ChainDrafter(Drafter):
     # -- Drafter interface ----------------------------------------------------
     def begin(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, stats: DecodeStats) -> None:
         self.gen, self.stats = gen, stats
+        self.prompt_len = len(prompt_ids)
         self.k = self.opt.num_draft_tokens
         self.cached = []
         self.last_drafted = 0
@@ -154,7 +156,9 @@ class ChainDrafter(Drafter):
         stats.extra["draft_lengths"] = {}                 # drafted length -> how many steps
 
     def propose(self, context: list[int], max_nodes: int) -> Draft:
-        k = min(self.k, max_nodes, self.cache.capacity - len(context) + 1)
+        produced = len(context) - self.prompt_len
+        # the loop keeps at most remaining - 1 draft tokens (the call adds one of its own)
+        k = min(self.k, max_nodes, self.cache.capacity - len(context) + 1, self.gen.max_new_tokens - produced - 1)
         if k <= 0:
             self.last_drafted = 0
             return Draft.empty()

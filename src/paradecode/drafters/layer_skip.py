@@ -5,13 +5,18 @@ Model Acceleration via Self-Speculative Decoding") drafts with the target
 itself, skipping some intermediate layers, and picks the skip set offline by
 Bayesian optimisation; SWIFT (Xia et al. 2024) searches it on the fly. Here
 the search is a small, deterministic hill climb run once per request on the
-prompt itself, within a budget of ``steps`` forward passes over it:
+prompt itself, within a budget of ``steps`` short forward passes:
 
-1. the full model's teacher-forced argmax at every prompt position is the
-   reference (one full pass);
-2. a skip set scores ``(agreement, soft)``: the share of prompt positions where
-   the skipped model's argmax equals the reference, then — to break ties — the
-   mean probability the skipped model gives the reference token;
+1. the prompt is encoded once with every layer, into the draft's own cache
+   (the draft then drafts on top of the full model's keys/values of the
+   prompt, like Draft & Verify's draft on the target's cache); the full
+   model's argmax at the prompt's last ``CALIBRATION_WINDOW`` positions is
+   the reference;
+2. a skip set scores ``(agreement, soft)``: those positions are fed again with
+   only the kept layers, teacher-forced, exactly as the draft will run; the
+   score is the share of positions where the skipped model's argmax equals
+   the reference, then — to break ties — the mean probability it gives the
+   reference token;
 3. a few structured seeds are scored first (evenly spaced, a late block, a
    middle block), then the best set so far is mutated by swapping one skipped
    layer with one kept layer, keeping the swap when the score does not drop.
@@ -30,7 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 Score = tuple[float, float]      # (argmax agreement, mean probability of the reference token)
-MAX_CALIBRATION_TOKENS = 256     # calibrate on at most the prompt's last 256 tokens (bounded cost)
+CALIBRATION_WINDOW = 32          # prompt positions a skip set is scored on
 
 
 def skippable(num_layers: int) -> list[int]:
@@ -127,29 +132,50 @@ def agreement(reference: torch.Tensor, logits: torch.Tensor) -> Score:
     return float(agree), float(soft)
 
 
-def layer_forward(model, cache, ids: torch.Tensor, kept: Sequence[int] | None) -> torch.Tensor:
-    """Run ``model`` on ids (1, T) from an empty ``cache`` with only the ``kept`` layers: logits (T, V)."""
-    cache.rollback(0)
+def encode_prompt_full(model, cache, prompt_ids: list[int], window: int) -> torch.Tensor:
+    """Encode the prompt with every layer into ``cache``; the reference argmax (W,) of its last positions.
+
+    Returns the full model's argmax at positions ``P-1-W .. P-2`` (each predicts
+    the next prompt token), ``W = min(window, P-1)``.
+    """
+    P = len(prompt_ids)
+    W = min(window, P - 1)
+    wanted = torch.arange(P - 1 - W, P - 1) if W > 0 else torch.tensor([P - 1])
     with torch.inference_mode():
-        return model.forward(cache, ids, layers=None if kept is None else list(kept))[0]
+        logits = model.forward(cache, torch.tensor([prompt_ids]), logits_for=wanted)[0]   # (W or 1, V)
+    return logits.argmax(-1)[:W]
 
 
-def calibrate(model, prompt_ids: list[int], n_skip: int, steps: int) -> SkipSearch:
-    """Choose ``n_skip`` layers to skip from agreement with the full model on the prompt.
+def calibrate(model, cache, prompt_ids: list[int], n_skip: int, steps: int,
+              window: int = CALIBRATION_WINDOW) -> SkipSearch:
+    """Fill ``cache`` with the prompt and choose ``n_skip`` layers to skip.
 
-    Costs one full pass plus at most ``steps`` skipped passes over (the last
-    :data:`MAX_CALIBRATION_TOKENS` tokens of) the prompt.
+    The prompt is encoded once with every layer; the draft later reuses these
+    full-model keys/values of the prompt (as Draft & Verify's draft reuses the
+    target's cache). A skip set is scored teacher-forced on the prompt's last
+    ``window`` positions, fed with the kept layers on top of that prefix, just
+    as the draft will run; then those positions are re-encoded with every
+    layer. Cost: one full prompt pass plus ``steps`` passes of ``window``
+    tokens plus one of ``window + 1`` tokens.
     """
     L = model.info.num_layers
-    if steps <= 0 or n_skip == 0 or len(prompt_ids) < 2:
+    P = len(prompt_ids)
+    reference = encode_prompt_full(model, cache, prompt_ids, window)       # (W,)
+    W = reference.shape[0]
+    if steps <= 0 or n_skip == 0 or W < 1:
         return search_skip_set(lambda s: (0.0, 0.0), L, n_skip, 0)
-    ids = torch.tensor([prompt_ids[-MAX_CALIBRATION_TOKENS:]])           # (1, T)
-    cache = model.new_cache(1, ids.shape[1])
-    # position t predicts token t+1: compare on positions 0..T-2
-    reference = layer_forward(model, cache, ids, None)[:-1].argmax(-1)   # (T-1,)
+    start = P - 1 - W
+    tail = torch.tensor([prompt_ids[start:]])                               # (1, W+1)
 
     def score(skip: tuple[int, ...]) -> Score:
         kept = [i for i in range(L) if i not in skip]
-        return agreement(reference, layer_forward(model, cache, ids, kept)[:-1])
+        cache.rollback(start)
+        with torch.inference_mode():
+            logits = model.forward(cache, tail[:, :W], layers=kept)[0]      # (W, V)
+        return agreement(reference, logits)
 
-    return search_skip_set(score, L, n_skip, steps)
+    search = search_skip_set(score, L, n_skip, steps)
+    cache.rollback(start)                                                   # back to full-model keys/values
+    with torch.inference_mode():
+        model.forward(cache, tail, logits_for=torch.tensor([W]))
+    return search

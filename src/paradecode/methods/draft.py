@@ -73,9 +73,18 @@ def check_same_vocabulary(target: CausalLM, draft: CausalLM) -> None:
     tt, dt = target.tokenizer, draft.tokenizer
     if tt is None or dt is None or tt is dt:
         return
-    if tt.get_vocab() != dt.get_vocab():
+    if _token_strings(tt) != _token_strings(dt):
         raise UserError("the draft model's tokenizer differs from the target's (same size, different tokens)",
                         "pass a draft model that uses the same tokenizer as the target", field="draft_model")
+
+
+@functools.lru_cache(maxsize=4)
+def _token_strings(tokenizer) -> tuple[str, ...] | None:
+    """Every token's string, id by id (None when the tokenizer cannot list them)."""
+    try:
+        return tuple(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+    except (AttributeError, TypeError):
+        return None
 
 
 class ModelDrafter(ChainDrafter):

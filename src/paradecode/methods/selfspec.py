@@ -19,7 +19,7 @@ import torch
 from ..decoding.sink import TokenSink
 from ..decoding.speculative import speculative_decode
 from ..drafters.chain import ChainDrafter, ChainDraftOptions
-from ..drafters.layer_skip import SkipSearch, calibrate, skip_count
+from ..drafters.layer_skip import SkipSearch, calibrate, encode_prompt_full, skip_count
 from ..errors import UserError
 from ..models.base import CausalLM, KVCache
 from ..sampling import GenerationConfig
@@ -61,22 +61,25 @@ class LayerSkipDrafter(ChainDrafter):
     def setup(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, capacity: int) -> KVCache:
         L = model.info.num_layers
         c = self.config
+        cache = model.new_cache(1, capacity)
         if c.skip_layers:
             skip = tuple(sorted(set(c.skip_layers)))
             check(skip[-1] < L and len(skip) < L, "skip_layers",
                   f"the model has layers 0..{L - 1} and needs to keep at least one",
                   f"pass indices below {L}")
+            encode_prompt_full(model, cache, prompt_ids, 0)
             search = SkipSearch(skip, (float("nan"), float("nan")))
         else:
-            search = calibrate(model, prompt_ids, skip_count(L, c.skip_ratio), c.calibration_steps)
+            search = calibrate(model, cache, prompt_ids, skip_count(L, c.skip_ratio), c.calibration_steps)
         self.model = model
         self.kept = [i for i in range(L) if i not in search.skip]
+        self.cached = list(prompt_ids)               # the cache now holds the prompt, encoded with every layer
         self.stats.extra.update(
             skip_layers=list(search.skip),
-            calibration_passes=len(search.evaluated) + (1 if search.evaluated else 0),
+            calibration_passes=len(search.evaluated),
             calibration_agreement=round(search.score[0], 4) if search.evaluated else None,
         )
-        return model.new_cache(1, capacity)
+        return cache
 
     def draft_forward(self, cache: KVCache, ids: torch.Tensor, logits_for: torch.Tensor) -> torch.Tensor:
         return self.model.forward(cache, ids, logits_for=logits_for, layers=self.kept)   # (1, T', V)
