@@ -133,7 +133,8 @@ def markdown(report: dict) -> str:
             out.append(f"| {key} | {kind} | {f['tokens_per_s']:.1f} | {f['plain_tokens_per_s']:.1f} | "
                        f"{_fmt(f['speedup'], '.2f', '×')} | {_fmt(f['mat'], '.2f')} | "
                        f"{_fmt(f['calls_per_token'], '.2f')} | {exact} | "
-                       f"{_fmt(100 * f['draft_share'], '.0f', '%')} | {f['rss_peak_mb']:.0f} (+{f['rss_delta_mb']:.0f}) |")
+                       f"{_fmt(100 * f['draft_share'], '.0f', '%')} | "
+                       f"{f['rss_peak_mb']:.0f} (+{f['rss_delta_mb']:.0f}) |")
         out.append("")
     if report["errors"]:
         out += ["## Errors", ""] + [f"- {e['method']} on {e['prompt_id']} ({e['model']}): {e['error']}"

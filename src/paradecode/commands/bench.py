@@ -34,8 +34,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (decoding is greedy)")
     p.add_argument("--peers", default=None,
                    help=f"comma-separated peers from: {', '.join(PEERS)}; 'none' to skip (default all available)")
-    p.add_argument("--draft-model", default=None, help="a smaller model with the same tokenizer, for transformers-assisted and for "
-                        "methods with a draft_model option")
+    p.add_argument("--draft-model", default=None,
+                   help="a smaller model with the same tokenizer, for transformers-assisted and for methods "
+                        "with a draft_model option")
     p.add_argument("-o", "--option", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="a method option, repeatable (e.g. -o pld:max_ngram=3)")
     p.add_argument("--sweep", action="append", default=[], metavar="METHOD:OPTION=V1,V2",
