@@ -149,7 +149,12 @@ class NativeLlama(CausalLM):
     """Llama / Mistral / Qwen2 decoder in plain PyTorch with a static cache."""
 
     def __init__(self, hf_config, weights: Mapping[str, torch.Tensor], *, dtype: str = "float32",
-                 tokenizer=None, name: str = "model"):
+                 tokenizer=None, name: str = "model", invariant: bool = True):
+        """``invariant=False`` drops the row padding of float32/bfloat16 products: a
+        single-token step then uses the GEMV kernel (float32: ~1.5x faster per
+        step on this machine) but its logits differ in the last bits from the
+        same token's logits in a multi-token call, so greedy verification can
+        disagree with plain decoding at near-exact ties."""
         arch = (getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UserError(f"architecture {arch} is not supported by the native backend",
@@ -159,7 +164,8 @@ class NativeLlama(CausalLM):
         self.format = dtype
         self.dtype = DTYPES[dtype]          # activations fed to the projections
         self.quantized = dtype == "int8"
-        self._pad_rows = not self.quantized   # see MIN_ROWS
+        self.invariant = invariant
+        self._pad_rows = invariant and not self.quantized   # see MIN_ROWS
         c = hf_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         max_ctx = int(getattr(c, "max_position_embeddings", 2048))
@@ -287,7 +293,7 @@ class NativeLlama(CausalLM):
         Hq, Hkv, D = s.heads, s.kv_heads, s.head_dim
         G = Hq // Hkv
         M = G * T                                                        # query rows per kv head
-        qbuf = torch.zeros(B, Hkv, max(M, MIN_ROWS), D)                  # zero rows pad tiny blocks
+        qbuf = torch.zeros(B, Hkv, max(M, MIN_ROWS if self.invariant else 1), D)  # zero rows pad tiny blocks
         qview = qbuf[:, :, :M].view(B, Hkv, G, T, D)
         scale = 1.0 / math.sqrt(D)
         cdt = self.dtype
