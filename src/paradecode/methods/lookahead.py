@@ -164,15 +164,18 @@ class Lookahead(Method):
                 ids = [context[-1]] + [t for lvl in levels[:L] for t in lvl] + draft.tokens
             stats.draft_tokens += len(draft)
             with stats.timing("verify"):
-                logits = model.forward(cache, torch.tensor([ids]), (start + offsets)[None], mask[None])[0]  # (T, V)
-                ver = [0] + [1 + L * W + i for i in range(len(draft))]   # rows of t0 and the tree
-                verdict = verify(logits[ver], draft, gen, generator)
+                ver = [0] + [1 + L * W + i for i in range(len(draft))]   # slots of t0 and the tree
+                newest = list(range(1 + (L - 1) * W, 1 + L * W)) if L else []  # slots of the newest level
+                # logits only where they are used: t0, the tree, the newest level (saves lm_head rows)
+                logits = model.forward(cache, torch.tensor([ids]), (start + offsets)[None], mask[None],
+                                       logits_for=torch.tensor(ver + newest))[0]  # (1 + n + W, V)
+                verdict = verify(logits[:len(ver)], draft, gen, generator)
                 cache.compact(start, [0] + [ver[i + 1] for i in verdict.accepted_nodes])
             stats.model_calls += 1
             stats.record_call(min(len(verdict.tokens), sink.remaining))
             with stats.timing("draft"):
                 if L:
-                    new = logits[1 + (L - 1) * W:1 + L * W].argmax(-1).tolist()    # next Jacobi level (W,)
+                    new = logits[len(ver):].argmax(-1).tolist()                  # next Jacobi level (W,)
                     if L == N - 1:
                         pool.extend(tuple(col) for col in zip(*levels, new))    # N-grams, one per column
                         levels = levels[1:]
