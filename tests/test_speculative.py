@@ -103,25 +103,24 @@ def test_stops_at_eos_and_near_capacity(tiny):
 
 
 def test_backoff_policy():
-    b = BackOff(8, first_wait=2, max_wait=8)
+    b = BackOff(8, first_wait=2, max_wait=8, min_accept=0.5, alpha=0.5, ema=1.5)
+    assert b.allow() == 8
+    b.update(8, 0)                                         # ema 0.75: shrink
+    assert b.allow() == 4
+    b.update(4, 0)                                         # ema 0.375: plain steps
+    assert [b.allow() for _ in range(3)] == [0, 0, 8]      # two plain steps, then a probe
+    b.update(8, 0)                                         # failed probe: the wait doubles
+    assert [b.allow() for _ in range(5)] == [0, 0, 0, 0, 8]
+    b.update(8, 3)                                         # a good probe: ema ~1.6, full budget again
+    assert b.allow() == 8 and b.plain_steps == 6
+    b.update(0, 0)                                         # empty drafts teach nothing
     assert b.allow() == 8
     b.update(8, 0)
-    assert b.allow() == 4
-    for n in (4, 2, 1):
-        b.update(n, 0)
-    assert b.budget == 0
-    assert [b.allow() for _ in range(3)] == [0, 0, 2]      # two plain steps, then a probe
-    b.update(2, 0)                                         # failed probe: wait doubles
-    assert [b.allow() for _ in range(5)] == [0, 0, 0, 0, 2]
-    b.update(2, 1)                                         # success regrows
-    assert b.allow() == 2
-    b.update(2, 2)
-    b.update(4, 3)
-    assert b.allow() == 8
-    b.update(0, 0)                                         # empty drafts teach nothing
-    assert b.allow() == 8 and b.plain_steps == 6
+    b.update(8, 0)                                         # fell below: wait is back to first_wait
+    assert [b.allow() for _ in range(3)] == [0, 0, 8]
     fixed = BackOff(5, enabled=False)
-    fixed.update(5, 0)
+    for _ in range(5):
+        fixed.update(5, 0)
     assert fixed.allow() == 5
 
 

@@ -68,56 +68,63 @@ class Drafter(ABC):
 
 @dataclass
 class BackOff:
-    """Adaptive draft budget so a drafter that keeps missing costs ~nothing.
+    """Adaptive draft budget, so a drafter whose drafts keep failing costs ~nothing.
 
-    A call with a draft costs more than a plain step (on the 2-core CPU, a
-    2..16-token call takes ~1.6x a 1-token call), so drafting only pays when
-    drafts are accepted. After a call whose draft had no accepted token the
-    budget halves; after one with accepted tokens it doubles (up to
-    ``max_nodes``). At budget 0 the loop takes ``wait`` plain steps without
-    drafting, then probes with ``probe_nodes``; a failed probe doubles the
-    wait (up to ``max_wait``), a successful one restores the full cycle.
-    ``enabled=False`` keeps the budget fixed at ``max_nodes``.
+    A call that carries a draft costs more than a plain step (on the 2-core
+    CPU a 2..16-token call takes ~1.6x a 1-token call; on a GPU the ratio is
+    smaller but above 1), so drafting pays only while drafts are accepted.
+    The policy keeps an exponential moving average ``ema`` (weight ``alpha``)
+    of the tokens accepted per drafted call:
+
+    * ``ema >= 2 * min_accept``: the full budget, ``max_nodes``;
+    * ``min_accept <= ema < 2 * min_accept``: half of it (shrink);
+    * ``ema < min_accept``: ``wait`` plain steps with an empty draft, then one
+      probe with the full budget. A probe that fails doubles the wait (up to
+      ``max_wait``); one that succeeds lifts ``ema`` and drafting resumes
+      (regrow), with the wait reset to ``first_wait``.
+
+    Calls whose draft was empty (the drafter had nothing to propose) teach
+    nothing. ``enabled=False`` keeps the budget fixed at ``max_nodes``.
     """
 
     max_nodes: int
     enabled: bool = True
+    min_accept: float = 0.5
+    alpha: float = 0.3
     first_wait: int = 4
     max_wait: int = 64
-    probe_nodes: int | None = None      # None: max(1, max_nodes // 4)
-    budget: int = field(init=False)
-    wait: int = field(init=False)
-    _next_wait: int = field(init=False)
+    ema: float = 1.5                   # optimistic start: every drafter gets a fair trial
+    wait: int = field(init=False, default=0)
     plain_steps: int = field(init=False, default=0)
+    _next_wait: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
-        self.budget = self.max_nodes
-        self.wait = 0
         self._next_wait = self.first_wait
 
     def allow(self) -> int:
-        """Nodes the next call may carry (0 = a plain step, skip drafting)."""
-        if not self.enabled or self.budget > 0:
-            return self.max_nodes if not self.enabled else self.budget
+        """Nodes the next call may carry (0 = a plain step: skip drafting)."""
+        if not self.enabled or self.ema >= 2 * self.min_accept:
+            return self.max_nodes
+        if self.ema >= self.min_accept:
+            return max(1, self.max_nodes // 2)
         if self.wait > 0:
             self.wait -= 1
             self.plain_steps += 1
             return 0
-        return self.probe_nodes if self.probe_nodes is not None else max(1, self.max_nodes // 4)
+        return self.max_nodes                                        # probe
 
     def update(self, proposed: int, accepted: int) -> None:
         """Learn from a call that carried ``proposed`` draft nodes, ``accepted`` of them kept."""
         if not self.enabled or proposed == 0:
             return
-        if accepted > 0:
-            self.budget = min(self.max_nodes, max(self.budget, 1) * 2)
+        probing = self.ema < self.min_accept
+        self.ema = (1 - self.alpha) * self.ema + self.alpha * accepted
+        if self.ema >= self.min_accept:
             self._next_wait = self.first_wait
-        elif self.budget > 0:
-            self.budget //= 2
-            if self.budget == 0:
-                self.wait = self._next_wait
-        else:                                                        # a failed probe
+        elif probing:                                                # a failed probe
             self._next_wait = min(self.max_wait, self._next_wait * 2)
+            self.wait = self._next_wait
+        else:                                                        # just fell below the bar
             self.wait = self._next_wait
 
 
