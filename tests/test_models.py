@@ -273,3 +273,16 @@ def test_low_precision_close_to_float32(dtype):
 def test_causal_mask_helper():
     m = causal_mask(3)
     assert m.tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+
+
+def test_long_prompt_attention_in_query_blocks(tiny_llama_pair, monkeypatch):
+    """Long prompts attend in query blocks (bounded memory); the logits are the same bits."""
+    import paradecode.models.native as native
+
+    hf, nat = tiny_llama_pair
+    ids = _ids(60, nat.vocab_size, seed=11)
+    whole = nat.forward(nat.new_cache(1, 64), ids)
+    monkeypatch.setattr(native, "ATTN_BLOCK", 2000)                   # forces blocks of a few queries
+    blocks = nat.forward(nat.new_cache(1, 64), ids)
+    assert torch.equal(whole, blocks)
+    assert (blocks - hf.forward(hf.new_cache(1, 64), ids)).abs().max() < TOL
