@@ -169,8 +169,8 @@ def test_default_model_matches_plain_on_all_prompts(default_model):
     mismatches, accepted, drafted = [], 0, 0
     for i, prompt in enumerate(PROMPTS):
         options = {"skip_ratio": 0.1, "calibration_steps": 2} if i % 5 == 0 else {"skip_layers": "3,5,25"}
-        ref = generate(default_model, prompt, "plain", chat=True, max_new_tokens=24)
-        r = generate(default_model, prompt, "selfspec", options, chat=True, max_new_tokens=24)
+        ref = generate(default_model, prompt, "plain", chat=True, max_new_tokens=20)
+        r = generate(default_model, prompt, "selfspec", options, chat=True, max_new_tokens=20)
         if r.token_ids != ref.token_ids:
             mismatches.append(prompt[:40])
         s = r.stats

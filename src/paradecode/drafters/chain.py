@@ -57,7 +57,7 @@ class ChainDraftOptions:
     max_draft_tokens: int = option(12, "upper bound for k under the heuristic schedule")
     schedule: Schedule = option("heuristic", "heuristic: k+2 when all drafted tokens are accepted, "
                                              "k-1 otherwise; constant: always k")
-    confidence_threshold: float = option(0.3, "stop drafting once the draft's probability of its token "
+    confidence_threshold: float = option(0.4, "stop drafting once the draft's probability of its token "
                                               "falls below this (0 disables)")
 
     def validate(self) -> None:

@@ -28,8 +28,10 @@ from .base import Method, check, option, register
 
 @dataclass(frozen=True)
 class SelfSpecConfig(ChainDraftOptions):
-    skip_ratio: float = option(0.4, "share of the model's layers the draft skips")
-    calibration_steps: int = option(10, "forward passes over the prompt spent choosing which layers to skip "
+    confidence_threshold: float = option(0.6, "stop drafting once the draft's probability of its token "
+                                              "falls below this (0 disables)")
+    skip_ratio: float = option(0.2, "share of the model's layers the draft skips")
+    calibration_steps: int = option(8, "forward passes over the prompt spent choosing which layers to skip "
                                         "(0: evenly spaced, no calibration)")
     skip_layers: tuple[int, ...] = option((), "skip exactly these layers (comma-separated; overrides the "
                                               "calibration)")
