@@ -287,3 +287,13 @@ def test_default_model_path_option_loads_the_draft(default_model):
     r = generate(default_model, PROMPTS[3], "draft", {"draft_model": "default"}, chat=True, max_new_tokens=8)
     ref = generate(default_model, PROMPTS[3], "plain", chat=True, max_new_tokens=8)
     assert r.token_ids == ref.token_ids and r.stats.extra["draft_model"] == "SmolLM2-135M-Instruct"
+
+
+def test_transformers_backend_as_draft(tiny_llama_pair):
+    """The draft may run on the transformers adapter (its cache rolls back by slicing)."""
+    hf, native = tiny_llama_pair
+    p = _prompt(8, 2)
+    r = generate(native, p, "draft", {"draft_model": hf, "confidence_threshold": 0.0}, max_new_tokens=30,
+                 ignore_eos=True)
+    assert r.token_ids == _plain(native, p, 30).token_ids
+    assert r.stats.acceptance_rate > 0.9                                  # same weights, another implementation
