@@ -32,6 +32,7 @@ two random streams must be independent.
 from __future__ import annotations
 
 import dataclasses
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Literal
 
@@ -129,13 +130,13 @@ class ChainDrafter(Drafter):
         self.generator: torch.Generator | None = None
 
     # -- what subclasses provide ----------------------------------------------
+    @abstractmethod
     def setup(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, capacity: int) -> KVCache:
         """Prepare the draft LM; return its (possibly pre-filled) cache. ``self.cached`` must match it."""
-        raise NotImplementedError
 
+    @abstractmethod
     def draft_forward(self, cache: KVCache, ids: torch.Tensor, logits_for: torch.Tensor) -> torch.Tensor:
         """Run the draft on new tokens ids (1, T) after the cache: logits (1, T', V) at ``logits_for``."""
-        raise NotImplementedError
 
     # -- Drafter interface ----------------------------------------------------
     def begin(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, stats: DecodeStats) -> None:
