@@ -31,6 +31,10 @@ def register(sub) -> None:
     t.add_argument("--steps", type=int, default=None, help="training steps (default: the shipped model's)")
     t.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     t.add_argument("--out", required=True, help="output .safetensors; the checkpoint is OUT.ckpt.pt")
+    t.add_argument("--init", default=None, help="start from these weights (second stage)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
+    t.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 200)")
+    t.add_argument("--mix", default=None, help='task-weight overrides, e.g. "reverse=4,text=1"')
     t.add_argument("--threads", type=int, default=1, help="CPU threads (default 1; the machine is shared)")
     t.set_defaults(func=run_train)
 
@@ -113,10 +117,17 @@ def run_train(args) -> int:
     from ..diffusion.train import TrainConfig, train
 
     cfg = TrainConfig()
-    changes = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    changes = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("init_from", args.init),
+                                 ("lr", args.lr), ("warmup", args.warmup), ("mix", args.mix)) if v is not None}
     cfg = dataclasses.replace(cfg, **changes)
     if cfg.steps < 1:
         raise UserError(f"--steps must be >= 1, got {cfg.steps}", "pass a positive number of steps")
+    try:
+        from ..diffusion.train import task_mix
+
+        task_mix(cfg.mix)
+    except ValueError as e:
+        raise UserError(f"--mix: {e}", "use task=weight pairs with the task names of `diffusion bench`") from None
     train(cfg, Path(args.out), threads=args.threads)
     print(f"wrote {args.out}")
     return 0

@@ -10,9 +10,11 @@ Deterministic and resumable: the batch of step ``n`` depends only on
 ``(seed, n)``, and the checkpoint stores model, optimiser and step, so a run
 resumed from a checkpoint continues exactly where it stopped.
 
-Reproduce the shipped weights (see docs/diffusion.md)::
+Reproduce the shipped weights (two stages; see docs/diffusion.md)::
 
-    paradecode diffusion train --steps 2000 --out src/paradecode/diffusion/weights/tasks.safetensors
+    paradecode diffusion train --out stage1.safetensors
+    paradecode diffusion train --init stage1.safetensors --steps 1200 --lr 1e-3 --warmup 50 --seed 1 --mix reverse=4,text=1,replace=1.5,latin=2.5 \
+        --out src/paradecode/diffusion/weights/tasks.safetensors
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class TrainConfig:
     heads: int = 4
     intermediate: int = 256
     checkpoint_every: int = 250
+    init_from: str = ""          # start from these weights (a second training stage)
+    mix: str = ""                # task-weight overrides, e.g. "reverse=4,text=1"
 
 
 def model_shape(cfg: TrainConfig) -> DiffusionShape:
@@ -57,10 +61,22 @@ def encode_instance(prompt: list[str], answer: list[str], gen_length: int) -> tu
     return VOCAB.encode(" ".join(prompt)), a
 
 
-def make_batch(seed: int, step: int, batch_size: int):
+def task_mix(overrides: str = "") -> dict[str, float]:
+    """The training mixture with ``"task=weight,..."`` overrides applied."""
+    mix = dict(TRAIN_MIX)
+    for item in filter(None, overrides.split(",")):
+        name, _, w = item.partition("=")
+        if name not in mix:
+            raise ValueError(f"unknown task {name!r} in mix")
+        mix[name] = float(w)
+    return mix
+
+
+def make_batch(seed: int, step: int, batch_size: int, mix: str = ""):
     """(ids, answer_mask, key_valid), each (B, T): the clean batch of training step ``step``."""
     rng = random.Random(seed * 1_000_003 + step)
-    names, weights = list(TRAIN_MIX), list(TRAIN_MIX.values())
+    weights_by_task = task_mix(mix)
+    names, weights = list(weights_by_task), list(weights_by_task.values())
     rows = []
     for _ in range(batch_size):
         task = TASKS[rng.choices(names, weights)[0]]
@@ -101,6 +117,9 @@ def train(cfg: TrainConfig, out: Path, checkpoint: Path | None = None, threads: 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model = DiffusionTransformer(model_shape(cfg))
+    if cfg.init_from:
+        model.load_state_dict(DiffusionTransformer.load(Path(cfg.init_from)).state_dict())
+        model.requires_grad_(True).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
     start = 0
     checkpoint = Path(checkpoint) if checkpoint else Path(out).with_suffix(".ckpt.pt")
@@ -123,7 +142,7 @@ def train(cfg: TrainConfig, out: Path, checkpoint: Path | None = None, threads: 
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            loss = diffusion_loss(model, *make_batch(cfg.seed, step, cfg.batch_size), gen)
+            loss = diffusion_loss(model, *make_batch(cfg.seed, step, cfg.batch_size, cfg.mix), gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
