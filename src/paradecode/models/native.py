@@ -190,6 +190,11 @@ class NativeLlama(CausalLM):
         emb = torch.cat((freqs, freqs), dim=-1)                          # (P, D)
         self.cos_table = emb.cos() * self.rope_scale                     # (P, D) float32
         self.sin_table = emb.sin() * self.rope_scale
+        # rotate_half as one matmul: x @ rot_half == cat(-x2, x1) exactly (one ±1 per column)
+        D, h = s.head_dim, s.head_dim // 2
+        self.rot_half = torch.zeros(D, D)
+        self.rot_half[torch.arange(h) + h, torch.arange(h)] = -1.0
+        self.rot_half[torch.arange(h), torch.arange(h) + h] = 1.0
         self.tokenizer = tokenizer
         eos = getattr(c, "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
@@ -216,8 +221,8 @@ class NativeLlama(CausalLM):
                 raise UserError(f"weight {name} missing from the checkpoint",
                                 "check that the model directory is a complete Llama-family checkpoint") from None
 
-        def vec(name: str) -> torch.Tensor:     # norms and biases: small, kept in the activation dtype
-            return raw(name).to(dt).contiguous()
+        def vec(name: str, dtype: torch.dtype = dt) -> torch.Tensor:    # norms and biases: small
+            return raw(name).to(dtype).contiguous()
 
         def mat(*names: str) -> torch.Tensor | Int8Weight:
             m = torch.cat([raw(n) for n in names]) if len(names) > 1 else raw(names[0])
@@ -225,7 +230,7 @@ class NativeLlama(CausalLM):
 
         self.embed = mat("model.embed_tokens.weight")                    # (V, H)
         self.lm_head = self.embed if s.tie_embeddings or "lm_head.weight" not in w else mat("lm_head.weight")
-        self.norm = vec("model.norm.weight")
+        self.norm = vec("model.norm.weight", torch.float32)              # norms apply in float32
         self.wqkv, self.bqkv, self.wo, self.wgu, self.wdown, self.ln1, self.ln2 = ([] for _ in range(7))
         for i in range(s.layers):
             p = f"model.layers.{i}."
@@ -235,8 +240,8 @@ class NativeLlama(CausalLM):
             self.wo.append(mat(p + "self_attn.o_proj.weight"))
             self.wgu.append(mat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"))
             self.wdown.append(mat(p + "mlp.down_proj.weight"))
-            self.ln1.append(vec(p + "input_layernorm.weight"))
-            self.ln2.append(vec(p + "post_attention_layernorm.weight"))
+            self.ln1.append(vec(p + "input_layernorm.weight", torch.float32))
+            self.ln2.append(vec(p + "post_attention_layernorm.weight", torch.float32))
 
     def weight_bytes(self) -> int:
         """Bytes of weights one decode step reads (the embedding table only via the LM head)."""
@@ -293,38 +298,50 @@ class NativeLlama(CausalLM):
             cache.valid[:, L0:S] = True
         bias = self._mask_bias(cache, T, attn_mask, input_valid)          # (B, 1, 1, T, S) or None
 
-        Hq, Hkv, D = s.heads, s.kv_heads, s.head_dim
+        Hq, Hkv, D, H = s.heads, s.kv_heads, s.head_dim, s.hidden
         G = Hq // Hkv
         M = G * T                                                        # query rows per kv head
-        qbuf = torch.zeros(B, Hkv, max(M, MIN_ROWS if self.invariant else 1), D)  # zero rows pad tiny blocks
+        BT = B * T
+        cdt = self.dtype
+        pad = self.invariant
+        qbuf = torch.zeros(B, Hkv, max(M, MIN_ROWS) if pad else M, D)   # zero rows pad tiny blocks
         qview = qbuf[:, :, :M].view(B, Hkv, G, T, D)
         scale = 1.0 / math.sqrt(D)
-        cdt = self.dtype
+        # The residual stream and the attention output keep >= MIN_ROWS rows when padding
+        # (float32/bfloat16), so every projection sees the same GEMM kernel at no extra op.
+        R = max(BT, MIN_ROWS) if self._pad_rows else BT
+        x = self._embed(input_ids).view(BT, H)                           # (BT, H) float32
+        if R > BT:
+            x = torch.cat([x, x.new_zeros(R - BT, H)])                   # (R, H), rows >= BT are padding
+        abuf = torch.zeros(R, Hq * D, dtype=cdt)                         # attention output, (R, Hq*D)
+        aview = abuf[:BT].view(B, T, Hkv, G, D)
 
-        x = self._embed(input_ids)                                       # (B, T, H) float32 residual
         for i in (self.layers_all if layers is None else layers):
-            h = F.rms_norm(x, (s.hidden,), eps=s.eps).to(cdt) * self.ln1[i]
-            qkv = self._linear(h, self.wqkv[i], self.bqkv[i]).float()    # (B, T, (Hq+2Hkv)*D)
+            h = F.rms_norm(x, (H,), self.ln1[i], s.eps).to(cdt)          # (R, H)
+            qkv = linear(h, self.wqkv[i], self.bqkv[i])[:BT].float()     # (BT, (Hq+2Hkv)*D)
             qkv = qkv.view(B, T, Hq + 2 * Hkv, D)
             qk = qkv[:, :, :Hq + Hkv]                                    # (B, T, Hq+Hkv, D)
-            qk = qk * cos + _rotate_half(qk) * sin                       # RoPE on q and k at once
+            qk = torch.addcmul(qk * cos, qk @ self.rot_half, sin)        # RoPE on q and k at once
             cache.k[i, :, :, :, L0:S] = qk[:, :, Hq:].permute(0, 2, 3, 1)  # (B, Hkv, D, T)
-            cache.v[i, :, :, L0:S] = qkv[:, :, Hq + Hkv:].transpose(1, 2)
+            cache.v[i, :, :, L0:S] = qkv[:, :, Hq + Hkv:].transpose(1, 2)  # (B, Hkv, T, D)
             # (B, T, Hq, D) -> (B, Hkv, G, T, D): head h = kv * G + g
             torch.mul(qk[:, :, :Hq].view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4), scale, out=qview)
             a = self._attend(qbuf, cache.k[i, :, :, :, :S], cache.v[i, :, :, :S], bias, M)  # (B, Hkv, Mp, D)
-            a = a[:, :, :M].view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4)           # (B, T, Hkv, G, D)
-            a = torch.empty(B, T, Hq * D, dtype=cdt).copy_(a.reshape(B, T, Hq * D))
-            x = x + self._linear(a, self.wo[i])
-            h = F.rms_norm(x, (s.hidden,), eps=s.eps).to(cdt) * self.ln2[i]
-            gate, up = self._linear(h, self.wgu[i]).chunk(2, dim=-1)     # (B, T, I) each
-            x = x + self._linear(F.silu(gate) * up, self.wdown[i])
+            aview.copy_(a[:, :, :M].view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4))  # (B, T, Hkv, G, D)
+            x.add_(linear(abuf, self.wo[i]))
+            h = F.rms_norm(x, (H,), self.ln2[i], s.eps).to(cdt)
+            gate, up = linear(h, self.wgu[i]).chunk(2, dim=-1)           # (R, I) each
+            x.add_(linear(F.silu(gate) * up, self.wdown[i]))
         cache._length = S
+        x = x[:BT].view(B, T, H)
         if logits_for is not None:
             x = x[:, logits_for]
-        h = F.rms_norm(x, (s.hidden,), eps=s.eps).to(cdt) * self.norm
-        h = h.contiguous()
-        return self._linear(h, self.lm_head).float()                     # (B, T', V)
+        B2, T2 = x.shape[:2]
+        x = x.reshape(B2 * T2, H)
+        if self._pad_rows and B2 * T2 < MIN_ROWS:
+            x = torch.cat([x, x.new_zeros(MIN_ROWS - B2 * T2, H)])
+        h = F.rms_norm(x, (H,), self.norm, s.eps).to(cdt)
+        return linear(h, self.lm_head)[:B2 * T2].float().view(B2, T2, -1)  # (B, T', V)
 
     @staticmethod
     def _attend(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
