@@ -222,3 +222,12 @@ def test_method_unusable_as_configured_is_skipped_with_a_note(tmp_path, tiny_lm)
 def test_bad_method_option_is_a_user_error(tmp_path, test_methods, tiny_lm):
     with pytest.raises(UserError, match="no option"):
         run_benchmark(_cfg(tmp_path, sweeps=[f"{EXACT}:nope=1,2"]), models=[tiny_lm], prompts=_prompts(1))
+
+
+def test_report_only_uses_the_lines_present(tmp_path, test_methods, tiny_lm):
+    run_benchmark(_cfg(tmp_path, methods=[EXACT]), models=[tiny_lm], prompts=_prompts(2))
+    report = run_benchmark(_cfg(tmp_path, methods=[EXACT, WRONG], report_only=True), models=[tiny_lm],
+                           prompts=_prompts(3))
+    assert report["lines_measured_now"] == 0 and report["lines"] == 2
+    assert set(report["results"]["tiny"]) == {EXACT}
+    assert any("2 of 6 requested lines" in n for n in report["notes"])

@@ -53,6 +53,7 @@ class BenchConfig:
     options: dict[str, dict] = field(default_factory=dict)   # method -> {option: value}
     draft_model: str | None = None
     fresh: bool = False
+    report_only: bool = False                 # build the report from the lines present, measure nothing
     command: str = ""
 
     def measurement_key(self) -> str:
@@ -326,6 +327,9 @@ def run_benchmark(cfg: BenchConfig, *, models: Sequence[LoadedModel] | None = No
     model_names: dict[str, str] = {}
     specs = list(models) if models is not None else list(cfg.models)
     computed = 0
+    if cfg.report_only:
+        selection, model_names = _existing_selection(cfg, specs, variants, prompts, results, described, notes)
+        specs = []
     for spec in specs:
         lm = spec if isinstance(spec, LoadedModel) else load_bench_model(spec, cfg)
         model_names[lm.label] = lm.model.info.name
@@ -357,6 +361,34 @@ def run_benchmark(cfg: BenchConfig, *, models: Sequence[LoadedModel] | None = No
                           categories=[c for c in _categories(prompts)], computed=computed)
     write_report(report, out)
     return report
+
+
+def _existing_selection(cfg, specs, variants, prompts, results, described, notes):
+    """--report-only: the requested lines that are present (a partial matrix is fine), without loading models."""
+    from ..models.loading import DEFAULT_MODEL_NAME
+    from .peers import PEERS
+
+    labels = [s.label if isinstance(s, LoadedModel) else (s or "default") for s in specs]
+    keys = {v.key for v in variants} | {f"peer:{n}" for n in (PEERS if cfg.peers is None else cfg.peers)}
+    wanted = {(m, k, p.id, r) for m in labels for k in keys for p in prompts for r in range(cfg.repeats)}
+    present = {ResultsFile.key(ln) for ln in results.lines if not ln.get("error")}
+    selection = wanted & present
+    for ln in results.lines:
+        if ResultsFile.key(ln) in selection and ln["method"] not in described:
+            described[ln["method"]] = {"key": ln["method"], "name": ln["method"].removeprefix("peer:"),
+                                       "kind": ln.get("kind", "method"), "lossless": ln.get("lossless", False),
+                                       "options": {}}
+    previous = Path(cfg.out) / "report.json"
+    if previous.is_file():                  # keep the notes of the run that measured the lines
+        try:
+            notes += [n for n in json.loads(previous.read_text()).get("notes", []) if n not in notes
+                      and not n.startswith("report built from")]
+        except ValueError:
+            pass
+    notes.append(f"report built from the lines already measured (--report-only): {len(selection)} of "
+                 f"{len(wanted)} requested lines present")
+    names = {m: DEFAULT_MODEL_NAME if m == "default" else m for m in labels}
+    return selection, names
 
 
 def _categories(prompts: Sequence[BenchPrompt]) -> list[str]:

@@ -43,6 +43,8 @@ def register(sub) -> None:
                    help="also measure a method at several option values, e.g. --sweep pld:num_draft_tokens=2,4,8")
     p.add_argument("--out", default="paradecode-bench", help="output folder (default ./paradecode-bench)")
     p.add_argument("--fresh", action="store_true", help="discard earlier results in --out instead of resuming")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: rebuild the report from the lines already in --out (partial runs too)")
     p.set_defaults(func=run)
 
 
@@ -77,6 +79,7 @@ def config_from_args(args):
         seed=args.seed, threads=args.threads, backend=args.backend, dtype=args.dtype, out=Path(args.out),
         peers=[] if peers == ["none"] else peers, warmup=args.warmup, sweeps=list(args.sweep),
         options=_method_options(args.option), draft_model=args.draft_model, fresh=args.fresh,
+        report_only=args.report_only,
         command=_command_line(args))
 
 
@@ -94,8 +97,9 @@ def _command_line(args) -> str:
     for flag, values in (("-o", args.option), ("--sweep", args.sweep)):
         for v in values:
             words += [flag, v]
-    if args.fresh:
-        words.append("--fresh")
+    for flag in ("fresh", "report_only"):
+        if getattr(args, flag):
+            words.append(f"--{flag.replace('_', '-')}")
     return "paradecode " + shlex.join(words)
 
 
