@@ -134,10 +134,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--curve-repeats", type=int, default=7)
     ap.add_argument("--out", default="benchmarks/lookahead_tuning")
+    ap.add_argument("--only-timed", default=None, metavar="W,N,G;W,N,G",
+                    help="skip the curve and the grid; time these lookahead configs against plain")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = pd.load_model(dtype="float32")
     pd.generate(model, "warm up", "plain", max_new_tokens=4)
+    if args.only_timed:
+        cands = [("lookahead", dict(zip(("window", "ngram", "guesses"), map(int, c.split(",")))))
+                 for c in args.only_timed.split(";")]
+        res = {"threads": args.threads, "model": model.info.name, "max_new_tokens": args.max_new_tokens,
+               "timed": timed(model, cands, args.max_new_tokens, args.repeats)}
+        with open(args.out + "-timed.json", "w") as f:
+            json.dump(res, f, indent=1)
+        return
 
     sizes = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
     curve = cost_curve(model, sizes, args.curve_repeats)

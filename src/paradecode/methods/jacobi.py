@@ -78,7 +78,7 @@ def initial_guesses(context: list[int], k: int, init: str, pad_id: int) -> list[
 
 @dataclass(frozen=True)
 class JacobiConfig:
-    block_size: int = option(4, "guessed tokens refined per call (the Jacobi block)")
+    block_size: int = option(3, "guessed tokens refined per call (the Jacobi block)")
     mode: Literal["jacobi", "gs-jacobi"] = option(
         "jacobi", "jacobi: sliding block topped up every call; gs-jacobi: Gauss-Seidel over fixed blocks")
     init: Init = option("ngram", "fresh guesses: pad token, copy of recent tokens, or n-gram lookup")

@@ -110,9 +110,11 @@ def candidate_tree(candidates: list[tuple[int, ...]]) -> Draft:
 
 @dataclass(frozen=True)
 class LookaheadConfig:
-    window: int = option(3, "W: future positions in the lookahead window")
+    # Defaults: what the rule MAT / (c(T)/c(1)) picked on the 2-core CPU (docs/jacobi-lookahead.md);
+    # the paper's GPU setting is window=7, ngram=5, guesses=7.
+    window: int = option(1, "W: future positions in the lookahead window")
     ngram: int = option(3, "N: n-gram size (the window keeps N-1 trajectory levels)")
-    guesses: int = option(2, "G: most candidate n-grams verified per call")
+    guesses: int = option(1, "G: most candidate n-grams verified per call")
     pool_size: int = option(4096, "most n-grams the pool keeps (least recently inserted evicted first)")
     prompt_seed: bool = option(True, "seed the pool with the prompt's n-grams")
 
