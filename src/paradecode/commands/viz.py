@@ -23,7 +23,7 @@ def register(sub) -> None:
     add_model_args(p)
     add_method_args(p)
     add_generation_args(p)
-    p.set_defaults(func=run, max_new_tokens=64)
+    p.set_defaults(func=run)
 
 
 def run(args) -> int:
