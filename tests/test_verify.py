@@ -138,7 +138,7 @@ CASES = [(k, "t1") for k in KINDS] + [("chain_q", "t0.7_k5"), ("tree_iid", "topp
 @pytest.mark.parametrize("kind,gen_name", CASES)
 def test_sampling_is_exact(kind, gen_name):
     gen = GENS[gen_name]
-    counts = _first_two(kind, gen, 1200, seed=zlib.crc32(f"{kind}/{gen_name}".encode()))
+    counts = _first_two(kind, gen, 800, seed=zlib.crc32(f"{kind}/{gen_name}".encode()))
     assert chi2_pvalue(counts, _exact_first_two(gen)) > 1e-4
 
 
@@ -147,7 +147,7 @@ def test_negative_control_missing_residual_is_detected(monkeypatch, kind):
     """Accepting with min(1, p/q) but resampling from p (not max(0, p - q)) is biased."""
     monkeypatch.setattr(verify_mod, "residual", lambda r, q: r)
     gen = GENS["t1"]
-    counts = _first_two(kind, gen, 1200, seed=7)
+    counts = _first_two(kind, gen, 800, seed=7)
     assert chi2_pvalue(counts, _exact_first_two(gen)) < 1e-6
 
 
@@ -156,7 +156,7 @@ def test_negative_control_accepting_everything_is_detected():
     gen = GENS["t1"]
     g = torch.Generator().manual_seed(3)
     counts = torch.zeros(V, V)
-    for _ in range(1200):
+    for _ in range(800):
         d = _chain(ROOT, gen, g, 2, True)
         counts[d.tokens[0], d.tokens[1]] += 1
     assert chi2_pvalue(counts, _exact_first_two(gen)) < 1e-6
