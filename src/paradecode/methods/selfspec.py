@@ -39,7 +39,7 @@ class SelfSpecConfig(ChainDraftOptions):
     def validate(self) -> None:
         super().validate()
         check(0.0 <= self.skip_ratio < 1.0, "skip_ratio", f"must be in [0, 1), got {self.skip_ratio}",
-              "use e.g. 0.4 (skip 40% of the layers)")
+              "use e.g. 0.2 (skip 20% of the layers)")
         check(0 <= self.calibration_steps <= 200, "calibration_steps",
               f"must be in [0, 200], got {self.calibration_steps}", "use e.g. 10, or 0 to skip calibration")
         check(all(i >= 0 for i in self.skip_layers), "skip_layers", "layer indices must be ≥ 0",
