@@ -217,3 +217,15 @@ def test_cli_generate_and_samplers(capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "a b c d" and "nfe=" in out
     assert main(["diffusion", "generate", "copy : a b zz", "--sampler", "threshold"]) == 2
+
+
+def test_training_is_deterministic_and_resumable(tmp_path):
+    from paradecode.diffusion.train import TrainConfig, train
+
+    cfg = TrainConfig(steps=4, batch_size=4, hidden=32, layers=1, heads=2, intermediate=32, warmup=2,
+                      checkpoint_every=100)
+    full = train(cfg, tmp_path / "a.safetensors", progress=False)
+    assert train(cfg, tmp_path / "b.safetensors", progress=False, stop_after=2) is None
+    resumed = train(cfg, tmp_path / "b.safetensors", progress=False)
+    for (name, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name

@@ -113,7 +113,9 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def train(cfg: TrainConfig, out: Path, checkpoint: Path | None = None, threads: int = 1,
-          progress: bool = True) -> DiffusionTransformer:
+          progress: bool = True, stop_after: int | None = None) -> DiffusionTransformer | None:
+    """Train (or resume from ``checkpoint``, default ``OUT.ckpt.pt``) and write ``out``.
+    ``stop_after`` ends the run after that step with a checkpoint (returns None), as an interruption would."""
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model = DiffusionTransformer(model_shape(cfg))
@@ -154,6 +156,11 @@ def train(cfg: TrainConfig, out: Path, checkpoint: Path | None = None, threads: 
                 torch.save({"config": asdict(cfg), "model": model.state_dict(), "opt": opt.state_dict(),
                             "step": step + 1}, tmp)
                 tmp.replace(checkpoint)
+            if stop_after is not None and step + 1 >= stop_after:
+                if (step + 1) % cfg.checkpoint_every:
+                    torch.save({"config": asdict(cfg), "model": model.state_dict(), "opt": opt.state_dict(),
+                                "step": step + 1}, checkpoint)
+                return None
     model.save(Path(out), meta={"train_config": json_dumps(asdict(cfg)), "final_loss_ema": f"{ema:.4f}",
                                 "train_seconds_this_run": f"{time.perf_counter() - t0:.0f}"})
     return model.eval().requires_grad_(False)
