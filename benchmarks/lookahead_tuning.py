@@ -154,7 +154,7 @@ def main() -> None:
     print(json.dumps({T: round(c["ratio"], 2) for T, c in curve.items()}), flush=True)
     # a small grid: each run takes ~20 s on the loaded 2-core machine
     configs = [(1, 2, 1), (2, 3, 2), (3, 3, 2), (3, 3, 4), (2, 3, 4), (3, 4, 2), (5, 3, 4), (5, 4, 4), (4, 4, 4),
-               (7, 5, 7)]
+               (7, 5, 7), (1, 2, 2), (1, 3, 1), (1, 3, 2), (2, 2, 1), (2, 2, 2), (1, 4, 2)]
     rows = grid(model, curve, args.max_new_tokens, configs)
 
     la = [r for r in rows if r["method"] == "lookahead"]
@@ -168,7 +168,9 @@ def main() -> None:
 
     result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": args.threads,
               "model": model.info.name, "dtype": model.info.dtype, "max_new_tokens": args.max_new_tokens,
-              "cost_curve": curve, "grid": rows, "ranked": [list(c) for c in ranked], "timed": timing,
+              "cost_curve": curve, "grid": rows, "ranked": [list(c) for c in ranked],
+              "ranked_mean_predicted_speedup": {str(c): round(statistics.mean(v), 3) for c, v in by_cfg.items()},
+              "timed": timing,
               "note": "shared 2-core machine under load from other jobs: wall-clock numbers are noisy"}
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
@@ -188,7 +190,11 @@ def report(res: dict) -> str:
         lines.append(f"| {r['method']} | {r.get('W', '')} | {r.get('N', '')} | {r.get('G', '')} | "
                      f"{r.get('block_size', '')} | {r['prompt']} | {r['mat']} | {r['calls']} | {r['fed_per_call']} | "
                      f"{r['predicted_speedup']} |")
+    if res.get("ranked_mean_predicted_speedup"):
+        lines += ["", "Ranking by the rule (mean predicted speedup over the two prompts): " + ", ".join(
+            f"(W,N,G)={tuple(c)}: {res['ranked_mean_predicted_speedup'][str(tuple(c))]}" for c in res["ranked"][:6])]
     lines += ["", "## Timed (interleaved with plain in one process; median wall time of repeats)", "",
+              *([res["timed_note"], ""] if res.get("timed_note") else []),
               "| prompt | method | median s | speedup | MAT | calls | exact | all runs (s) |",
               "|---|---|---|---|---|---|---|---|"]
     for r in res["timed"]:
