@@ -139,14 +139,14 @@ def bench_step_vs_matmuls(models, reps: int, bandwidth: float, prompt_len: int =
     return out
 
 
-def bench_generate(models, formats, path, reps: int, new_tokens: int = 64) -> dict:
+def bench_generate(models, formats, path, reps: int, new_tokens: int = 64, n_prompts: int = len(PROMPTS)) -> dict:
     """Plain greedy decoding: paradecode vs transformers' generate, same dtype, interleaved."""
     from transformers import AutoModelForCausalLM
 
     from paradecode.api import encode_prompt, generate
 
     any_model = next(iter(models.values()))
-    prompt_ids = [encode_prompt(any_model, p, chat=True) for p in PROMPTS]
+    prompt_ids = [encode_prompt(any_model, p, chat=True) for p in PROMPTS[:n_prompts]]
     hf = {}
     for f in formats:
         if f in ("float32", "bfloat16"):
@@ -205,7 +205,9 @@ def report(res: dict, command: str) -> str:
          f"Machine: {m['cpu']}, {m['cores']} cores (AVX-512 BF16: {m['avx512_bf16']}), shared with other "
          f"jobs (load average at start {m['load_avg'][0]:.1f}); torch threads {m['threads']}; "
          f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}.",
-         f"Measured streaming read bandwidth: {res['bandwidth_GBps']:.1f} GB/s.", "",
+         f"Measured streaming read bandwidth: {res['bandwidth_GBps']:.1f} GB/s"
+         + (f" (the memory floor below uses {res['bandwidth_GBps_step']:.1f} GB/s, measured in the run that "
+            f"timed the decode step)" if "bandwidth_GBps_step" in res else "") + ".", "",
          "Caveat: the machine is shared by several engineers; absolute times drift with their load. "
          "All comparisons were interleaved in one process and are medians after warm-up — read the ratios.", ""]
     if "blocks" in res:
@@ -261,6 +263,11 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up round")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: blocks,step,generate,ppl,rss")
+    ap.add_argument("--gen-reps", type=int, default=None, help="timed rounds of the generate comparison "
+                    "(default reps // 2)")
+    ap.add_argument("--gen-prompts", type=int, default=len(PROMPTS), help="how many chat prompts to generate for")
+    ap.add_argument("--merge", type=Path, default=None,
+                    help="JSON of an earlier (partial) run whose sections fill the skipped ones")
     ap.add_argument("--out", type=Path, default=None, help="write a Markdown report here")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -281,7 +288,8 @@ def main(argv=None) -> None:
         res["ppl"] = perplexity(models)
         print("ppl", res["ppl"], flush=True)
     if "generate" not in skip:
-        res["generate"] = bench_generate(models, formats, path, max(1, args.reps // 2))
+        res["generate"] = bench_generate(models, formats, path, args.gen_reps or max(1, args.reps // 2),
+                                         n_prompts=args.gen_prompts)
         print("generate", json.dumps(res["generate"], indent=1), flush=True)
     del models
     if "rss" not in skip:
@@ -291,6 +299,16 @@ def main(argv=None) -> None:
                 res["rss"][f"transformers/{f}"] = peak_rss(f, "transformers", args.threads)
         print("rss", res["rss"], flush=True)
     res["machine"]["ru_maxrss_MB_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.merge:
+        earlier = json.loads(args.merge.read_text())
+        for key, val in earlier.items():
+            if key in ("blocks",):
+                val = {f: {int(T): v for T, v in row.items()} for f, row in val.items()}
+            if key not in res or key in skip:
+                res[key] = val
+        if "step" in skip and "bandwidth_GBps" in earlier:
+            res["bandwidth_GBps_step"] = earlier["bandwidth_GBps"]
+        res.setdefault("merged_from", str(args.merge))
     command = "python benchmarks/engine.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(res, command)
     if args.out:
