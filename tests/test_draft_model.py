@@ -104,7 +104,8 @@ def test_same_weights_draft_is_always_accepted(target, twin):
     """A twin draft must agree everywhere: any cache bookkeeping slip shows up as a rejection."""
     p = _prompt(9)
     ref = _plain(target, p, 60)
-    r = generate(target, p, "draft", {"draft_model": twin, "confidence_threshold": 0.0}, max_new_tokens=60,
+    r = generate(target, p, "draft", {"draft_model": twin, "confidence_threshold": 0.0, "backoff": False},
+                 max_new_tokens=60,
                  ignore_eos=True)
     assert r.token_ids == ref.token_ids
     assert r.stats.acceptance_rate == 1.0

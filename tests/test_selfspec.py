@@ -104,7 +104,7 @@ def test_no_skipped_layer_is_always_accepted(deep):
     """skip_ratio=0: the draft is the target on its own cache; any cache slip shows as a rejection."""
     p = _prompt(9)
     ref = generate(deep, p, "plain", max_new_tokens=50, ignore_eos=True)
-    r = generate(deep, p, "selfspec", {"skip_ratio": 0.0, "confidence_threshold": 0.0}, max_new_tokens=50,
+    r = generate(deep, p, "selfspec", {"skip_ratio": 0.0, "confidence_threshold": 0.0, "backoff": False}, max_new_tokens=50,
                  ignore_eos=True)
     assert r.token_ids == ref.token_ids
     assert r.stats.acceptance_rate == 1.0 and r.stats.tokens_per_call > 3

@@ -79,7 +79,8 @@ def test_greedy_equals_plain_for_any_tree(tiny, prompt, seed, width, depth, p_tr
 def test_perfect_drafts_cut_calls(tiny):
     prompt, gen = [5, 6, 7], GenerationConfig(max_new_tokens=30, ignore_eos=True)
     truth = plain(tiny, prompt, gen)
-    sink = run(tiny, OracleTreeDrafter(truth, 3, tiny.vocab_size, 0, 1, 8, 1.0), prompt, gen)
+    sink = run(tiny, OracleTreeDrafter(truth, 3, tiny.vocab_size, 0, 1, 8, 1.0), prompt, gen,
+               backoff=BackOff(8, cost_aware=False))
     assert sink.tokens == truth
     assert sink.stats.model_calls < 15 and sink.stats.tokens_per_call > 2
     assert sink.stats.draft_tokens > 0
@@ -103,7 +104,7 @@ def test_stops_at_eos_and_near_capacity(tiny):
 
 
 def test_backoff_policy():
-    b = BackOff(8, first_wait=2, max_wait=8, min_accept=0.5, alpha=0.5, ema=1.5)
+    b = BackOff(8, first_wait=2, max_wait=8, min_accept=0.5, alpha=0.5, ema=1.5, cost_aware=False)
     assert b.allow() == 8
     b.update(8, 0)                                         # ema 0.75: shrink
     assert b.allow() == 4
@@ -216,7 +217,7 @@ DRAFTERS = {   # the draft's randomness must be fresh in every run: its tokens a
 def _loop_run(small, name):
     def make(seed):
         gen = GenerationConfig(seed=seed, **GEN)
-        sink = run(small, DRAFTERS[name](gen), PROMPT, gen)
+        sink = run(small, DRAFTERS[name](gen), PROMPT, gen, backoff=False)
         return sink.tokens, sink.stats
     return make
 
@@ -241,3 +242,20 @@ def test_sampling_end_to_end_negative_control(small, monkeypatch):
     c12, c23 = sample_counts(small, _loop_run(small, "chain_q"), 500)
     e12, e23 = exact_marginals(small, PROMPT, GenerationConfig(**GEN))
     assert min(chi2_pvalue(c12, e12), chi2_pvalue(c23, e23)) < 1e-6
+
+
+def test_backoff_is_cost_aware():
+    """Drafts that are accepted but cost more per token than plain steps are dropped, then probed again."""
+    b = BackOff(8, first_wait=2, max_wait=8, alpha=1.0)
+    assert b.allow() == 0                                  # the first step is plain: measure its cost
+    b.update(0, 0, seconds=0.010)
+    assert b.allow() == 8
+    b.update(8, 1, seconds=0.040)                          # 20 ms per token > 10 ms: too costly
+    assert [b.allow() for _ in range(3)] == [0, 0, 8]      # plain steps, then a probe
+    b.update(0, 0, seconds=0.010)
+    b.update(8, 7, seconds=0.040)                          # 5 ms per token: drafting pays again
+    assert b.allow() == 8
+    off = BackOff(8, alpha=1.0, cost_aware=False)
+    assert off.allow() == 8
+    off.update(8, 1, seconds=1.0)
+    assert off.allow() == 8

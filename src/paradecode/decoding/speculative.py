@@ -22,6 +22,7 @@ follows the target distribution exactly, whatever the drafter proposes.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -84,7 +85,16 @@ class BackOff:
       (regrow), with the wait reset to ``first_wait``.
 
     Calls whose draft was empty (the drafter had nothing to propose) teach
-    nothing. ``enabled=False`` keeps the budget fixed at ``max_nodes``.
+    acceptance nothing. ``enabled=False`` keeps the budget fixed at ``max_nodes``.
+
+    Cost awareness (``cost_aware``, on by default): accepted tokens alone do
+    not decide whether drafting pays — a draft model or a skipped-layer draft
+    costs real time per drafted token. The policy also keeps moving averages
+    of the wall time per produced token of drafted steps and of plain steps
+    (drafting, verification and the drafter's bookkeeping included), measured
+    as the decode runs; while drafted steps cost more per token than plain
+    steps, it behaves as if acceptance were too low (plain steps, then probes).
+    The first step is a plain one, so the plain cost is known early.
     """
 
     max_nodes: int
@@ -94,6 +104,9 @@ class BackOff:
     first_wait: int = 4
     max_wait: int = 64
     ema: float = 1.5                   # optimistic start: every drafter gets a fair trial
+    cost_aware: bool = True
+    plain_cost: float | None = None    # moving average: seconds per token of plain steps
+    draft_cost: float | None = None    # moving average: seconds per token of drafted steps
     wait: int = field(init=False, default=0)
     plain_steps: int = field(init=False, default=0)
     _next_wait: int = field(init=False, default=0)
@@ -103,29 +116,58 @@ class BackOff:
 
     def allow(self) -> int:
         """Nodes the next call may carry (0 = a plain step: skip drafting)."""
-        if not self.enabled or self.ema >= 2 * self.min_accept:
+        if not self.enabled:
             return self.max_nodes
-        if self.ema >= self.min_accept:
-            return max(1, self.max_nodes // 2)
+        if self.cost_aware and self.plain_cost is None:
+            self.plain_steps += 1
+            return 0                                                 # measure a plain step first
+        if not self._too_costly():
+            if self.ema >= 2 * self.min_accept:
+                return self.max_nodes
+            if self.ema >= self.min_accept:
+                return max(1, self.max_nodes // 2)
         if self.wait > 0:
             self.wait -= 1
             self.plain_steps += 1
             return 0
         return self.max_nodes                                        # probe
 
-    def update(self, proposed: int, accepted: int) -> None:
-        """Learn from a call that carried ``proposed`` draft nodes, ``accepted`` of them kept."""
-        if not self.enabled or proposed == 0:
+    def _too_costly(self) -> bool:
+        return (self.cost_aware and self.plain_cost is not None and self.draft_cost is not None
+                and self.draft_cost > self.plain_cost)
+
+    def _struggling(self) -> bool:
+        return self.ema < self.min_accept or self._too_costly()
+
+    def update(self, proposed: int, accepted: int, seconds: float | None = None) -> None:
+        """Learn from a call that carried ``proposed`` draft nodes, ``accepted`` of them kept.
+
+        ``seconds``: wall time of the whole step (drafting, verification,
+        bookkeeping); ``None`` leaves the cost estimates alone.
+        """
+        if not self.enabled:
             return
-        probing = self.ema < self.min_accept
+        probing = self._struggling()
+        if seconds is not None and self.cost_aware:
+            per_token = seconds / (accepted + 1)
+            if proposed == 0:
+                self.plain_cost = _mix(self.plain_cost, per_token, self.alpha)
+            else:
+                self.draft_cost = _mix(self.draft_cost, per_token, self.alpha)
+        if proposed == 0:
+            return
         self.ema = (1 - self.alpha) * self.ema + self.alpha * accepted
-        if self.ema >= self.min_accept:
+        if not self._struggling():
             self._next_wait = self.first_wait
         elif probing:                                                # a failed probe
             self._next_wait = min(self.max_wait, self._next_wait * 2)
             self.wait = self._next_wait
         else:                                                        # just fell below the bar
             self.wait = self._next_wait
+
+
+def _mix(old: float | None, new: float, alpha: float) -> float:
+    return new if old is None else (1 - alpha) * old + alpha * new
 
 
 def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int], gen: GenerationConfig,
@@ -151,6 +193,7 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
         room = cache.capacity - start - 1
         if room < 0:
             break
+        t_step = time.perf_counter()
         budget = min(backoff.allow(), room)
         with stats.timing("draft"):
             draft = drafter.propose(context, budget) if budget > 0 else Draft.empty()
@@ -166,7 +209,6 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
             cache.compact(start, [0] + [i + 1 for i in verdict.accepted_nodes])
         stats.model_calls += 1
         stats.record_call(min(len(verdict.tokens), sink.remaining))
-        backoff.update(len(draft), verdict.num_accepted)
         sink.record("verify", proposed=draft.tokens, accepted=verdict.tokens, parents=draft.parents,
                     probs=[round(p, 4) for p in verdict.probs])
         context.extend(verdict.tokens)
@@ -174,6 +216,9 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
             break
         with stats.timing("draft"):
             drafter.observe(context, verdict, logits)
+        backoff.update(len(draft), verdict.num_accepted, time.perf_counter() - t_step)
 
     stats.extra["drafter_memory_bytes"] = drafter.memory_bytes()
     stats.extra["backoff_plain_steps"] = backoff.plain_steps
+    if backoff.plain_cost is not None and backoff.draft_cost is not None:
+        stats.extra["backoff_cost_ratio"] = round(backoff.draft_cost / backoff.plain_cost, 3)

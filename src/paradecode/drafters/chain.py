@@ -60,6 +60,8 @@ class ChainDraftOptions:
                                              "k-1 otherwise; constant: always k")
     confidence_threshold: float = option(0.4, "stop drafting once the draft's probability of its token "
                                               "falls below this (0 disables)")
+    backoff: bool = option(True, "fall back to plain steps while drafts are rejected or cost more per token "
+                                 "than plain decoding")
 
     def validate(self) -> None:
         check(self.min_draft_tokens >= 1, "min_draft_tokens", f"must be ≥ 1, got {self.min_draft_tokens}",

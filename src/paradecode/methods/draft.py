@@ -116,4 +116,5 @@ class DraftModel(Method):
     def decode(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, sink: TokenSink) -> None:
         draft = resolve_draft_model(self.config, model)
         check_same_vocabulary(model, draft)
-        speculative_decode(model, ModelDrafter(self.config, draft), prompt_ids, gen, sink)
+        speculative_decode(model, ModelDrafter(self.config, draft), prompt_ids, gen, sink,
+                           backoff=self.config.backoff)

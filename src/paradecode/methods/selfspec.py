@@ -98,4 +98,5 @@ class SelfSpec(Method):
         if not supports_layer_skipping(model):
             raise UserError(f"selfspec needs a backend that can skip layers; the {model.info.backend} backend cannot",
                             "load the model with --backend native (Llama, Mistral or Qwen2 checkpoints)")
-        speculative_decode(model, LayerSkipDrafter(self.config), prompt_ids, gen, sink)
+        speculative_decode(model, LayerSkipDrafter(self.config), prompt_ids, gen, sink,
+                           backoff=self.config.backoff)
