@@ -188,12 +188,13 @@ def perplexity(models) -> dict:
 
 
 def peak_rss(fmt: str, backend: str, threads: int) -> float:
-    """Peak RSS (MB) of a fresh process that loads the model and decodes 32 tokens."""
+    """Peak RSS (MB, VmHWM) of a fresh process that loads the model and decodes 32 tokens."""
     code = (f"import torch, resource; torch.set_num_threads({threads});"
             f"from paradecode import load_model, generate;"
             f"m = load_model(backend={backend!r}, dtype={fmt!r});"
             f"generate(m, 'Name three colours.', chat=True, max_new_tokens=32, ignore_eos=True);"
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec from the parent
+            f"print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(r.stdout.strip().splitlines()[-1]) / 1024
 

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -118,6 +119,49 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     return p
 
 
+class LazyWeights(Mapping):
+    """The tensors of a model directory's *.safetensors files, read one at a time on access.
+
+    Plain file reads (no mmap, no whole-file load): converting a float32
+    checkpoint to bfloat16 or int8 then never holds all float32 weights at
+    once, which keeps the peak memory of loading near the final model size.
+    """
+
+    _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+               "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+    def __init__(self, path: Path):
+        self.index: dict[str, tuple[Path, str, list[int], int, int]] = {}
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"no .safetensors weights in {path}",
+                            "save the model with safetensors, or use --backend transformers")
+        for f in files:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = meta["data_offsets"]
+                self.index[name] = (f, meta["dtype"], meta["shape"], 8 + n + start, end - start)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        f, dtype, shape, offset, size = self.index[name]
+        buf = bytearray(size)
+        with open(f, "rb") as fh:
+            fh.seek(offset)
+            fh.readinto(buf)
+        return torch.frombuffer(buf, dtype=self._DTYPES[dtype]).reshape(shape) if size else \
+            torch.empty(shape, dtype=self._DTYPES[dtype])
+
+    def __iter__(self):
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -183,7 +227,7 @@ def load_model(model: str | os.PathLike | None = None, *, backend: str = "native
             raise UserError(f"architecture {arch} is not supported by the native backend",
                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}; "
                             "use --backend transformers for any other causal LM")
-        return NativeLlama(config, _read_weights(path), dtype=dtype, tokenizer=tokenizer, name=name)
+        return NativeLlama(config, LazyWeights(path), dtype=dtype, tokenizer=tokenizer, name=name)
     from transformers import AutoModelForCausalLM
     from .hf import HFCausalLM
 

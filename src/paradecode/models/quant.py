@@ -43,10 +43,15 @@ class Int8Weight:
 
 def quantize_int8(w: torch.Tensor) -> Int8Weight:
     """Symmetric per-output-channel int8 (values in [-127, 127])."""
-    w32 = w.float()                                                              # (N, K)
-    scale = (w32.abs().amax(dim=1) / 127.0).clamp_(min=1e-12).to(torch.bfloat16)  # (N,)
-    q = torch.round(w32 / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-    return Int8Weight(q.contiguous(), scale.contiguous())
+    N = w.shape[0]
+    q = torch.empty(w.shape, dtype=torch.int8)                                   # (N, K)
+    scale = torch.empty(N, dtype=torch.bfloat16)                                 # (N,)
+    for r in range(0, N, 4096):  # in row blocks: float32 temporaries stay small (peak memory at load)
+        w32 = w[r:r + 4096].float()
+        s = (w32.abs().amax(dim=1) / 127.0).clamp_(min=1e-12).to(torch.bfloat16)
+        q[r:r + 4096] = torch.round(w32 / s.float()[:, None]).clamp_(-127, 127)
+        scale[r:r + 4096] = s
+    return Int8Weight(q, scale)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
