@@ -41,6 +41,7 @@ class TokenSink:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     _streamed: str = ""
+    _stop_cut: int | None = None      # where the text ends when a stop string was hit
 
     @property
     def done(self) -> bool:
@@ -74,11 +75,12 @@ class TokenSink:
         if not hits:
             return
         cut = min(hits)
-        # keep the shortest token prefix whose text reaches the stop string
+        # keep the shortest token prefix whose text reaches the stop string; the text ends before it
         for n in range(1, len(self.tokens) + 1):
             if len(self.tokenizer.decode(self.tokens[:n])) > cut:
                 self.tokens = self.tokens[:n]
                 break
+        self._stop_cut = cut
         self.finish_reason = "stop"
 
     def record(self, kind: str, proposed=None, accepted=None, **extra) -> None:
@@ -97,19 +99,17 @@ class TokenSink:
         if self.tokenizer is None:
             return ""
         text = self.tokenizer.decode(self.tokens)
-        if self.finish_reason == "stop":
-            hits = [i for i in (text.find(s) for s in self.gen.stop) if i >= 0]
-            if hits:
-                text = text[:min(hits)]
-        return text
+        return text[:self._stop_cut] if self._stop_cut is not None else text
 
     def _stream(self) -> None:
         if self.on_text is None or self.tokenizer is None:
             return
         text = self.text()
-        # hold back a trailing replacement char (a multi-byte character cut in half)
-        if not self.done and text.endswith("\ufffd"):
-            return
+        if not self.done:
+            # hold back a multi-byte character cut in half, and any tail that may begin a stop string
+            if text.endswith("\ufffd"):
+                return
+            text = text[:len(text) - _stop_prefix_len(text, self.gen.stop)]
         if text.startswith(self._streamed) and len(text) > len(self._streamed):
             self.on_text(text[len(self._streamed):])
             self._streamed = text
@@ -117,3 +117,18 @@ class TokenSink:
     def result(self, prompt_ids: list[int]) -> DecodeResult:
         return DecodeResult(text=self.text(), token_ids=list(self.tokens), prompt_ids=list(prompt_ids),
                             stats=self.stats, finish_reason=self.finish_reason or "length", trace=self.trace)
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of a stop string.
+
+    >>> _stop_prefix_len("Hello wor", ("world",))
+    3
+    """
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
