@@ -38,7 +38,7 @@ class Method(ABC):
     Config: ClassVar[type] = NoOptions
     lossless: ClassVar[bool] = True      # greedy output identical to plain greedy; exact distribution when sampling
     summary: ClassVar[str] = ""
-    family: ClassVar[str] = "autoregressive"
+    family: ClassVar[str] = "autoregressive"   # baseline | draft-and-verify | jacobi | ...
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()

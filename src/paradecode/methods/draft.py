@@ -109,6 +109,7 @@ class ModelDrafter(ChainDrafter):
 @register
 class DraftModel(Method):
     name = "draft"
+    family = "draft-and-verify"
     Config = DraftConfig
     lossless = True
     summary = "speculative decoding with a smaller draft model sharing the tokenizer (Leviathan et al. 2023)"

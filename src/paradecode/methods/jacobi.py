@@ -94,6 +94,7 @@ class JacobiConfig:
 @register
 class Jacobi(Method):
     name = "jacobi"
+    family = "jacobi"
     Config = JacobiConfig
     summary = "Jacobi iteration over a block of guessed tokens; greedy only (Santilli et al. 2023)"
 

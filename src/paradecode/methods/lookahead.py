@@ -132,6 +132,7 @@ class LookaheadConfig:
 @register
 class Lookahead(Method):
     name = "lookahead"
+    family = "jacobi"
     Config = LookaheadConfig
     summary = "Jacobi lookahead window + n-gram pool verified in one call (Fu et al. 2024)"
 

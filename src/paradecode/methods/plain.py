@@ -29,6 +29,7 @@ def prefill(model: CausalLM, prompt_ids: list[int], capacity: int, sink: TokenSi
 @register
 class Plain(Method):
     name = "plain"
+    family = "baseline"
     summary = "one token per model call: the baseline and the oracle for every lossless method"
 
     def decode(self, model, prompt_ids, gen, sink):

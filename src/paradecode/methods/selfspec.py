@@ -90,6 +90,7 @@ class LayerSkipDrafter(ChainDrafter):
 @register
 class SelfSpec(Method):
     name = "selfspec"
+    family = "draft-and-verify"
     Config = SelfSpecConfig
     lossless = True
     summary = "self-speculative decoding: the target with layers skipped drafts for itself (Draft & Verify)"
