@@ -46,21 +46,18 @@ def median_ms(xs: list[float], skip: int = 1) -> float:
 
 
 def machine() -> dict:
-    import transformers
+    """The benchmark's machine description, plus what matters for this one (BF16 support, load)."""
+    import os
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "cores": torch.get_num_threads() and __import__("os").cpu_count(),
-            "avx512_bf16": "avx512_bf16" in flags, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "load_avg": __import__("os").getloadavg()}
+    from paradecode.bench.report import machine_info
+
+    info = machine_info()
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return {"cpu": info["cpu"], "cores": info["cores"], "avx512_bf16": "avx512_bf16" in flags,
+            "threads": info["torch_threads"], "torch": info["versions"]["torch"],
+            "transformers": info["versions"]["transformers"], "python": platform.python_version(),
+            "load_avg": os.getloadavg()}
 
 
 def read_bandwidth(mb: int = 256, reps: int = 7) -> float:

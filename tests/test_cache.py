@@ -57,23 +57,8 @@ def test_rollback_to_zero_then_reuse(model):
     assert (got - ref).abs().max() < TOL
 
 
-def _xfail_hf_compact(model):
-    # models/hf.py HFCache.compact calls ``Tensor.max(initial=...)``, which torch rejects
-    # (TypeError); reported to the owner of hf.py. Remove once fixed.
-    from paradecode.models.hf import HFCausalLM
-
-    if isinstance(model, HFCausalLM):
-        try:
-            model.new_cache(1, 4).compact(0, [0])
-        except TypeError:
-            pytest.xfail("HFCache.compact bug (Tensor.max(initial=...)) in models/hf.py")
-        except ValueError:
-            pass  # fixed: indices beyond an empty cache are rejected properly
-
-
 def test_compact_tree_path_equals_recompute(model):
     """Feed a tree, keep the path 0 -> 2 -> 4, continue: same as feeding the path alone."""
-    _xfail_hf_compact(model)
     V = model.vocab_size
     prefix = _ids(9, V, 6)
     parents = [-1, -1, 0, 1, 2, 2]
@@ -99,7 +84,6 @@ def test_compact_tree_path_equals_recompute(model):
 
 
 def test_compact_identity_and_empty(model):
-    _xfail_hf_compact(model)
     V = model.vocab_size
     ids = _ids(12, V, 9)
     cache = model.new_cache(1, 32)

@@ -178,12 +178,7 @@ def plot(report: dict, out: Path) -> list[str]:
                       ha="right")
         ax.set_ylabel("speedup over plain (×)")
         ax.set_title(f"Speedup per category — {report['models'].get(model, model)}")
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        name = f"speedup{suffix}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(fig, ax, out / f"speedup{suffix}.png", ncol=2))
         # accepted-length histograms (paradecode methods only)
         hkeys = [k for k in keys if methods[k]["histogram"]]
         if hkeys:
@@ -197,12 +192,7 @@ def plot(report: dict, out: Path) -> list[str]:
             ax.set_xlabel("tokens produced per target call")
             ax.set_ylabel("share of calls (log)")
             ax.set_title("Accepted lengths")
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            name = f"accepted{suffix}.png"
-            fig.savefig(out / name, dpi=110)
-            plt.close(fig)
-            files.append(name)
+            files.append(_save(fig, ax, out / f"accepted{suffix}.png"))
         # tokens/s vs a swept option (draft length)
         sweeps: dict[tuple[str, str], list[tuple[str, str]]] = {}
         for key, v in report["variants"].items():
@@ -220,13 +210,19 @@ def plot(report: dict, out: Path) -> list[str]:
             ax.set_xlabel("option value (draft length)")
             ax.set_ylabel("tokens/s")
             ax.set_title("Tokens/s vs draft length")
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            name = f"sweep{suffix}.png"
-            fig.savefig(out / name, dpi=110)
-            plt.close(fig)
-            files.append(name)
+            files.append(_save(fig, ax, out / f"sweep{suffix}.png"))
     return files
+
+
+def _save(fig, ax, path: Path, ncol: int = 1) -> str:
+    """Legend, layout, write the PNG, free the figure; return the file name."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=7, ncol=ncol)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
 
 
 def _num(x: str) -> float:

@@ -116,7 +116,8 @@ class NgramConfig:
     min_order: int = option(1, "shortest n-gram context used when longer ones do not match")
     num_branches: int = option(2, "candidate next tokens, each starting a branch of the draft tree")
     depth: int = option(6, "tokens per branch (draft depth)")
-    backoff: bool = option(True, "shrink drafts, down to plain steps, while they keep being rejected")
+    backoff: bool = option(True, "fall back to plain steps while drafts are rejected or cost more per "
+                                 "token than plain decoding")
 
     def validate(self) -> None:
         check(self.min_order >= 1, "min_order", f"must be at least 1, got {self.min_order}", "use min_order=1")

@@ -57,12 +57,10 @@ class Plain(Method):
         dt = time.perf_counter() - t0
         tok = next_token(logits[:, -1], gen, generator)               # (B,)
         next_pos = lens.clone()                                       # (B,)
-        for s in sinks:
-            s.stats.prefill_time += dt
-            s.stats.model_calls += 1
-            s.stats.prompt_tokens = Lmax if B == 1 else s.stats.prompt_tokens
         alive = torch.ones(B, dtype=torch.bool)
         for b, s in enumerate(sinks):
+            s.stats.prefill_time += dt
+            s.stats.model_calls += 1
             s.stats.prompt_tokens = int(lens[b])
             s.stats.record_call(1)
             if s.emit([int(tok[b])]):

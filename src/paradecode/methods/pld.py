@@ -61,7 +61,8 @@ class PLDConfig:
     max_ngram: int = option(3, "longest n-gram of recent tokens to look up in prompt + output")
     min_ngram: int = option(1, "shortest n-gram tried before giving up (no draft this step)")
     num_draft_tokens: int = option(10, "tokens copied after the match (draft length)")
-    backoff: bool = option(True, "shrink drafts, down to plain steps, while they keep being rejected")
+    backoff: bool = option(True, "fall back to plain steps while drafts are rejected or cost more per "
+                                 "token than plain decoding")
 
     def validate(self) -> None:
         check(self.min_ngram >= 1, "min_ngram", f"must be at least 1, got {self.min_ngram}", "use min_ngram=1")

@@ -132,7 +132,8 @@ class RecycleConfig:
     topk: int = option(8, "candidate next tokens kept per vocabulary token (adjacency matrix width)")
     tree_nodes: int = option(15, "draft tree size: nodes verified per call")
     max_depth: int = option(6, "deepest level of the draft tree template")
-    backoff: bool = option(True, "shrink drafts, down to plain steps, while they keep being rejected")
+    backoff: bool = option(True, "fall back to plain steps while drafts are rejected or cost more per "
+                                 "token than plain decoding")
 
     def validate(self) -> None:
         check(1 <= self.topk <= 32, "topk", f"must be in 1..32, got {self.topk}", "e.g. topk=8")
