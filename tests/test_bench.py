@@ -231,3 +231,23 @@ def test_report_only_uses_the_lines_present(tmp_path, test_methods, tiny_lm):
     assert report["lines_measured_now"] == 0 and report["lines"] == 2
     assert set(report["results"]["tiny"]) == {EXACT}
     assert any("2 of 6 requested lines" in n for n in report["notes"])
+
+
+# -- llama.cpp peer -------------------------------------------------------------------
+
+def test_llamacpp_peer_decodes_greedily_from_the_default_gguf():
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional extra 'llamacpp')")
+    from paradecode.bench.peers import LlamaCpp, PeerContext
+    from paradecode.models.loading import default_gguf
+
+    try:
+        default_gguf()
+    except UserError as e:
+        pytest.skip(e.message)
+    peer = LlamaCpp(PeerContext(model_spec=None, eos_token_ids=(2,), pad_token_id=2, threads=1))
+    assert peer.setup() is None
+    ids = peer.llm.tokenize(b"The three primary colours are", add_bos=False)
+    tokens, wall = peer.generate(ids, 8)
+    assert 0 < len(tokens) <= 8 and all(type(t) is int for t in tokens)
+    assert wall > 0
+    assert peer.generate(ids, 8)[0] == tokens                      # greedy: the same tokens every time

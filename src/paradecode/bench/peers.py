@@ -14,8 +14,8 @@ model) and the benchmark prints that note instead of failing.
 from __future__ import annotations
 
 import importlib.util
-import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -146,6 +146,31 @@ class TransformersAssisted(TransformersGreedy):
         return {"assistant_model": self.assistant}
 
 
+def open_llama(gguf: Path, threads: int, **kwargs):
+    """A quiet llama-cpp-python model on ``gguf`` that uses ``threads`` threads for prompts and steps alike."""
+    from llama_cpp import Llama
+
+    # n_threads_batch (prompt processing) defaults to every core: pin it too, or prefill is not 1-thread
+    return Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, verbose=False,
+                 **{"n_ctx": 4096, **kwargs})
+
+
+def llama_greedy(llm, ids: list[int], max_new_tokens: int, eos: Collection[int] = ()) -> list[int]:
+    """Greedy (top-k 1, no penalties) continuation of ``ids``, stopping before a token in ``eos``.
+
+    The whole prompt is evaluated every time: ``reset`` stops ``generate`` from reusing a cached prefix.
+    """
+    out: list[int] = []
+    llm.reset()
+    for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        if tok in eos:
+            break
+        out.append(int(tok))
+        if len(out) >= max_new_tokens:
+            break
+    return out
+
+
 class LlamaCpp(Peer):
     name = "llama.cpp"
     summary = "llama-cpp-python on the same GGUF file, greedy (top-k 1)"
@@ -156,24 +181,15 @@ class LlamaCpp(Peer):
         gguf = self.ctx.gguf_path()
         if gguf is None:
             return "llama.cpp needs a GGUF file (the default model or a --model path ending in .gguf)"
-        from llama_cpp import Llama
+        import torch
 
-        self.llm = Llama(model_path=str(gguf), n_threads=self.ctx.threads or os.cpu_count(), n_ctx=4096,
-                         verbose=False)
+        self.llm = open_llama(gguf, self.ctx.threads or torch.get_num_threads())
         self.eos = set(self.ctx.eos_token_ids) | {self.llm.token_eos()}
         return None
 
     def generate(self, ids, max_new_tokens):
-        out: list[int] = []
-        self.llm.reset()                      # no prompt-cache reuse between runs: measure the full prompt
         t0 = time.perf_counter()
-        for tok in self.llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
-                                     reset=True):
-            if tok in self.eos:
-                break
-            out.append(int(tok))
-            if len(out) >= max_new_tokens:
-                break
+        out = llama_greedy(self.llm, ids, max_new_tokens, self.eos)
         return out, time.perf_counter() - t0
 
 
