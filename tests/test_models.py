@@ -144,7 +144,7 @@ def test_layer_subset(tiny_llama_pair):
 
 
 # -- weight formats ----------------------------------------------------------------
-FORMATS = ("float32", "bfloat16", "int8")
+FORMATS = ("float32", "bfloat16", "int8", "int4")
 
 
 @pytest.fixture(scope="module")

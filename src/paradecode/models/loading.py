@@ -210,8 +210,8 @@ def load_model(model: str | os.PathLike | None = None, *, backend: str = "native
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
-    if dtype == "int8" and backend != "native":
-        raise UserError("dtype int8 (weight-only quantization) needs the native backend",
+    if dtype in ("int8", "int4") and backend != "native":
+        raise UserError(f"dtype {dtype} (weight-only quantization) needs the native backend",
                         "use --backend native, or --dtype bfloat16 / float32 with transformers")
     if threads is not None:
         if threads < 1:

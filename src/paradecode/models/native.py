@@ -42,12 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from .base import CausalLM, KVCache, ModelInfo, causal_mask
-from .quant import Int8Weight, linear, quantize_int8
+from .quant import Int4Weight, Int8Weight, linear, quantize_int4, quantize_int8
 from ..errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # weight format -> dtype of the activations fed to the projections
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
 MIN_ROWS = 4            # GEMM rows below which MKL (float32) / oneDNN (bfloat16) take a GEMV kernel
 ATTN_BLOCK = 1 << 22    # max score elements per attention matmul (long prompts go in query blocks)
 
@@ -166,7 +166,7 @@ class NativeLlama(CausalLM):
             raise UserError(f"unknown dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
         self.format = dtype
         self.dtype = DTYPES[dtype]          # activations fed to the projections
-        self.quantized = dtype == "int8"
+        self.quantized = dtype in ("int8", "int4")
         self.invariant = invariant
         self._pad_rows = invariant and not self.quantized   # see MIN_ROWS
         c = hf_config
@@ -184,6 +184,8 @@ class NativeLlama(CausalLM):
             tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         )
         self._load(weights)
+        self._source = (hf_config, weights)   # what :meth:`twin` rebuilds from (LazyWeights: just an index)
+        self._twins: dict[str, NativeLlama] = {}
         inv_freq, self.rope_scale = _rope_inv_freq(c)
         pos = torch.arange(max_ctx, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]                         # (P, D/2)
@@ -224,12 +226,24 @@ class NativeLlama(CausalLM):
         def vec(name: str, dtype: torch.dtype = dt) -> torch.Tensor:    # norms and biases: small
             return raw(name).to(dtype).contiguous()
 
-        def mat(*names: str) -> torch.Tensor | Int8Weight:
-            m = torch.cat([raw(n) for n in names]) if len(names) > 1 else raw(names[0])
-            return quantize_int8(m) if self.quantized else m.to(dt).contiguous()
+        quantize = {"int8": quantize_int8, "int4": quantize_int4}.get(self.format)
 
-        self.embed = mat("model.embed_tokens.weight")                    # (V, H)
-        self.lm_head = self.embed if s.tie_embeddings or "lm_head.weight" not in w else mat("lm_head.weight")
+        def mat(*names: str) -> torch.Tensor | Int8Weight | Int4Weight:
+            m = torch.cat([raw(n) for n in names]) if len(names) > 1 else raw(names[0])
+            if quantize is None:
+                return m.to(dt).contiguous()
+            if self.format == "int4" and m.shape[1] % 32:
+                raise UserError(f"int4 needs layer widths that are multiples of 32 (this model has {m.shape[1]})",
+                                "use --dtype int8 or bfloat16 for this model")
+            return quantize(m)
+
+        head = "lm_head.weight" if "lm_head.weight" in w and not s.tie_embeddings else "model.embed_tokens.weight"
+        # int4 keeps the embedding and the LM head in bfloat16 (as GGUF files keep them at higher
+        # precision): per-channel int8 or int4 there visibly changes the greedy text
+        self.lm_head = raw(head).to(dt).contiguous() if self.format == "int4" else mat(head)   # (V, H)
+        self.embed = (self.lm_head if head == "model.embed_tokens.weight" else
+                      raw("model.embed_tokens.weight").to(dt).contiguous() if self.format == "int4" else
+                      mat("model.embed_tokens.weight"))
         self.norm = vec("model.norm.weight", torch.float32)              # norms apply in float32
         self.wqkv, self.bqkv, self.wo, self.wgu, self.wdown, self.ln1, self.ln2 = ([] for _ in range(7))
         for i in range(s.layers):
@@ -243,11 +257,25 @@ class NativeLlama(CausalLM):
             self.ln1.append(vec(p + "input_layernorm.weight", torch.float32))
             self.ln2.append(vec(p + "post_attention_layernorm.weight", torch.float32))
 
+    def twin(self, dtype: str) -> "NativeLlama":
+        """The same checkpoint in another weight format (built once, then kept with this model).
+
+        Used as a cheap draft of this model: the quantspec method drafts with
+        the int4 twin and verifies with this model.
+        """
+        if dtype == self.format:
+            return self
+        if dtype not in self._twins:
+            config, weights = self._source
+            self._twins[dtype] = NativeLlama(config, weights, dtype=dtype, tokenizer=self.tokenizer,
+                                             name=self.info.name, invariant=self.invariant)
+        return self._twins[dtype]
+
     def weight_bytes(self) -> int:
         """Bytes of weights one decode step reads (the embedding table only via the LM head)."""
         ts = [self.lm_head, self.norm, *self.wqkv, *self.wo, *self.wgu, *self.wdown, *self.ln1, *self.ln2,
               *(b for b in self.bqkv if b is not None)]
-        return sum(t.nbytes() if isinstance(t, Int8Weight) else t.numel() * t.element_size() for t in ts)
+        return sum(t.nbytes() if isinstance(t, (Int8Weight, Int4Weight)) else t.numel() * t.element_size() for t in ts)
 
     def matrices(self, layers: Sequence[int] | None = None) -> list:
         """The projection matrices of a decode step, in order (for benchmarks)."""

@@ -54,11 +54,83 @@ def quantize_int8(w: torch.Tensor) -> Int8Weight:
     return Int8Weight(q, scale)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` that also takes an :class:`Int8Weight` (then ``x`` must be bfloat16)."""
-    if not isinstance(w, Int8Weight):
+
+
+INT4_GROUP = 32     # weights per (scale, zero) pair along K, as GGUF's Q4_0/Q4_1 blocks
+INT4_ROWS = 16      # the packing kernel wants N divisible by this
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """A (N, K) weight as 4-bit values with a bfloat16 scale and zero per group of 32 along K.
+
+    ``w ≈ (q - 8) * scale + zero`` for ``q`` in 0..15 (what PyTorch's
+    ``_weight_int4pack_mm_for_cpu`` computes), which is GGUF's Q4_1 block
+    ``d * q + m`` with ``scale = d`` and ``zero = m + 8 d``. Rows are padded
+    to a multiple of 16 for the packing; products are sliced back to N.
+    """
+
+    packed: torch.Tensor          # (Np, K/2) uint8, the kernel's packed layout
+    scale_zero: torch.Tensor      # (K/G, Np, 2) bfloat16
+    n: int                        # true number of output rows
+    group: int = INT4_GROUP
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n, self.packed.shape[1] * 2))
+
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scale_zero.numel() * self.scale_zero.element_size()
+
+
+def int4_codes(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max 4-bit codes of ``w`` (N, K) per group of ``group`` along K.
+
+    Returns ``(q (N, K) int32 in 0..15, scale (N, K/G) bfloat16, zero (N, K/G) bfloat16)``
+    with ``w ≈ (q - 8) * scale + zero``. Scale and zero are rounded to
+    bfloat16 first and the codes chosen against the rounded values. Weights
+    that came from a Q4_1 GGUF block (``d * q + m``, all codes in use) get back
+    their own codes and, up to bfloat16 rounding of d and m, their own values.
+    """
+    N, K = w.shape
+    wg = w.float().reshape(N, K // group, group)                                  # (N, K/G, G)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15.0).clamp_(min=1e-12).to(torch.bfloat16)
+    zero = (lo + 8.0 * scale.float()).to(torch.bfloat16)
+    q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None] + 8.0).clamp_(0, 15)
+    return q.to(torch.int32).reshape(N, K), scale, zero
+
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> Int4Weight:
+    """Pack ``w`` (N, K) for the CPU int4 kernel (K must be a multiple of ``group``)."""
+    N, K = w.shape
+    if K % group:
+        raise ValueError(f"int4 needs the input size ({K}) to be a multiple of {group}")
+    Np = -(-N // INT4_ROWS) * INT4_ROWS
+    packed, sz = [], []
+    for r in range(0, Np, 4096):     # row blocks: float32 temporaries stay small (peak memory at load)
+        block = w[r:r + 4096].float()
+        if block.shape[0] < min(4096, Np - r):                                   # pad rows with zeros
+            block = torch.cat([block, block.new_zeros(min(4096, Np - r) - block.shape[0], K)])
+        q, scale, zero = int4_codes(block, group)
+        packed.append(q)
+        sz.append(torch.stack([scale, zero], -1).transpose(0, 1))               # (K/G, rows, 2)
+    q = torch.cat(packed)
+    return Int4Weight(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
+                      torch.cat(sz, dim=1).contiguous(), N, group)
+
+
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` that also takes an :class:`Int8Weight` or :class:`Int4Weight` (then ``x`` must be bfloat16)."""
+    if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
     lead = x.shape[:-1]
-    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), w.q, w.scale)  # (M, N)
+    x2 = x.reshape(-1, x.shape[-1])
+    if isinstance(w, Int8Weight):
+        y = torch.ops.aten._weight_int8pack_mm(x2, w.q, w.scale)                          # (M, N)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w.packed, w.group, w.scale_zero)
+        if y.shape[1] != w.n:
+            y = y[:, :w.n]                                                             # drop padding rows
     y = y.view(*lead, y.shape[-1])
     return y if bias is None else y + bias

@@ -56,6 +56,6 @@ def tiny_pair(arch: str = "llama", **kw):
     return HFCausalLM(hf, None, name="tiny"), tiny_native(hf)
 
 
-def tiny_model(arch: str = "llama", **kw):
+def tiny_model(arch: str = "llama", dtype: str = "float32", **kw):
     """A native tiny model (no tokenizer: work on token ids)."""
-    return tiny_native(tiny_hf_model(arch, **kw))
+    return tiny_native(tiny_hf_model(arch, **kw), dtype)
