@@ -49,6 +49,15 @@ class Drafter(ABC):
     def begin(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, stats: DecodeStats) -> None:
         """Reset state for a new request (build tables from the prompt...)."""
 
+    def share_cache(self, cache) -> None:
+        """The target's KV cache, holding the prompt, given before :meth:`begin`.
+
+        A drafter that is a cheaper version of the target may draft on it (its
+        keys/values of the committed tokens are the target's own) provided it
+        rolls the cache back to where it found it before :meth:`propose`
+        returns: the verification call writes from there.
+        """
+
     @abstractmethod
     def propose(self, context: list[int], max_nodes: int) -> Draft:
         """A draft of at most ``max_nodes`` nodes continuing ``context`` (prompt + committed tokens)."""
@@ -184,6 +193,7 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
     first = int(next_token(last_logits, gen, generator))
     stats.record_call(1)
     with stats.timing("draft"):
+        drafter.share_cache(cache)
         drafter.begin(model, prompt_ids, gen, stats)
     context = list(prompt_ids) + [first]
     sink.emit([first])

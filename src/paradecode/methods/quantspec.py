@@ -1,0 +1,96 @@
+"""Quantized self-speculation: an int4 copy of the target drafts, the target verifies.
+
+QSpec (Zhao et al. 2024, "QSpec: Speculative Decoding with Complementary
+Quantization Schemes") drafts with a low-precision version of the model and
+verifies with a higher-precision one, on one shared KV cache. On a CPU this
+fits the cost curve of the kernels (``docs/engine.md``): PyTorch's int4
+weight-only kernel is the fastest for single-token steps but slow for blocks,
+while bfloat16/float32 products cost little more for 8–16 rows than for one.
+So the draft runs token by token in int4 and the verification runs the whole
+chain in one call of the target's own format.
+
+The draft is built from the target's own checkpoint (:meth:`NativeLlama.twin`,
+no second model, no training). It drafts *on the target's cache*: the
+committed tokens' keys/values are the target's, the draft writes its own for
+the tokens it proposes and rolls the cache back before the verification call
+overwrites them. The draft therefore has no prompt to prefill and no state to
+catch up. Drafts carry q when sampling, so the output follows the target's
+distribution exactly; greedy output is token-identical to plain decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..decoding.sink import TokenSink
+from ..decoding.speculative import speculative_decode
+from ..drafters.chain import ChainDrafter, ChainDraftOptions
+from ..errors import UserError
+from ..models.base import CausalLM, KVCache
+from ..sampling import GenerationConfig
+from .base import Method, option, register
+
+
+@dataclass(frozen=True)
+class QuantSpecConfig(ChainDraftOptions):
+    num_draft_tokens: int = option(6, "draft tokens per step at the start (k)")
+    max_draft_tokens: int = option(12, "upper bound for k under the heuristic schedule")
+    confidence_threshold: float = option(0.3, "stop drafting once the draft's probability of its token "
+                                              "falls below this (0 disables)")
+    draft_format: Literal["int4", "int8"] = option("int4", "weight format of the draft copy")
+
+
+class TwinDrafter(ChainDrafter):
+    """Drafts with a low-bit twin of the target, on the target's own KV cache."""
+
+    def __init__(self, config: QuantSpecConfig, twin: CausalLM):
+        super().__init__(config.chain_options())
+        self.twin = twin
+        self.target_cache: KVCache | None = None
+
+    def share_cache(self, cache: KVCache) -> None:
+        self.target_cache = cache
+
+    def setup(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, capacity: int) -> KVCache:
+        self.stats.extra["draft_format"] = self.twin.info.dtype
+        return self.target_cache
+
+    def propose(self, context: list[int], max_nodes: int):
+        start = self.cache.length                     # the target cache holds context[:start]
+        self.cached = context[:start]                 # so drafting feeds only the root and its own tokens
+        try:
+            return super().propose(context, max_nodes)
+        finally:
+            self.cache.rollback(start)
+            del self.cached[start:]
+
+    def draft_forward(self, cache: KVCache, ids: torch.Tensor, logits_for: torch.Tensor) -> torch.Tensor:
+        return self.twin.forward(cache, ids, logits_for=logits_for)      # (1, T', V)
+
+    def memory_bytes(self) -> int:
+        return self.twin.weight_bytes()              # the cache is the target's
+
+
+@register
+class QuantSpec(Method):
+    name = "quantspec"
+    family = "draft-and-verify"
+    Config = QuantSpecConfig
+    lossless = True
+    summary = "quantized self-speculation: an int4 copy of the target drafts, the target verifies (QSpec)"
+
+    def decode(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, sink: TokenSink) -> None:
+        twin_of = getattr(model, "twin", None)
+        if twin_of is None:
+            raise UserError(f"quantspec needs a backend that can re-quantize the model; the {model.info.backend} "
+                            "backend cannot", "load the model with --backend native (Llama, Mistral or Qwen2)")
+        fmt = self.config.draft_format
+        if model.info.dtype == fmt:
+            raise UserError(f"quantspec drafts with an {fmt} copy, but the model already runs in {fmt}",
+                            "load the model in a wider format (--dtype bfloat16 or float32) or pick another method")
+        twin = twin_of(fmt)
+        speculative_decode(model, TwinDrafter(self.config, twin), prompt_ids, gen, sink,
+                           backoff=self.config.backoff)

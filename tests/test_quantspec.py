@@ -1,0 +1,134 @@
+"""The ``quantspec`` method and the int4 weight format it drafts with.
+
+The int4 packing is checked against a dequantized reference; decoding is
+compared token for token with plain greedy (tiny models with hypothesis, the
+default model over all PROMPTS); sampling must follow the exact target
+distribution; the draft must leave the target's cache as it found it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paradecode.api import generate
+from paradecode.errors import UserError
+from paradecode.models.quant import int4_codes, linear, quantize_int4
+from paradecode.models.tiny import tiny_model
+from paradecode.sampling import GenerationConfig
+
+from prompts import PROMPTS
+from test_draft_model import chi2_pvalue, exact_pair_distribution, sampled_pairs
+
+
+@pytest.fixture(scope="module")
+def tiny32():
+    """A tiny random 3-layer model whose widths suit int4 (multiples of 32)."""
+    return tiny_model("llama", seed=7, layers=3, hidden=64, intermediate=128)
+
+
+def _prompt(n: int, seed: int = 0, vocab: int = 97) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+# -- the int4 format ---------------------------------------------------------------------------------
+def _dequantize(q, scale, zero, group=32):
+    return (q.float() - 8) * scale.float().repeat_interleave(group, 1) + zero.float().repeat_interleave(group, 1)
+
+
+def test_int4_product_matches_dequantized_weights():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(97, 64, generator=g) * 0.05                              # 97 rows: padded to 112 inside
+    q4 = quantize_int4(w)
+    q, scale, zero = int4_codes(w)
+    deq = _dequantize(q, scale, zero)
+    assert bool(((deq - w).abs() <= scale.float().repeat_interleave(32, 1) * 0.5 + 1e-4).all())
+    x = torch.randn(5, 64, generator=g).bfloat16()
+    y = linear(x, q4)
+    assert y.shape == (5, 97) and q4.shape == (97, 64)
+    ref = x.float() @ deq.T
+    assert (y.float() - ref).abs().max() < 0.02 * ref.abs().max()
+    assert torch.equal(linear(x[2:3], q4), y[2:3])                            # rows are independent
+
+
+def test_int4_recovers_q4_1_blocks():
+    """Weights that are GGUF Q4_1 blocks (d * q + m, codes 0..15 used) get their own codes back."""
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 16, (16, 64), generator=g)
+    codes[:, 0], codes[:, 1], codes[:, 32], codes[:, 33] = 0, 15, 0, 15
+    d = torch.rand(16, 2, generator=g) * 0.01 + 1e-3
+    m = -torch.rand(16, 2, generator=g) * 0.05
+    w = d.repeat_interleave(32, 1) * codes + m.repeat_interleave(32, 1)
+    q, _, _ = int4_codes(w)
+    assert torch.equal(q, codes.int())
+
+
+def test_int4_refuses_unsuitable_widths():
+    with pytest.raises(UserError, match="multiples of 32"):
+        tiny_model("llama", seed=0, hidden=48, intermediate=96, heads=3, kv_heads=1, dtype="int4")
+
+
+# -- greedy: identical to plain ---------------------------------------------------------------------
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 20), seed=st.integers(0, 1000), k=st.integers(1, 8), budget=st.integers(1, 30),
+       fmt=st.sampled_from(["int4", "int8"]), threshold=st.sampled_from([0.0, 0.3, 0.9]))
+def test_greedy_matches_plain_tiny(tiny32, n, seed, k, budget, fmt, threshold):
+    p = _prompt(n, seed)
+    ref = generate(tiny32, p, "plain", max_new_tokens=budget, ignore_eos=True)
+    r = generate(tiny32, p, "quantspec", {"num_draft_tokens": k, "max_draft_tokens": max(k, 8),
+                                          "draft_format": fmt, "confidence_threshold": threshold},
+                 max_new_tokens=budget, ignore_eos=True)
+    assert r.token_ids == ref.token_ids
+    assert r.stats.extra["draft_format"] == fmt
+
+
+def test_draft_is_mostly_accepted_and_cache_is_restored(tiny32):
+    """The int4 twin is close to the target: most drafts pass. A draft that left its own keys/values
+    behind (no roll-back) would shift every later verification and break the identity above."""
+    p = _prompt(10, 3)
+    ref = generate(tiny32, p, "plain", max_new_tokens=40, ignore_eos=True)
+    r = generate(tiny32, p, "quantspec", {"backoff": False, "confidence_threshold": 0.0}, max_new_tokens=40,
+                 ignore_eos=True)
+    assert r.token_ids == ref.token_ids
+    assert r.stats.draft_tokens > 0 and r.stats.tokens_per_call > 2
+    assert r.stats.extra["drafter_memory_bytes"] > 0
+
+
+# -- sampling: exact distribution ---------------------------------------------------------------------
+def test_sampling_is_exact():
+    t = tiny_model("llama", seed=5, layers=2, vocab_size=8, hidden=64, intermediate=128)
+    gen = GenerationConfig(temperature=1.0, top_k=4)
+    prompt = [3, 7, 4]
+    counts = sampled_pairs(t, prompt, "quantspec", {"confidence_threshold": 0.0, "schedule": "constant",
+                                                    "num_draft_tokens": 2, "backoff": False}, gen, 600)
+    assert chi2_pvalue(counts, exact_pair_distribution(t, prompt, gen)) > 1e-4
+
+
+# -- refusals -----------------------------------------------------------------------------------------
+def test_refusals(tiny_llama_pair):
+    hf, _ = tiny_llama_pair
+    with pytest.raises(UserError, match="--backend native"):
+        generate(hf, _prompt(5), "quantspec", max_new_tokens=5)
+    q = tiny_model("llama", seed=0, dtype="int4")
+    with pytest.raises(UserError, match="already runs in int4"):
+        generate(q, _prompt(5), "quantspec", max_new_tokens=5)
+
+
+# -- the default model ----------------------------------------------------------------------------------
+def test_default_model_matches_plain_on_all_prompts(default_model):
+    """Greedy token identity with plain on every prompt; the int4 twin drafts well on this model
+    (it holds the GGUF file's own 4-bit codes), so most drafted tokens are accepted."""
+    mismatches, accepted, drafted = [], 0, 0
+    for i, prompt in enumerate(PROMPTS):
+        options = {"draft_format": "int8"} if i % 7 == 3 else {"num_draft_tokens": 1 + i % 8}
+        ref = generate(default_model, prompt, "plain", chat=True, max_new_tokens=24)
+        r = generate(default_model, prompt, "quantspec", options, chat=True, max_new_tokens=24)
+        if r.token_ids != ref.token_ids:
+            mismatches.append(prompt[:40])
+        accepted += sum(a - 1 for a in r.stats.accepted_lengths)
+        drafted += r.stats.draft_tokens
+    assert not mismatches
+    assert drafted > 0 and accepted / drafted > 0.5
