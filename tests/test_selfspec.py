@@ -86,9 +86,10 @@ def test_agreement_score():
 
 
 def test_calibration_on_a_tiny_model(deep):
-    """Calibration chooses a set and leaves the prompt encoded with every layer in the cache."""
+    """Calibration chooses a set and leaves the cache as it found it: the prompt, every layer."""
     p = _prompt(20)
     cache = deep.new_cache(1, 40)
+    deep.forward(cache, torch.tensor([p]))
     r = calibrate(deep, cache, p, n_skip=2, steps=5, window=8)
     assert len(r.skip) == 2 and set(r.skip) <= {1, 2, 3, 4} and 1 <= len(r.evaluated) <= 5
     assert 0.0 <= r.score[0] <= 1.0
@@ -113,14 +114,27 @@ def test_no_skipped_layer_is_always_accepted(deep):
 
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(1, 24), seed=st.integers(0, 1000), ratio=st.sampled_from([0.2, 0.5, 0.7]),
-       steps=st.integers(0, 4), k=st.integers(1, 5), budget=st.integers(1, 30))
-def test_greedy_matches_plain(deep, n, seed, ratio, steps, k, budget):
+       steps=st.integers(0, 4), k=st.integers(1, 5), budget=st.integers(1, 30), again=st.booleans())
+def test_greedy_matches_plain(deep, n, seed, ratio, steps, k, budget, again):
     p = _prompt(n, seed)
     ref = generate(deep, p, "plain", max_new_tokens=budget, ignore_eos=True)
     r = generate(deep, p, "selfspec", {"skip_ratio": ratio, "calibration_steps": steps, "num_draft_tokens": k,
-                                       "confidence_threshold": 0.0}, max_new_tokens=budget, ignore_eos=True)
+                                       "confidence_threshold": 0.0, "recalibrate": again},
+                 max_new_tokens=budget, ignore_eos=True)
     assert r.token_ids == ref.token_ids
     assert len(r.stats.extra["skip_layers"]) == skip_count(6, ratio)
+
+
+def test_calibration_is_kept_per_model():
+    """The first prompt's calibration serves later requests; ``recalibrate`` runs it again."""
+    m = tiny_model("llama", seed=4, layers=6)
+    opts = {"skip_ratio": 0.35, "calibration_steps": 4}
+    first = generate(m, _prompt(14, 1), "selfspec", opts, max_new_tokens=6, ignore_eos=True).stats.extra
+    again = generate(m, _prompt(14, 2), "selfspec", opts, max_new_tokens=6, ignore_eos=True).stats.extra
+    fresh = generate(m, _prompt(14, 2), "selfspec", {**opts, "recalibrate": True}, max_new_tokens=6,
+                     ignore_eos=True).stats.extra
+    assert first["calibration_passes"] == 4 and again["calibration_passes"] == 0
+    assert again["skip_layers"] == first["skip_layers"] and fresh["calibration_passes"] == 4
 
 
 def test_explicit_skip_layers(deep):

@@ -219,3 +219,39 @@ class ChainDrafter(Drafter):
             return int(logits.argmax()), None
         q = target_probs(logits, self.gen)                              # (V,)
         return int(sample(q, self.generator)), q
+
+
+class SharedCacheDrafter(ChainDrafter):
+    """A chain drafter that is a cheaper version of the target and drafts on the target's own cache.
+
+    The committed tokens' keys/values are the target's (better than the
+    draft's own would be), and there is no prompt to prefill and no state to
+    catch up: each step feeds the root and the draft's own tokens, then rolls
+    the cache back so the verification call writes from where it found it.
+    Subclasses give :meth:`draft_forward` (the cheaper forward pass).
+    """
+
+    def __init__(self, options: ChainDraftOptions):
+        super().__init__(options)
+        self.target_cache: KVCache | None = None
+
+    def share_cache(self, cache: KVCache) -> None:
+        self.target_cache = cache
+
+    def setup(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, capacity: int) -> KVCache:
+        if self.target_cache is None:
+            raise RuntimeError("SharedCacheDrafter needs the loop to share the target's cache first")
+        return self.target_cache
+
+    def propose(self, context: list[int], max_nodes: int) -> Draft:
+        start = self.cache.length                     # the target cache holds context[:start]
+        self.cached = context[:start]                 # so drafting feeds only the root and its own tokens
+        try:
+            return super().propose(context, max_nodes)
+        finally:
+            self.cache.rollback(start)
+            del self.cached[start:]
+
+    def memory_bytes(self) -> int:
+        return 0                                      # the cache is the target's
+

@@ -4,14 +4,13 @@ Draft & Verify (Zhang et al. 2023, "Draft & Verify: Lossless Large Language
 Model Acceleration via Self-Speculative Decoding") drafts with the target
 itself, skipping some intermediate layers, and picks the skip set offline by
 Bayesian optimisation; SWIFT (Xia et al. 2024) searches it on the fly. Here
-the search is a small, deterministic hill climb run once per request on the
-prompt itself, within a budget of ``steps`` short forward passes:
+the search is a small, deterministic hill climb on the first prompt a model
+serves (then kept for that model), within a budget of ``steps`` short forward
+passes:
 
-1. the prompt is encoded once with every layer, into the draft's own cache
-   (the draft then drafts on top of the full model's keys/values of the
-   prompt, like Draft & Verify's draft on the target's cache); the full
-   model's argmax at the prompt's last ``CALIBRATION_WINDOW`` positions is
-   the reference;
+1. the draft drafts on the target's own cache (like Draft & Verify's draft),
+   which holds the prompt encoded with every layer; the full model's argmax
+   at the prompt's last ``CALIBRATION_WINDOW`` positions is the reference;
 2. a skip set scores ``(agreement, soft)``: those positions are fed again with
    only the kept layers, teacher-forced, exactly as the draft will run; the
    score is the share of positions where the skipped model's argmax equals
@@ -132,40 +131,34 @@ def agreement(reference: torch.Tensor, logits: torch.Tensor) -> Score:
     return float(agree), float(soft)
 
 
-def encode_prompt_full(model, cache, prompt_ids: list[int], window: int) -> torch.Tensor:
-    """Encode the prompt with every layer into ``cache``; the reference argmax (W,) of its last positions.
-
-    Returns the full model's argmax at positions ``P-1-W .. P-2`` (each predicts
-    the next prompt token), ``W = min(window, P-1)``.
-    """
-    P = len(prompt_ids)
-    W = min(window, P - 1)
-    wanted = torch.arange(P - 1 - W, P - 1) if W > 0 else torch.tensor([P - 1])
-    with torch.inference_mode():
-        logits = model.forward(cache, torch.tensor([prompt_ids]), logits_for=wanted)[0]   # (W or 1, V)
-    return logits.argmax(-1)[:W]
-
-
 def calibrate(model, cache, prompt_ids: list[int], n_skip: int, steps: int,
               window: int = CALIBRATION_WINDOW) -> SkipSearch:
-    """Fill ``cache`` with the prompt and choose ``n_skip`` layers to skip.
+    """Choose ``n_skip`` layers to skip, on ``cache`` which already holds the prompt (every layer).
 
-    The prompt is encoded once with every layer; the draft later reuses these
-    full-model keys/values of the prompt (as Draft & Verify's draft reuses the
-    target's cache). A skip set is scored teacher-forced on the prompt's last
-    ``window`` positions, fed with the kept layers on top of that prefix, just
-    as the draft will run; then those positions are re-encoded with every
-    layer. Cost: one full prompt pass plus ``steps`` passes of ``window``
-    tokens plus one of ``window + 1`` tokens.
+    The reference is the full model's argmax at the prompt's last ``window``
+    positions (each predicts the next prompt token). A skip set is scored
+    teacher-forced on those positions, fed with the kept layers on top of the
+    full-model prefix, just as the draft will run; afterwards those positions
+    are re-encoded with every layer, so the cache ends as it began. Cost: two
+    full passes of ``window + 1`` tokens plus ``steps`` passes of ``window``
+    tokens with the kept layers.
     """
     L = model.info.num_layers
     P = len(prompt_ids)
-    reference = encode_prompt_full(model, cache, prompt_ids, window)       # (W,)
-    W = reference.shape[0]
+    W = min(window, P - 1)
     if steps <= 0 or n_skip == 0 or W < 1:
         return search_skip_set(lambda s: (0.0, 0.0), L, n_skip, 0)
+    if cache.length != P:
+        raise ValueError(f"calibrate needs the cache to hold the prompt ({P} tokens), it holds {cache.length}")
     start = P - 1 - W
     tail = torch.tensor([prompt_ids[start:]])                               # (1, W+1)
+
+    def reencode(logits_for: torch.Tensor) -> torch.Tensor:
+        cache.rollback(start)
+        with torch.inference_mode():
+            return model.forward(cache, tail, logits_for=logits_for)[0]    # every layer
+
+    reference = reencode(torch.arange(W)).argmax(-1)                        # (W,)
 
     def score(skip: tuple[int, ...]) -> Score:
         kept = [i for i in range(L) if i not in skip]
@@ -175,7 +168,5 @@ def calibrate(model, cache, prompt_ids: list[int], n_skip: int, steps: int,
         return agreement(reference, logits)
 
     search = search_skip_set(score, L, n_skip, steps)
-    cache.rollback(start)                                                   # back to full-model keys/values
-    with torch.inference_mode():
-        model.forward(cache, tail, logits_for=torch.tensor([W]))
+    reencode(torch.tensor([W]))                                             # back to full-model keys/values
     return search

@@ -27,7 +27,7 @@ import torch
 
 from ..decoding.sink import TokenSink
 from ..decoding.speculative import speculative_decode
-from ..drafters.chain import ChainDrafter, ChainDraftOptions
+from ..drafters.chain import ChainDraftOptions, SharedCacheDrafter
 from ..errors import UserError
 from ..models.base import CausalLM, KVCache
 from ..sampling import GenerationConfig
@@ -43,35 +43,22 @@ class QuantSpecConfig(ChainDraftOptions):
     draft_format: Literal["int4", "int8"] = option("int4", "weight format of the draft copy")
 
 
-class TwinDrafter(ChainDrafter):
+class TwinDrafter(SharedCacheDrafter):
     """Drafts with a low-bit twin of the target, on the target's own KV cache."""
 
     def __init__(self, config: QuantSpecConfig, twin: CausalLM):
         super().__init__(config.chain_options())
         self.twin = twin
-        self.target_cache: KVCache | None = None
-
-    def share_cache(self, cache: KVCache) -> None:
-        self.target_cache = cache
 
     def setup(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, capacity: int) -> KVCache:
         self.stats.extra["draft_format"] = self.twin.info.dtype
-        return self.target_cache
-
-    def propose(self, context: list[int], max_nodes: int):
-        start = self.cache.length                     # the target cache holds context[:start]
-        self.cached = context[:start]                 # so drafting feeds only the root and its own tokens
-        try:
-            return super().propose(context, max_nodes)
-        finally:
-            self.cache.rollback(start)
-            del self.cached[start:]
+        return super().setup(model, prompt_ids, gen, capacity)
 
     def draft_forward(self, cache: KVCache, ids: torch.Tensor, logits_for: torch.Tensor) -> torch.Tensor:
         return self.twin.forward(cache, ids, logits_for=logits_for)      # (1, T', V)
 
     def memory_bytes(self) -> int:
-        return self.twin.weight_bytes()              # the cache is the target's
+        return self.twin.weight_bytes()
 
 
 @register

@@ -3,23 +3,26 @@
 Draft & Verify (Zhang et al. 2023, "Draft & Verify: Lossless Large Language
 Model Acceleration via Self-Speculative Decoding"), LayerSkip-style without
 training: no second model, no extra weights. The draft runs the native
-backend's ``forward(..., layers=kept)`` on its own KV cache; which layers it
-skips is chosen per request by a short calibration on the prompt
-(:mod:`paradecode.drafters.layer_skip`). Drafts carry q, so sampling is exact;
+backend's ``forward(..., layers=kept)`` on the target's own KV cache (the
+committed tokens' keys/values are the full model's; the draft's own are
+rolled back before verification). Which layers it skips is chosen by a short
+calibration on the first prompt a model serves and then kept for that model
+(:mod:`paradecode.drafters.layer_skip`); ``recalibrate`` redoes it per prompt. Drafts carry q, so sampling is exact;
 greedy output is token-identical to plain decoding whatever the skip set.
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from ..decoding.sink import TokenSink
 from ..decoding.speculative import speculative_decode
-from ..drafters.chain import ChainDrafter, ChainDraftOptions
-from ..drafters.layer_skip import SkipSearch, calibrate, encode_prompt_full, skip_count
+from ..drafters.chain import ChainDraftOptions, SharedCacheDrafter
+from ..drafters.layer_skip import SkipSearch, calibrate, skip_count
 from ..errors import UserError
 from ..models.base import CausalLM, KVCache
 from ..sampling import GenerationConfig
@@ -35,6 +38,8 @@ class SelfSpecConfig(ChainDraftOptions):
                                         "(0: evenly spaced, no calibration)")
     skip_layers: tuple[int, ...] = option((), "skip exactly these layers (comma-separated; overrides the "
                                               "calibration)")
+    recalibrate: bool = option(False, "calibrate on this prompt even if the model was calibrated before "
+                                      "(by default the first prompt's skip set is kept for the model)")
 
     def validate(self) -> None:
         super().validate()
@@ -51,8 +56,12 @@ def supports_layer_skipping(model: CausalLM) -> bool:
     return "layers" in inspect.signature(model.forward).parameters
 
 
-class LayerSkipDrafter(ChainDrafter):
-    """Drafts with the target's own weights, running only the kept layers."""
+# model -> {(layers to skip, calibration steps): the search run on the first prompt}
+_CALIBRATED: "weakref.WeakKeyDictionary[CausalLM, dict[tuple[int, int], SkipSearch]]" = weakref.WeakKeyDictionary()
+
+
+class LayerSkipDrafter(SharedCacheDrafter):
+    """Drafts with the target's own weights and cache, running only the kept layers."""
 
     def __init__(self, config: SelfSpecConfig):
         super().__init__(config.chain_options())
@@ -61,24 +70,28 @@ class LayerSkipDrafter(ChainDrafter):
         self.kept: list[int] = []
 
     def setup(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, capacity: int) -> KVCache:
+        cache = super().setup(model, prompt_ids, gen, capacity)
         L = model.info.num_layers
         c = self.config
-        cache = model.new_cache(1, capacity)
+        reused = False
         if c.skip_layers:
             skip = tuple(sorted(set(c.skip_layers)))
             check(skip[-1] < L and len(skip) < L, "skip_layers",
                   f"the model has layers 0..{L - 1} and needs to keep at least one",
                   f"pass indices below {L}")
-            encode_prompt_full(model, cache, prompt_ids, 0)
             search = SkipSearch(skip, (float("nan"), float("nan")))
         else:
-            search = calibrate(model, cache, prompt_ids, skip_count(L, c.skip_ratio), c.calibration_steps)
+            key = (skip_count(L, c.skip_ratio), c.calibration_steps)
+            known = _CALIBRATED.setdefault(model, {})
+            reused = key in known and not c.recalibrate
+            if not reused:
+                known[key] = calibrate(model, cache, prompt_ids, *key)
+            search = known[key]
         self.model = model
         self.kept = [i for i in range(L) if i not in search.skip]
-        self.cached = list(prompt_ids)               # the cache now holds the prompt, encoded with every layer
         self.stats.extra.update(
             skip_layers=list(search.skip),
-            calibration_passes=len(search.evaluated),
+            calibration_passes=0 if reused else len(search.evaluated),
             calibration_agreement=round(search.score[0], 4) if search.evaluated else None,
         )
         return cache
