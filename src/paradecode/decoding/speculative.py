@@ -103,7 +103,11 @@ class BackOff:
     (drafting, verification and the drafter's bookkeeping included), measured
     as the decode runs; while drafted steps cost more per token than plain
     steps, it behaves as if acceptance were too low (plain steps, then probes).
-    The first step is a plain one, so the plain cost is known early.
+    Once both costs are known they alone decide (acceptance is only a proxy
+    for them: a cheap draft pays even when half of it is rejected); drafting
+    must save at least ``1 - margin`` of the plain cost per token, so a
+    drafter at break-even, which only adds timing noise, steps aside. The first
+    step is a plain one, so the plain cost is known early.
     """
 
     max_nodes: int
@@ -114,8 +118,10 @@ class BackOff:
     max_wait: int = 64
     ema: float = 1.5                   # optimistic start: every drafter gets a fair trial
     cost_aware: bool = True
-    plain_cost: float | None = None    # moving average: seconds per token of plain steps
-    draft_cost: float | None = None    # moving average: seconds per token of drafted steps
+    # moving averages of (seconds, tokens) per step, for plain and for drafted steps
+    plain_avg: tuple[float, float] | None = None
+    draft_avg: tuple[float, float] | None = None
+    margin: float = 0.9                # draft only while it costs at most this share of plain per token
     wait: int = field(init=False, default=0)
     plain_steps: int = field(init=False, default=0)
     _next_wait: int = field(init=False, default=0)
@@ -130,23 +136,33 @@ class BackOff:
         if self.cost_aware and self.plain_cost is None:
             self.plain_steps += 1
             return 0                                                 # measure a plain step first
-        if not self._too_costly():
-            if self.ema >= 2 * self.min_accept:
+        if not self._struggling():
+            if self._costs_known() or self.ema >= 2 * self.min_accept:
                 return self.max_nodes
-            if self.ema >= self.min_accept:
-                return max(1, self.max_nodes // 2)
+            return max(1, self.max_nodes // 2)
         if self.wait > 0:
             self.wait -= 1
             self.plain_steps += 1
             return 0
         return self.max_nodes                                        # probe
 
-    def _too_costly(self) -> bool:
-        return (self.cost_aware and self.plain_cost is not None and self.draft_cost is not None
-                and self.draft_cost > self.plain_cost)
+    @property
+    def plain_cost(self) -> float | None:
+        """Seconds per token of plain steps (ratio of the moving averages)."""
+        return None if self.plain_avg is None else self.plain_avg[0] / self.plain_avg[1]
+
+    @property
+    def draft_cost(self) -> float | None:
+        """Seconds per token of drafted steps: one failed draft weighs its one token, not a whole step's."""
+        return None if self.draft_avg is None else self.draft_avg[0] / self.draft_avg[1]
+
+    def _costs_known(self) -> bool:
+        return self.cost_aware and self.plain_cost is not None and self.draft_cost is not None
 
     def _struggling(self) -> bool:
-        return self.ema < self.min_accept or self._too_costly()
+        if self._costs_known():                  # time per token decides; acceptance is only a proxy for it
+            return self.draft_cost > self.margin * self.plain_cost
+        return self.ema < self.min_accept
 
     def update(self, proposed: int, accepted: int, seconds: float | None = None) -> None:
         """Learn from a call that carried ``proposed`` draft nodes, ``accepted`` of them kept.
@@ -158,11 +174,11 @@ class BackOff:
             return
         probing = self._struggling()
         if seconds is not None and self.cost_aware:
-            per_token = seconds / (accepted + 1)
+            step = (seconds, float(accepted + 1))
             if proposed == 0:
-                self.plain_cost = _mix(self.plain_cost, per_token, self.alpha)
+                self.plain_avg = _mix(self.plain_avg, step, self.alpha)
             else:
-                self.draft_cost = _mix(self.draft_cost, per_token, self.alpha)
+                self.draft_avg = _mix(self.draft_avg, step, self.alpha)
         if proposed == 0:
             return
         self.ema = (1 - self.alpha) * self.ema + self.alpha * accepted
@@ -175,8 +191,10 @@ class BackOff:
             self.wait = self._next_wait
 
 
-def _mix(old: float | None, new: float, alpha: float) -> float:
-    return new if old is None else (1 - alpha) * old + alpha * new
+def _mix(old: tuple[float, float] | None, new: tuple[float, float], alpha: float) -> tuple[float, float]:
+    if old is None:
+        return new
+    return ((1 - alpha) * old[0] + alpha * new[0], (1 - alpha) * old[1] + alpha * new[1])
 
 
 def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int], gen: GenerationConfig,

@@ -16,6 +16,12 @@ the tokens it proposes and rolls the cache back before the verification call
 overwrites them. The draft therefore has no prompt to prefill and no state to
 catch up. Drafts carry q when sampling, so the output follows the target's
 distribution exactly; greedy output is token-identical to plain decoding.
+
+Copying is cheaper still: before drafting with the twin, the drafter tries
+prompt lookup (:mod:`.pld`) with the context's last 3..``lookup_ngram``
+tokens; a match is drafted for free (a deterministic draft, exact under
+sampling too), so input-grounded answers get prompt lookup's long copies and
+open-ended ones the twin's drafts.
 """
 
 from __future__ import annotations
@@ -27,11 +33,14 @@ import torch
 
 from ..decoding.sink import TokenSink
 from ..decoding.speculative import speculative_decode
+from ..decoding.tree import Draft
+from ..decoding.verify import Verdict
 from ..drafters.chain import ChainDraftOptions, SharedCacheDrafter
 from ..errors import UserError
 from ..models.base import CausalLM, KVCache
 from ..sampling import GenerationConfig
-from .base import Method, option, register
+from .base import Method, check, option, register
+from .pld import prompt_lookup
 
 
 @dataclass(frozen=True)
@@ -41,18 +50,44 @@ class QuantSpecConfig(ChainDraftOptions):
     confidence_threshold: float = option(0.3, "stop drafting once the draft's probability of its token "
                                               "falls below this (0 disables)")
     draft_format: Literal["int4", "int8"] = option("int4", "weight format of the draft copy")
+    lookup_ngram: int = option(2, "first try prompt lookup with the context's last n-gram, n from 3 down to "
+                                  "this (0: never); a match drafts for free, the twin drafts otherwise")
+    lookup_tokens: int = option(10, "tokens a prompt-lookup match drafts")
+
+    def validate(self) -> None:
+        super().validate()
+        check(0 <= self.lookup_ngram <= 3, "lookup_ngram", f"must be in 0..3, got {self.lookup_ngram}",
+              "use 2 (default), 1 for more matches, or 0 to draft only with the twin")
+        check(1 <= self.lookup_tokens <= 64, "lookup_tokens", f"must be in 1..64, got {self.lookup_tokens}",
+              "e.g. lookup_tokens=10")
 
 
 class TwinDrafter(SharedCacheDrafter):
-    """Drafts with a low-bit twin of the target, on the target's own KV cache."""
+    """Drafts with a low-bit twin of the target on the target's own KV cache, after a free prompt lookup."""
 
     def __init__(self, config: QuantSpecConfig, twin: CausalLM):
         super().__init__(config.chain_options())
+        self.config = config
         self.twin = twin
+        self.max_nodes = max(self.max_nodes, config.lookup_tokens if config.lookup_ngram else 0)
+        self.looked_up = False                   # whether the last draft came from prompt lookup
 
     def setup(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, capacity: int) -> KVCache:
-        self.stats.extra["draft_format"] = self.twin.info.dtype
+        self.stats.extra.update(draft_format=self.twin.info.dtype, lookup_drafts=0)
         return super().setup(model, prompt_ids, gen, capacity)
+
+    def propose(self, context: list[int], max_nodes: int) -> Draft:
+        c = self.config
+        found = prompt_lookup(context, 3, c.lookup_ngram, min(max_nodes, c.lookup_tokens)) if c.lookup_ngram else []
+        self.looked_up = bool(found)
+        if found:
+            self.stats.extra["lookup_drafts"] += 1
+            return Draft.chain(found)            # deterministic: one-hot q, exact under sampling too
+        return super().propose(context, min(max_nodes, self.opt.max_draft_tokens))
+
+    def observe(self, context: list[int], verdict: Verdict, logits: torch.Tensor) -> None:
+        if not self.looked_up:                   # the twin's draft length learns from its own drafts only
+            super().observe(context, verdict, logits)
 
     def draft_forward(self, cache: KVCache, ids: torch.Tensor, logits_for: torch.Tensor) -> torch.Tensor:
         return self.twin.forward(cache, ids, logits_for=logits_for)      # (1, T', V)
