@@ -97,6 +97,26 @@ def test_draft_is_mostly_accepted_and_cache_is_restored(tiny32):
     assert r.stats.extra["drafter_memory_bytes"] > 0
 
 
+def test_prompt_lookup_drafts_first(tiny32):
+    """A context that repeats itself is drafted by lookup (free); lookup_ngram=0 leaves it to the twin."""
+    p = _prompt(12, 5) * 3
+    ref = generate(tiny32, p, "plain", max_new_tokens=30, ignore_eos=True)
+    on = generate(tiny32, p, "quantspec", {"backoff": False}, max_new_tokens=30, ignore_eos=True)
+    off = generate(tiny32, p, "quantspec", {"backoff": False, "lookup_ngram": 0}, max_new_tokens=30,
+                   ignore_eos=True)
+    assert on.token_ids == ref.token_ids == off.token_ids
+    assert on.stats.extra["lookup_drafts"] > 0 and off.stats.extra["lookup_drafts"] == 0
+
+
+def test_bad_options():
+    from paradecode.methods.base import get_method
+
+    with pytest.raises(UserError, match="lookup_ngram"):
+        get_method("quantspec", {"lookup_ngram": 5})
+    with pytest.raises(UserError, match="draft_format"):
+        get_method("quantspec", {"draft_format": "int2"})
+
+
 # -- sampling: exact distribution ---------------------------------------------------------------------
 def test_sampling_is_exact():
     t = tiny_model("llama", seed=5, layers=2, vocab_size=8, hidden=64, intermediate=128)
