@@ -10,18 +10,25 @@ model (SmolLM2-135M-Instruct):
 3. plain greedy tokens/s of paradecode vs transformers' ``model.generate``
    (greedy, same prompts, same dtype, interleaved, chat prompts, 64 tokens);
 4. perplexity of each format on ``paradecode/data/ppl_text.txt``;
-5. peak resident memory (RSS) of a process that loads the model and decodes.
+5. peak resident memory (RSS) of a process that loads the model and decodes;
+6. llama.cpp (``llama-cpp-python`` on the default model's Q4_1 GGUF), when it
+   is installed: plain greedy tokens/s at 1 and 2 threads next to paradecode's
+   plain decoding, and one ``llm.eval`` call of 1, 8, 16 tokens after a
+   512-token prompt next to the native forward (section ``llamacpp``).
 
 Every comparison is interleaved in one process (A, B, A, B, ...) and reported
 as a median after warm-up: the machine is shared, so absolute numbers drift
 with the load of the moment; ratios within one run are what to read.
 
     python benchmarks/engine.py --threads 1 --out benchmarks/engine-results.md
+    python benchmarks/engine.py --threads 1 --sections llamacpp --out benchmarks/llamacpp-results.md
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import math
 import platform
@@ -36,7 +43,11 @@ from pathlib import Path
 import torch
 
 FORMATS = ("float32", "bfloat16", "int8")
+LLAMACPP_EXTRA_FORMATS = ("int4",)   # compared with llama.cpp's Q4_1 when the native backend has them
 BLOCKS = (1, 4, 8, 16, 32, 64)
+LLAMACPP_BLOCKS = (1, 8, 16)
+LLAMACPP_THREADS = (1, 2)
+SECTIONS = ("blocks", "step", "ppl", "generate", "llamacpp", "rss")
 PROMPTS = ["Name three colours.", "Give me three tips for sleeping better.",
            "Explain what a black hole is in two sentences."]
 
@@ -82,25 +93,25 @@ def load_all(formats):
     return models, path
 
 
-def bench_blocks(models, reps: int, prompt_len: int = 512) -> dict:
+def bench_blocks(models, reps: int, prompt_len: int = 512, blocks=BLOCKS) -> dict:
     """Forward time of T new tokens after a cached prompt, per format (interleaved)."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 40000, (1, prompt_len + max(BLOCKS)), generator=g)
+    ids = torch.randint(100, 40000, (1, prompt_len + max(blocks)), generator=g)
     caches = {}
     for f, m in models.items():
-        c = m.new_cache(1, prompt_len + max(BLOCKS))
+        c = m.new_cache(1, prompt_len + max(blocks))
         m.forward(c, ids[:, :prompt_len], logits_for=torch.tensor([prompt_len - 1]))
         caches[f] = c
-    times = {(f, T): [] for f in models for T in BLOCKS}
+    times = {(f, T): [] for f in models for T in blocks}
     for _ in range(reps + 1):
         for f, m in models.items():
-            for T in BLOCKS:
+            for T in blocks:
                 c = caches[f]
                 c.rollback(prompt_len)
                 t = time.perf_counter()
                 m.forward(c, ids[:, prompt_len:prompt_len + T])
                 times[(f, T)].append(time.perf_counter() - t)
-    return {f: {T: median_ms(times[(f, T)]) for T in BLOCKS} for f in models}
+    return {f: {T: median_ms(times[(f, T)]) for T in blocks} for f in models}
 
 
 def bench_step_vs_matmuls(models, reps: int, bandwidth: float, prompt_len: int = 512) -> dict:
@@ -136,41 +147,126 @@ def bench_step_vs_matmuls(models, reps: int, bandwidth: float, prompt_len: int =
     return out
 
 
+def chat_prompt_ids(model, n_prompts: int) -> list[list[int]]:
+    from paradecode.api import encode_prompt
+
+    return [encode_prompt(model, p, chat=True) for p in PROMPTS[:n_prompts]]
+
+
+def paradecode_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
+    from paradecode.api import generate
+
+    return generate(model, ids, max_new_tokens=new_tokens, ignore_eos=True).token_ids
+
+
+def transformers_greedy(hf, ids: list[int], new_tokens: int) -> list[int]:
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
+    return y[0, len(ids):].tolist()
+
+
+def interleaved_tps(runners: dict, prompt_ids: list[list[int]], reps: int, new_tokens: int):
+    """Tokens/s of each runner (prompt ids -> ``new_tokens`` greedy ids), round-robin per prompt.
+
+    Returns each runner's tokens/s over ``reps`` rounds after one warm-up round (take the median),
+    and its tokens from the warm-up round (one list per prompt).
+    """
+    rates = {k: [] for k in runners}
+    tokens = {k: [] for k in runners}
+    for rep in range(reps + 1):
+        for ids in prompt_ids:
+            for k, run in runners.items():
+                t = time.perf_counter()
+                out = run(ids)
+                rates[k].append(new_tokens / (time.perf_counter() - t))
+                if rep == 0:
+                    tokens[k].append(out)
+    skip = len(prompt_ids)  # first round is warm-up
+    return {k: v[skip:] for k, v in rates.items()}, tokens
+
+
+def identical_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def bench_generate(models, formats, path, reps: int, new_tokens: int = 64, n_prompts: int = len(PROMPTS)) -> dict:
     """Plain greedy decoding: paradecode vs transformers' generate, same dtype, interleaved."""
     from transformers import AutoModelForCausalLM
 
-    from paradecode.api import encode_prompt, generate
-
-    any_model = next(iter(models.values()))
-    prompt_ids = [encode_prompt(any_model, p, chat=True) for p in PROMPTS[:n_prompts]]
-    hf = {}
+    runners = {}
     for f in formats:
+        runners[f"paradecode/{f}"] = functools.partial(paradecode_greedy, models[f], new_tokens=new_tokens)
         if f in ("float32", "bfloat16"):
-            hf[f] = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, f)).eval()
-    times = {(k, f): [] for f in formats for k in ("paradecode", "transformers") if k == "paradecode" or f in hf}
-    same = {f: [] for f in hf}
-    for rep in range(reps + 1):
-        for ids in prompt_ids:
-            for f in formats:
-                t = time.perf_counter()
-                ours = generate(models[f], ids, max_new_tokens=new_tokens, ignore_eos=True).token_ids
-                times[("paradecode", f)].append(new_tokens / (time.perf_counter() - t))
-                if f in hf:
-                    x = torch.tensor([ids])
-                    t = time.perf_counter()
-                    with torch.inference_mode():
-                        y = hf[f].generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
-                    times[("transformers", f)].append(new_tokens / (time.perf_counter() - t))
-                    if rep == 0:
-                        theirs = y[0, len(ids):].tolist()
-                        n = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
-                        same[f].append(n)
-    skip = len(prompt_ids)  # first round is warm-up
-    tps = {k: statistics.median(v[skip:]) for k, v in times.items()}
-    return {"tokens_per_s": {f"{k}/{f}": v for (k, f), v in tps.items()},
-            "identical_prefix": {f: v for f, v in same.items()}, "new_tokens": new_tokens}
+            hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, f)).eval()
+            runners[f"transformers/{f}"] = functools.partial(transformers_greedy, hf, new_tokens=new_tokens)
+    rates, tokens = interleaved_tps(runners, chat_prompt_ids(models[formats[0]], n_prompts), reps, new_tokens)
+    same = {f: [identical_prefix(*p) for p in zip(tokens[f"paradecode/{f}"], tokens[f"transformers/{f}"])]
+            for f in formats if f"transformers/{f}" in tokens}
+    return {"tokens_per_s": {k: statistics.median(v) for k, v in rates.items()}, "identical_prefix": same,
+            "new_tokens": new_tokens}
+
+
+def llamacpp_unavailable() -> str | None:
+    """Why the llama.cpp section cannot run here, or None."""
+    from paradecode.errors import UserError
+    from paradecode.models.loading import default_gguf
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (pip install 'paradecode[llamacpp]')"
+    try:
+        default_gguf()
+    except UserError as e:
+        return e.message
+    return None
+
+
+class LlamaCppForward:
+    """A llama.cpp context dressed as a native model for :func:`bench_blocks`: a forward is one ``llm.eval``."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def new_cache(self, batch_size: int, capacity: int):
+        self.llm.reset()
+        return self
+
+    def rollback(self, length: int) -> None:
+        self.llm.n_tokens = length      # the next eval drops the KV cells from here on
+
+    def forward(self, cache, input_ids, logits_for=None) -> None:
+        self.llm.eval(input_ids[0].tolist())
+
+
+def bench_llamacpp(models, reps: int, gen_reps: int, new_tokens: int = 64, n_prompts: int = len(PROMPTS)) -> dict:
+    """llama.cpp on the Q4_1 GGUF vs the native backend per format, interleaved in this process.
+
+    Plain greedy tokens/s (EOS ignored, like paradecode's side) at 1 and 2 llama.cpp threads; and the
+    time of one ``llm.eval`` of T tokens after a 512-token prompt, with logits for all T positions
+    (what a verifying forward needs, and what the native forward returns).
+    """
+    import llama_cpp
+
+    from paradecode.bench.peers import llama_greedy, open_llama
+    from paradecode.models.loading import default_gguf
+
+    gguf = default_gguf()
+    runners = {f"paradecode/{f}": functools.partial(paradecode_greedy, m, new_tokens=new_tokens)
+               for f, m in models.items()}
+    for n in LLAMACPP_THREADS:
+        llm = open_llama(gguf, n, n_ctx=1024)
+        runners[f"llama.cpp/{n}"] = functools.partial(llama_greedy, llm, max_new_tokens=new_tokens)
+    rates, tokens = interleaved_tps(runners, chat_prompt_ids(next(iter(models.values())), n_prompts), gen_reps,
+                                    new_tokens)
+    same = {f: [identical_prefix(*p) for p in zip(tokens[f"paradecode/{f}"], tokens["llama.cpp/1"])]
+            for f in models}
+    fwd = LlamaCppForward(open_llama(gguf, 1, n_ctx=768, logits_all=True))
+    blocks = bench_blocks({**models, "llama.cpp": fwd}, reps, blocks=LLAMACPP_BLOCKS)
+    return {"tokens_per_s": {k: statistics.median(v) for k, v in rates.items()},
+            "tokens_per_s_range": {k: (min(v), max(v)) for k, v in rates.items()},
+            "identical_prefix": same, "new_tokens": new_tokens, "blocks": blocks,
+            "llama_cpp_version": llama_cpp.__version__, "gguf": gguf.name}
 
 
 def perplexity(models) -> dict:
@@ -239,6 +335,8 @@ def report(res: dict, command: str) -> str:
                 L.append(f"| {f} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")
         L += ["", "Tokens identical to transformers' output before the first difference (per prompt, of "
               f"{g['new_tokens']}): " + ", ".join(f"{f}: {v}" for f, v in g["identical_prefix"].items()), ""]
+    if "llamacpp" in res:
+        L += report_llamacpp(res["llamacpp"])
     if "ppl" in res:
         ref = res["ppl"].get("float32", {}).get("ppl")
         L += ["## Perplexity on `paradecode/data/ppl_text.txt`", "",
@@ -255,12 +353,41 @@ def report(res: dict, command: str) -> str:
     return "\n".join(L)
 
 
+def report_llamacpp(r: dict) -> list[str]:
+    if "skipped" in r:
+        return ["## llama.cpp", "", f"Skipped: {r['skipped']}.", ""]
+    tps, base = r["tokens_per_s"], r["tokens_per_s"]["llama.cpp/1"]
+    L = [f"## llama.cpp (llama-cpp-python {r['llama_cpp_version']}, `{r['gguf']}`) vs paradecode native", "",
+         f"Plain greedy decoding, {r['new_tokens']} new tokens (EOS ignored), chat prompts, interleaved "
+         "(tokens/s, median). paradecode always uses the torch thread count above.", "",
+         "| engine / weights | threads | tokens/s | min – max | vs llama.cpp 1 thread |", "|---|---|---|---|---|"]
+    for k, v in tps.items():
+        engine, what = k.split("/")
+        threads, label = (what, "llama.cpp / Q4_1") if engine == "llama.cpp" else ("torch", f"paradecode / {what}")
+        lo, hi = r["tokens_per_s_range"][k]
+        L.append(f"| {label} | {threads} | {v:.1f} | {lo:.1f} – {hi:.1f} | {v / base:.2f}x |")
+    L += ["", "Tokens identical to llama.cpp's (1 thread) before the first difference (per prompt, of "
+          f"{r['new_tokens']}): " + ", ".join(f"{f}: {v}" for f, v in r["identical_prefix"].items()), "",
+          "One forward (native) / one `llm.eval` call (llama.cpp, 1 thread, logits for every new position) "
+          "of T new tokens after a 512-token prompt (ms, median):", "",
+          "| engine / format | " + " | ".join(f"T={T}" for T in LLAMACPP_BLOCKS) + " | T=16 / T=1 |",
+          "|---|" + "---|" * (len(LLAMACPP_BLOCKS) + 1)]
+    for f, row in r["blocks"].items():
+        row = {int(T): v for T, v in row.items()}
+        label = "llama.cpp / Q4_1" if f == "llama.cpp" else f"native / {f}"
+        L.append(f"| {label} | " + " | ".join(f"{row[T]:.1f}" for T in LLAMACPP_BLOCKS)
+                 + f" | {row[16] / row[1]:.2f}x |")
+    return L + [""]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions after one warm-up round")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: blocks,step,generate,ppl,rss")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma list of sections to run: "
+                    + ",".join(SECTIONS) + " (llamacpp only runs where llama-cpp-python and the GGUF are installed)")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip (e.g. llamacpp)")
     ap.add_argument("--gen-reps", type=int, default=None, help="timed rounds of the generate comparison "
                     "(default reps // 2)")
     ap.add_argument("--gen-prompts", type=int, default=len(PROMPTS), help="how many chat prompts to generate for")
@@ -271,7 +398,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     formats = [f for f in args.formats.split(",") if f]
-    skip = set(args.skip.split(","))
+    wanted = {s for s in args.sections.split(",") if s} - set(args.skip.split(","))
+    if wanted - set(SECTIONS):
+        ap.error(f"unknown section(s) {', '.join(sorted(wanted - set(SECTIONS)))}; choose from {', '.join(SECTIONS)}")
+    skip = set(SECTIONS) - wanted
     res: dict = {"formats": formats, "machine": machine()}
     res["bandwidth_GBps"] = read_bandwidth()
     print(f"read bandwidth {res['bandwidth_GBps']:.1f} GB/s", flush=True)
@@ -289,6 +419,17 @@ def main(argv=None) -> None:
         res["generate"] = bench_generate(models, formats, path, args.gen_reps or max(1, args.reps // 2),
                                          n_prompts=args.gen_prompts)
         print("generate", json.dumps(res["generate"], indent=1), flush=True)
+    if "llamacpp" not in skip:
+        why = llamacpp_unavailable()
+        if why:
+            res["llamacpp"] = {"skipped": why}
+        else:
+            from paradecode.models.native import DTYPES
+
+            extra = [f for f in LLAMACPP_EXTRA_FORMATS if f in DTYPES and f not in models]
+            res["llamacpp"] = bench_llamacpp({**models, **(load_all(extra)[0] if extra else {})}, args.reps,
+                                             args.gen_reps or max(1, args.reps // 2), n_prompts=args.gen_prompts)
+        print("llamacpp", json.dumps(res["llamacpp"], indent=1), flush=True)
     del models
     if "rss" not in skip:
         res["rss"] = {f"native/{f}": peak_rss(f, "native", args.threads) for f in formats}
