@@ -251,10 +251,16 @@ def test_backoff_is_cost_aware():
     b.update(0, 0, seconds=0.010)
     assert b.allow() == 8
     b.update(8, 1, seconds=0.040)                          # 20 ms per token > 10 ms: too costly
-    assert [b.allow() for _ in range(3)] == [0, 0, 8]      # plain steps, then a probe
+    # it lost 20 ms against two plain steps: 20 plain steps amortise that to 10%, capped at max_wait
+    assert [b.allow() for _ in range(9)] == [0] * 8 + [8]  # plain steps, then a probe
     b.update(0, 0, seconds=0.010)
     b.update(8, 7, seconds=0.040)                          # 5 ms per token: drafting pays again
     assert b.allow() == 8
+    cheap = BackOff(8, first_wait=2, max_wait=64, alpha=1.0)
+    cheap.allow()
+    cheap.update(0, 0, seconds=0.010)
+    cheap.update(8, 0, seconds=0.0105)                     # a free draft rejected: lost 0.5 ms only
+    assert [cheap.allow() for _ in range(3)] == [0, 0, 8]  # so it probes again soon
     off = BackOff(8, alpha=1.0, cost_aware=False)
     assert off.allow() == 8
     off.update(8, 1, seconds=1.0)

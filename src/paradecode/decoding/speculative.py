@@ -22,6 +22,7 @@ follows the target distribution exactly, whatever the drafter proposes.
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -90,7 +91,9 @@ class BackOff:
     * ``min_accept <= ema < 2 * min_accept``: half of it (shrink);
     * ``ema < min_accept``: ``wait`` plain steps with an empty draft, then one
       probe with the full budget. A probe that fails doubles the wait (up to
-      ``max_wait``); one that succeeds lifts ``ema`` and drafting resumes
+      ``max_wait``), and waits at least long enough that the time it lost is
+      at most ``probe_overhead`` of the plain steps before the next probe
+      (costly drafters probe rarely); one that succeeds lifts ``ema`` and drafting resumes
       (regrow), with the wait reset to ``first_wait``.
 
     Calls whose draft was empty (the drafter had nothing to propose) teach
@@ -122,6 +125,7 @@ class BackOff:
     plain_avg: tuple[float, float] | None = None
     draft_avg: tuple[float, float] | None = None
     margin: float = 0.9                # draft only while it costs at most this share of plain per token
+    probe_overhead: float = 0.1        # failed probes may cost at most this share of the plain steps between them
     wait: int = field(init=False, default=0)
     plain_steps: int = field(init=False, default=0)
     _next_wait: int = field(init=False, default=0)
@@ -184,11 +188,24 @@ class BackOff:
         self.ema = (1 - self.alpha) * self.ema + self.alpha * accepted
         if not self._struggling():
             self._next_wait = self.first_wait
-        elif probing:                                                # a failed probe
+            return
+        if probing:                                                  # a failed probe
             self._next_wait = min(self.max_wait, self._next_wait * 2)
-            self.wait = self._next_wait
-        else:                                                        # just fell below the bar
-            self.wait = self._next_wait
+        self.wait = max(self._next_wait, self._wait_to_amortise(seconds, accepted))
+
+    def _wait_to_amortise(self, seconds: float | None, accepted: int) -> int:
+        """Plain steps needed so that this failed step's extra time is at most ``probe_overhead`` of them.
+
+        A failed probe of a free drafter (prompt lookup) loses a fraction of a
+        step; one of a costly drafter (a skipped-layer draft) loses several,
+        so it waits proportionally longer before probing again (up to ``max_wait``).
+        """
+        if seconds is None or not self.cost_aware or self.plain_cost is None:
+            return 0
+        lost = seconds - self.plain_cost * (accepted + 1)               # versus plain steps for those tokens
+        if lost <= 0:
+            return 0
+        return min(self.max_wait, math.ceil(lost / (self.probe_overhead * self.plain_cost)))
 
 
 def _mix(old: tuple[float, float] | None, new: tuple[float, float], alpha: float) -> tuple[float, float]:
