@@ -211,3 +211,19 @@ def test_invalid_generation_settings():
 
     with pytest.raises(UserError):
         GenerationConfig(top_p=0.0)
+
+
+@pytest.mark.parametrize("bad", [{"role": "user"}, 3.5, [1.5], [[1]], None, [True, 2], [1, {"role": "user"}]])
+def test_prompt_of_the_wrong_kind_is_a_clear_error(tiny, bad):
+    from paradecode.errors import UserError
+
+    with pytest.raises(UserError, match="a prompt must be text, a list of chat messages or a list of token ids"):
+        generate(tiny, bad, max_new_tokens=2)
+
+
+def test_prompt_ids_as_tensor_or_array(tiny):
+    import numpy as np
+
+    ref = generate(tiny, [5, 6, 7], max_new_tokens=4).token_ids
+    assert generate(tiny, torch.tensor([5, 6, 7]), max_new_tokens=4).token_ids == ref
+    assert generate(tiny, np.array([5, 6, 7]), max_new_tokens=4).token_ids == ref

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -36,18 +38,39 @@ def encode_prompt(model: CausalLM, prompt: Prompt, *, chat: bool = False) -> lis
             ids = tok.encode(ids, add_special_tokens=False)
         else:
             ids = tok.encode(prompt)
-    elif prompt and isinstance(prompt[0], dict):
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise UserError("chat messages need a model with a chat template", "pass plain text instead")
-        text = tok.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
-        ids = tok.encode(text, add_special_tokens=False)
     else:
-        ids = [int(t) for t in prompt]
-        if any(t < 0 or t >= model.vocab_size for t in ids):
-            raise UserError("prompt token id out of range", f"ids must be in [0, {model.vocab_size})")
+        ids = _messages_or_ids(model, prompt)
     if not ids:
         raise UserError("the prompt is empty", "pass some text with --prompt, a file, or stdin", field="prompt")
     return list(ids)
+
+
+def _messages_or_ids(model: CausalLM, prompt) -> list[int]:
+    """Token ids of a prompt given as chat messages or as token ids (a list, tensor or array)."""
+    tok = model.tokenizer
+    if hasattr(prompt, "tolist") and not isinstance(prompt, (list, tuple)):      # tensor or array of ids
+        prompt = prompt.tolist()
+    if not _is_messages_or_ids(prompt):
+        raise UserError(f"a prompt must be text, a list of chat messages or a list of token ids, "
+                        f"not {type(prompt).__name__}",
+                        'pass "text", [{"role": "user", "content": "..."}] or [1, 2, 3]', field="prompt")
+    if prompt and isinstance(prompt[0], dict):
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise UserError("chat messages need a model with a chat template", "pass plain text instead")
+        text = tok.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+        return tok.encode(text, add_special_tokens=False)
+    ids = [int(t) for t in prompt]
+    if any(t < 0 or t >= model.vocab_size for t in ids):
+        raise UserError("prompt token id out of range", f"ids must be in [0, {model.vocab_size})")
+    return ids
+
+
+def _is_messages_or_ids(prompt) -> bool:
+    """A list of chat messages (dicts) or of token ids (integers, not bools)."""
+    if not isinstance(prompt, (list, tuple)):
+        return False
+    return all(isinstance(p, dict) for p in prompt) or \
+        all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in prompt)
 
 
 def _check_fits(model: CausalLM, n_prompt: int, gen: GenerationConfig) -> None:
