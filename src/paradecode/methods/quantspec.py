@@ -93,7 +93,7 @@ class TwinDrafter(SharedCacheDrafter):
         return self.twin.forward(cache, ids, logits_for=logits_for)      # (1, T', V)
 
     def memory_bytes(self) -> int:
-        return self.twin.weight_bytes()
+        return self.twin.weight_bytes(held=True)
 
 
 @register

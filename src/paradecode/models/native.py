@@ -273,10 +273,13 @@ class NativeLlama(CausalLM):
                                              name=self.info.name, invariant=self.invariant)
         return self._twins[dtype]
 
-    def weight_bytes(self) -> int:
-        """Bytes of weights one decode step reads (the embedding table only via the LM head)."""
+    def weight_bytes(self, held: bool = False) -> int:
+        """Bytes of weights one decode step reads (the embedding table only via the LM head);
+        ``held=True``: every byte the weights occupy, a separate embedding table included."""
         ts = [self.lm_head, self.norm, *self.wqkv, *self.wo, *self.wgu, *self.wdown, *self.ln1, *self.ln2,
               *(b for b in self.bqkv if b is not None)]
+        if held and self.embed is not self.lm_head:
+            ts.append(self.embed)
         return sum(t.nbytes() if isinstance(t, (Int8Weight, Int4Weight)) else t.numel() * t.element_size() for t in ts)
 
     def matrices(self, layers: Sequence[int] | None = None) -> list:
