@@ -265,3 +265,21 @@ def test_backoff_is_cost_aware():
     assert off.allow() == 8
     off.update(8, 1, seconds=1.0)
     assert off.allow() == 8
+
+
+def test_backoff_resumes_what_it_learned():
+    """A later request starts from the earlier one's costs: a drafter that did not pay waits first."""
+    b = BackOff(8, first_wait=2, max_wait=8, alpha=1.0)
+    b.allow()
+    b.update(0, 0, seconds=0.010)
+    b.update(8, 0, seconds=0.040)                          # costly and rejected
+    later = BackOff(8, first_wait=2, max_wait=8, alpha=1.0).restore(b.snapshot())
+    assert later.plain_cost == b.plain_cost and later.draft_cost == b.draft_cost
+    assert later.allow() == 0 and later.wait > 0           # no new plain-cost measurement, no early probe
+    fresh = BackOff(8).restore(None)
+    assert fresh.allow() == 0 and fresh.plain_cost is None  # nothing learned: measure a plain step first
+    good = BackOff(8, alpha=1.0)
+    good.allow()
+    good.update(0, 0, seconds=0.010)
+    good.update(8, 8, seconds=0.020)
+    assert BackOff(8).restore(good.snapshot()).allow() == 8

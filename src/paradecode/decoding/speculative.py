@@ -160,6 +160,22 @@ class BackOff:
         """Seconds per token of drafted steps: one failed draft weighs its one token, not a whole step's."""
         return None if self.draft_avg is None else self.draft_avg[0] / self.draft_avg[1]
 
+    def snapshot(self) -> tuple:
+        """What this policy learned (costs, acceptance, probe spacing), to start a later request from."""
+        return self.plain_avg, self.draft_avg, self.ema, self._next_wait
+
+    def restore(self, learned: tuple | None) -> "BackOff":
+        """Start from what an earlier request on the same model and drafter learned (see :meth:`snapshot`).
+
+        A drafter whose drafts did not pay then waits before its first probe
+        instead of paying for the lesson again on every request.
+        """
+        if learned is not None:
+            self.plain_avg, self.draft_avg, self.ema, self._next_wait = learned
+            if self.enabled and self._struggling():
+                self.wait = self._next_wait
+        return self
+
     def _costs_known(self) -> bool:
         return self.cost_aware and self.plain_cost is not None and self.draft_cost is not None
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..decoding.sink import TokenSink
-from ..decoding.speculative import speculative_decode
+from ..decoding.speculative import BackOff, speculative_decode
 from ..drafters.chain import ChainDraftOptions, SharedCacheDrafter
 from ..drafters.layer_skip import SkipSearch, calibrate, skip_count
 from ..errors import UserError
@@ -58,6 +58,10 @@ def supports_layer_skipping(model: CausalLM) -> bool:
 
 # model -> {(layers to skip, calibration steps): the search run on the first prompt}
 _CALIBRATED: "weakref.WeakKeyDictionary[CausalLM, dict[tuple[int, int], SkipSearch]]" = weakref.WeakKeyDictionary()
+
+
+# model -> {config: what the back-off learned there (BackOff.snapshot)}
+_LEARNED: "weakref.WeakKeyDictionary[CausalLM, dict[SelfSpecConfig, tuple]]" = weakref.WeakKeyDictionary()
 
 
 class LayerSkipDrafter(SharedCacheDrafter):
@@ -112,5 +116,10 @@ class SelfSpec(Method):
         if not supports_layer_skipping(model):
             raise UserError(f"selfspec needs a backend that can skip layers; the {model.info.backend} backend cannot",
                             "load the model with --backend native (Llama, Mistral or Qwen2 checkpoints)")
-        speculative_decode(model, LayerSkipDrafter(self.config), prompt_ids, gen, sink,
-                           backoff=self.config.backoff)
+        drafter = LayerSkipDrafter(self.config)
+        # what the back-off learned on this model is kept like the calibration: a skip set whose drafts
+        # do not pay on this machine then costs one lesson, not one per request
+        learned = _LEARNED.setdefault(model, {})
+        backoff = BackOff(drafter.max_nodes, enabled=self.config.backoff).restore(learned.get(self.config))
+        speculative_decode(model, drafter, prompt_ids, gen, sink, backoff=backoff)
+        learned[self.config] = backoff.snapshot()
