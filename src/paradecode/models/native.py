@@ -34,6 +34,7 @@ Why the engine looks the way it does (measurements in ``docs/engine.md``):
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -141,6 +142,14 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(dtype)
+
+
+def release_free_memory() -> None:
+    """Hand memory that was freed back to the OS (glibc keeps it otherwise; resident size stays high)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):     # not glibc: nothing to do
+        pass
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -258,6 +267,8 @@ class NativeLlama(CausalLM):
             self.wdown.append(mat(p + "mlp.down_proj.weight"))
             self.ln1.append(vec(p + "input_layernorm.weight", torch.float32))
             self.ln2.append(vec(p + "post_attention_layernorm.weight", torch.float32))
+            if self.quantized:
+                release_free_memory()   # quantizing leaves freed float32 temporaries in the heap
 
     def twin(self, dtype: str) -> "NativeLlama":
         """The same checkpoint in another weight format (built once, then kept with this model).
