@@ -177,3 +177,9 @@ def check(cond: bool, field: str, problem: str, fix: str) -> None:
     """Config validation helper: raise a UserError naming the field."""
     if not cond:
         raise UserError(f"{field}: {problem}", fix, field=field)
+
+
+def check_range(value, lo: int, hi: int, field: str, example) -> None:
+    """An integer option must lie in lo..hi (inclusive); the fix suggests ``field=example``."""
+    check(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi, field,
+          f"must be an integer in {lo}..{hi}, got {value!r}", f"e.g. -o {field}={example}")

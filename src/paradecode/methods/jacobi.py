@@ -49,7 +49,7 @@ import torch
 from ..decoding.ngram_pool import lookup_continuation
 from ..errors import UserError
 from ..sampling import next_token
-from .base import Method, check, option, register
+from .base import Method, check, check_range, option, register
 from .plain import prefill
 
 Init = Literal["pad", "copy", "ngram"]
@@ -85,8 +85,7 @@ class JacobiConfig:
     max_iters: int = option(0, "re-initialise unconverged guesses after this many calls (0: never)")
 
     def validate(self) -> None:
-        check(isinstance(self.block_size, int) and 1 <= self.block_size <= 256, "block_size",
-              f"must be an integer in [1, 256], got {self.block_size!r}", "try -o block_size=4")
+        check_range(self.block_size, 1, 256, "block_size", 4)
         check(isinstance(self.max_iters, int) and self.max_iters >= 0, "max_iters",
               f"must be an integer ≥ 0, got {self.max_iters!r}", "use 0 for no limit")
 

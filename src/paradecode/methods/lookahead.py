@@ -47,7 +47,7 @@ from ..decoding.ngram_pool import NGramPool, ngrams_of
 from ..decoding.tree import Draft, node_depths, tree_attention_mask
 from ..decoding.verify import verify
 from ..sampling import next_token
-from .base import Method, check, option, register
+from .base import Method, check, check_range, option, register
 from .plain import prefill
 
 
@@ -119,12 +119,9 @@ class LookaheadConfig:
     prompt_seed: bool = option(True, "seed the pool with the prompt's n-grams")
 
     def validate(self) -> None:
-        check(isinstance(self.window, int) and 1 <= self.window <= 64, "window",
-              f"must be an integer in [1, 64], got {self.window!r}", "try -o window=3")
-        check(isinstance(self.ngram, int) and 2 <= self.ngram <= 16, "ngram",
-              f"must be an integer in [2, 16], got {self.ngram!r}", "try -o ngram=3")
-        check(isinstance(self.guesses, int) and 0 <= self.guesses <= 64, "guesses",
-              f"must be an integer in [0, 64], got {self.guesses!r}", "try -o guesses=2")
+        check_range(self.window, 1, 64, "window", 3)
+        check_range(self.ngram, 2, 16, "ngram", 3)
+        check_range(self.guesses, 0, 64, "guesses", 2)
         check(isinstance(self.pool_size, int) and self.pool_size >= 1, "pool_size",
               f"must be a positive integer, got {self.pool_size!r}", "try -o pool_size=4096")
 

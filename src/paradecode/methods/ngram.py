@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..decoding.speculative import Drafter, speculative_decode
 from ..decoding.tree import Draft
-from .base import Method, check, option, register
+from .base import Method, check, check_range, option, register
 
 
 class NgramModule:
@@ -124,9 +124,8 @@ class NgramConfig:
         check(self.max_order >= self.min_order, "max_order",
               f"must be ≥ min_order ({self.min_order}), got {self.max_order}", "e.g. max_order=4")
         check(self.max_order <= 16, "max_order", f"must be ≤ 16, got {self.max_order}", "e.g. max_order=4")
-        check(1 <= self.num_branches <= 16, "num_branches", f"must be in 1..16, got {self.num_branches}",
-              "e.g. num_branches=2")
-        check(1 <= self.depth <= 32, "depth", f"must be in 1..32, got {self.depth}", "e.g. depth=6")
+        check_range(self.num_branches, 1, 16, "num_branches", 2)
+        check_range(self.depth, 1, 32, "depth", 6)
 
 
 @register

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..decoding.speculative import Drafter, speculative_decode
 from ..decoding.tree import Draft
-from .base import Method, check, option, register
+from .base import Method, check, check_range, option, register
 
 
 def prompt_lookup(tokens: list[int], max_ngram: int, min_ngram: int, num_draft: int) -> list[int]:
@@ -68,8 +68,7 @@ class PLDConfig:
         check(self.min_ngram >= 1, "min_ngram", f"must be at least 1, got {self.min_ngram}", "use min_ngram=1")
         check(self.max_ngram >= self.min_ngram, "max_ngram",
               f"must be ≥ min_ngram ({self.min_ngram}), got {self.max_ngram}", "e.g. max_ngram=3 min_ngram=1")
-        check(1 <= self.num_draft_tokens <= 64, "num_draft_tokens",
-              f"must be in 1..64, got {self.num_draft_tokens}", "e.g. num_draft_tokens=10")
+        check_range(self.num_draft_tokens, 1, 64, "num_draft_tokens", 10)
 
 
 @register

@@ -39,7 +39,7 @@ from ..drafters.chain import ChainDraftOptions, SharedCacheDrafter
 from ..errors import UserError
 from ..models.base import CausalLM, KVCache
 from ..sampling import GenerationConfig
-from .base import Method, check, option, register
+from .base import Method, check, check_range, option, register
 from .pld import prompt_lookup
 
 
@@ -58,8 +58,7 @@ class QuantSpecConfig(ChainDraftOptions):
         super().validate()
         check(0 <= self.lookup_ngram <= 3, "lookup_ngram", f"must be in 0..3, got {self.lookup_ngram}",
               "use 2 (default), 1 for more matches, or 0 to draft only with the twin")
-        check(1 <= self.lookup_tokens <= 64, "lookup_tokens", f"must be in 1..64, got {self.lookup_tokens}",
-              "e.g. lookup_tokens=10")
+        check_range(self.lookup_tokens, 1, 64, "lookup_tokens", 10)
 
 
 class TwinDrafter(SharedCacheDrafter):

@@ -27,7 +27,7 @@ import torch
 
 from ..decoding.speculative import Drafter, speculative_decode
 from ..decoding.tree import Draft
-from .base import Method, check, option, register
+from .base import Method, check_range, option, register
 
 
 def tree_template(num_nodes: int, topk: int, max_depth: int) -> list[tuple[int, int]]:
@@ -136,10 +136,9 @@ class RecycleConfig:
                                  "token than plain decoding")
 
     def validate(self) -> None:
-        check(1 <= self.topk <= 32, "topk", f"must be in 1..32, got {self.topk}", "e.g. topk=8")
-        check(1 <= self.tree_nodes <= 128, "tree_nodes", f"must be in 1..128, got {self.tree_nodes}",
-              "e.g. tree_nodes=15")
-        check(1 <= self.max_depth <= 32, "max_depth", f"must be in 1..32, got {self.max_depth}", "e.g. max_depth=6")
+        check_range(self.topk, 1, 32, "topk", 8)
+        check_range(self.tree_nodes, 1, 128, "tree_nodes", 15)
+        check_range(self.max_depth, 1, 32, "max_depth", 6)
 
 
 @register

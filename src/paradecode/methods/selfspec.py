@@ -26,7 +26,7 @@ from ..drafters.layer_skip import SkipSearch, calibrate, skip_count
 from ..errors import UserError
 from ..models.base import CausalLM, KVCache
 from ..sampling import GenerationConfig
-from .base import Method, check, option, register
+from .base import Method, check, check_range, option, register
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,7 @@ class SelfSpecConfig(ChainDraftOptions):
         super().validate()
         check(0.0 <= self.skip_ratio < 1.0, "skip_ratio", f"must be in [0, 1), got {self.skip_ratio}",
               "use e.g. 0.2 (skip 20% of the layers)")
-        check(0 <= self.calibration_steps <= 200, "calibration_steps",
-              f"must be in [0, 200], got {self.calibration_steps}", "use e.g. 10, or 0 to skip calibration")
+        check_range(self.calibration_steps, 0, 200, "calibration_steps", 10)
         check(all(i >= 0 for i in self.skip_layers), "skip_layers", "layer indices must be ≥ 0",
               "pass layer numbers counted from 0, e.g. skip_layers=5,9,13")
 
