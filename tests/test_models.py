@@ -196,6 +196,21 @@ def test_position_invariance_default(default_formats, fmt):
     _assert_position_invariant(m, _ids(48, m.vocab_size, seed=6), prefix=32, block=8)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_position_invariance_after_a_long_prefix(default_formats, fmt):
+    """A block after ~250 cached tokens: the attention span's length differs between the block and its
+    single steps by up to 15 slots, across vector-tail boundaries; the aligned span keeps it exact."""
+    m = default_formats[fmt]
+    ids = _ids(300, m.vocab_size, seed=11)
+    for prefix, block in ((249, 4), (250, 16), (263, 6)):
+        c = m.new_cache(1, prefix + block + 8)
+        m.forward(c, ids[:, :prefix])
+        whole = m.forward(c, ids[:, prefix:prefix + block])
+        c.rollback(prefix)
+        singles = torch.cat([m.forward(c, ids[:, prefix + j:prefix + j + 1]) for j in range(block)], 1)
+        assert torch.equal(whole, singles), (fmt, prefix, block, float((whole - singles).abs().max()))
+
+
 def test_invariance_off_still_close(tiny_llama_pair):
     """``invariant=False`` (GEMV for single tokens) changes only the last bits."""
     from paradecode.models.native import NativeLlama

@@ -29,7 +29,9 @@ Why the engine looks the way it does (measurements in ``docs/engine.md``):
   (its GEMV sums long rows in another order). So float32 and bfloat16
   products are always given at least 4 rows, padded with zero rows; the int8
   kernel needs no padding. Attention rows are padded the same way, and
-  masked cache slots add exact zeros. Tested in ``tests/test_models.py``.
+  attention reduces over the cache in whole chunks of ``KV_CHUNK`` slots
+  (masked slots add exact zeros), so its sums have the same shape for a
+  token alone and in a block. Tested in ``tests/test_models.py``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
 MIN_ROWS = 4            # GEMM rows below which MKL (float32) / oneDNN (bfloat16) take a GEMV kernel
 ATTN_BLOCK = 1 << 22    # max score elements per attention matmul (long prompts go in query blocks)
+KV_CHUNK = 256          # attention reduces over the cache in chunks of this many slots (position invariance)
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,10 @@ class StaticKVCache(KVCache):
     def __init__(self, shape: LlamaShape, batch_size: int, capacity: int, dtype: torch.dtype = torch.float32):
         self.batch_size = batch_size
         self.capacity = capacity
-        self.k = torch.empty(shape.layers, batch_size, shape.kv_heads, shape.head_dim, capacity, dtype=dtype)
-        self.v = torch.empty(shape.layers, batch_size, shape.kv_heads, capacity, shape.head_dim, dtype=dtype)
+        slots = -(-capacity // KV_CHUNK) * KV_CHUNK      # storage for whole attention chunks
+        self.k = torch.empty(shape.layers, batch_size, shape.kv_heads, shape.head_dim, slots, dtype=dtype)
+        self.v = torch.empty(shape.layers, batch_size, shape.kv_heads, slots, shape.head_dim, dtype=dtype)
+        self.finite = 0         # slots below this hold finite numbers (written, or zeroed once)
         self.valid = torch.ones(batch_size, capacity, dtype=torch.bool)  # False: padding slot
         self._length = 0
         self._all_valid = True  # fast path: no padding anywhere in the filled part
@@ -150,6 +155,20 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):     # not glibc: nothing to do
         pass
+
+
+def _chunked_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``p @ v`` summed over fixed KV_CHUNK-slot chunks of the cache, in order.
+
+    Each chunk's product has the same shape in every call, and a chunk a row
+    may not see contributes exact zeros, so a row's result does not depend on
+    how many chunks the call spans.
+    """
+    S = p.shape[-1]
+    out = torch.matmul(p[..., :KV_CHUNK], v[..., :KV_CHUNK, :])
+    for c in range(KV_CHUNK, S, KV_CHUNK):
+        out += torch.matmul(p[..., c:c + KV_CHUNK], v[..., c:c + KV_CHUNK, :])
+    return out
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -341,6 +360,20 @@ class NativeLlama(CausalLM):
         else:
             cache.valid[:, L0:S] = True
         bias = self._mask_bias(cache, T, attn_mask, input_valid)          # (B, 1, 1, T, S) or None
+        # Attention spans the cache rounded up to whole KV_CHUNK-slot chunks, the extra slots masked
+        # (and finite: zeroed once): every softmax and p @ V reduction then runs over the same chunk
+        # shapes whether a token comes alone or in a block, so its rounding does not depend on the
+        # call size. (Over the exact length it did, once the cache passed ~250 tokens: a broken
+        # greedy identity in bfloat16/int4.)
+        Sa = -(-S // KV_CHUNK) * KV_CHUNK
+        if Sa > cache.finite:
+            cache.k[..., cache.finite:Sa] = 0.0
+            cache.v[:, :, :, cache.finite:Sa] = 0.0
+            cache.finite = Sa
+        if Sa > S:
+            if bias is None:
+                bias = torch.zeros(B, 1, 1, T, S)
+            bias = torch.cat([bias, bias.new_full((*bias.shape[:-1], Sa - S), float("-inf"))], dim=-1)
 
         Hq, Hkv, D, H = s.heads, s.kv_heads, s.head_dim, s.hidden
         G = Hq // Hkv
@@ -370,7 +403,7 @@ class NativeLlama(CausalLM):
             cache.v[i, :, :, L0:S] = qkv[:, :, Hq + Hkv:].transpose(1, 2)  # (B, Hkv, T, D)
             # (B, T, Hq, D) -> (B, Hkv, G, T, D): head h = kv * G + g
             torch.mul(qk[:, :, :Hq].view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4), scale, out=qview)
-            a = self._attend(qbuf, cache.k[i, :, :, :, :S], cache.v[i, :, :, :S], bias, M)  # (B, Hkv, Mp, D)
+            a = self._attend(qbuf, cache.k[i, :, :, :, :Sa], cache.v[i, :, :, :Sa], bias, M)  # (B, Hkv, Mp, D)
             aview.copy_(a[:, :, :M].view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4))  # (B, T, Hkv, G, D)
             x.add_(linear(abuf, self.wo[i]))
             h = F.rms_norm(x, (H,), self.ln2[i], s.eps).to(cdt)
@@ -403,17 +436,21 @@ class NativeLlama(CausalLM):
             if bias is not None:
                 G, T = M // bias.shape[3], bias.shape[3]
                 scores[:, :, :M].view(B, Hkv, G, T, S).add_(bias)
-            return torch.matmul(scores.softmax(-1), v)                   # (B, Hkv, Mp, D)
+            return _chunked_pv(scores.softmax(-1), v)                    # (B, Hkv, Mp, D)
         T = bias.shape[3]
         G = M // T
         out = torch.empty(B, Hkv, G, T, D)
-        step = max(1, ATTN_BLOCK // (S * B * Hkv * G))
+        # each product below has t rows (G is a batch dimension): keep t >= MIN_ROWS, the short tail
+        # going with the block before it, so the kernel is the one a padded whole call uses
+        step = max(MIN_ROWS, ATTN_BLOCK // (S * B * Hkv * G))
         qg = q[:, :, :M].view(B, Hkv, G, T, D)
-        for t0 in range(0, T, step):
-            t1 = min(T, t0 + step)
+        t0 = 0
+        while t0 < T:
+            t1 = T if T - t0 < step + MIN_ROWS else t0 + step
             sc = torch.matmul(qg[:, :, :, t0:t1], kt.unsqueeze(2))      # (B, Hkv, G, t, S)
             sc.add_(bias[..., t0:t1, :])
-            out[:, :, :, t0:t1] = torch.matmul(sc.softmax(-1), v.unsqueeze(2))
+            out[:, :, :, t0:t1] = _chunked_pv(sc.softmax(-1), v.unsqueeze(2))
+            t0 = t1
         return out.view(B, Hkv, M, D)
 
     @staticmethod
