@@ -245,12 +245,15 @@ class SharedCacheDrafter(ChainDrafter):
 
     def propose(self, context: list[int], max_nodes: int) -> Draft:
         start = self.cache.length                     # the target cache holds context[:start]
-        self.cached = context[:start]                 # so drafting feeds only the root and its own tokens
         try:
             return super().propose(context, max_nodes)
         finally:
             self.cache.rollback(start)
-            del self.cached[start:]
+            self.cached.clear()
+
+    def _catch_up(self, context: list[int]) -> torch.Tensor:
+        """The target cache holds every committed token but the root: feed just the root."""
+        return self._feed(context[self.cache.length:])
 
     def memory_bytes(self) -> int:
         return 0                                      # the cache is the target's
