@@ -190,19 +190,29 @@ def test_position_invariance_tiny(fmt):
     _assert_position_invariant(m, _ids(40, m.vocab_size, seed=5), prefix=20, block=8)
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """Run under 1 and 2 torch threads: threaded GEMMs deal rows out to threads in blocks."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_position_invariance_default(default_formats, fmt):
+def test_position_invariance_default(default_formats, fmt, threads):
     m = default_formats[fmt]
     _assert_position_invariant(m, _ids(48, m.vocab_size, seed=6), prefix=32, block=8)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_position_invariance_after_a_long_prefix(default_formats, fmt):
-    """A block after ~250 cached tokens: the attention span's length differs between the block and its
-    single steps by up to 15 slots, across vector-tail boundaries; the aligned span keeps it exact."""
+def test_position_invariance_after_a_long_prefix(default_formats, fmt, threads):
+    """Blocks of 4 to 16 after 60 to 509 cached tokens: their attention span differs from their single
+    steps' by up to 15 slots (over the exact span, past ~250 cached tokens, the rounding depended on the
+    call size), and blocks of 6 rows met 2-thread MKL's 4-row blocks (float32 failed at 125 and 263)."""
     m = default_formats[fmt]
-    ids = _ids(300, m.vocab_size, seed=11)
-    for prefix, block in ((249, 4), (250, 16), (263, 6)):
+    ids = _ids(540, m.vocab_size, seed=11)
+    for prefix, block in ((60, 8), (125, 6), (190, 4), (249, 4), (250, 16), (263, 6), (318, 4), (509, 6)):
         c = m.new_cache(1, prefix + block + 8)
         m.forward(c, ids[:, :prefix])
         whole = m.forward(c, ids[:, prefix:prefix + block])

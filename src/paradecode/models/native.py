@@ -26,12 +26,13 @@ Why the engine looks the way it does (measurements in ``docs/engine.md``):
   bit for bit, not only up to rounding). The bfloat16 and int8 kernels
   compute each row independently, but only within one kernel: float32 GEMM
   (MKL) switches kernels below 4 rows, bfloat16 (oneDNN) for a single row
-  (its GEMV sums long rows in another order). So float32 and bfloat16
-  products are always given at least 4 rows, padded with zero rows; the int8
-  kernel needs no padding. Attention rows are padded the same way, and
-  attention reduces over the cache in whole chunks of ``KV_CHUNK`` slots
-  (masked slots add exact zeros), so its sums have the same shape for a
-  token alone and in a block. Tested in ``tests/test_models.py``.
+  (its GEMV sums long rows in another order), and threaded MKL deals rows out
+  in blocks of 4, so a block of 6 rows ends in a 2-row GEMM. So float32 and
+  bfloat16 products always get a multiple of 4 rows, padded with zero rows;
+  the int8/int4 kernels need no padding. Attention rows are padded the same
+  way, and attention reduces over the cache in whole chunks of ``KV_CHUNK``
+  slots (masked slots add exact zeros), so its sums have the same shape for
+  a token alone and in a block. Tested in ``tests/test_models.py``.
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ from ..errors import UserError
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # weight format -> dtype of the activations fed to the projections
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
-MIN_ROWS = 4            # GEMM rows below which MKL (float32) / oneDNN (bfloat16) take a GEMV kernel
+MIN_ROWS = 4            # GEMM rows below which MKL (float32) / oneDNN (bfloat16) take a GEMV kernel;
+                        # threaded MKL splits rows in blocks of 4, so float32 rows are padded to a multiple
 ATTN_BLOCK = 1 << 22    # max score elements per attention matmul (long prompts go in query blocks)
-KV_CHUNK = 256          # attention reduces over the cache in chunks of this many slots (position invariance)
+KV_CHUNK = 256          # attention reduces over the cache in whole chunks of this many slots (position invariance)
 
 
 @dataclass(frozen=True)
@@ -160,15 +162,21 @@ def release_free_memory() -> None:
 def _chunked_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``p @ v`` summed over fixed KV_CHUNK-slot chunks of the cache, in order.
 
-    Each chunk's product has the same shape in every call, and a chunk a row
-    may not see contributes exact zeros, so a row's result does not depend on
-    how many chunks the call spans.
+    MKL's GEMM blocks its reduction in ways that depend on the total length;
+    a fixed chunk length pins them. Slots a row may not see (p = 0, v finite)
+    add exact zeros, so a row's result does not depend on how many chunks the
+    call spans.
     """
     S = p.shape[-1]
     out = torch.matmul(p[..., :KV_CHUNK], v[..., :KV_CHUNK, :])
     for c in range(KV_CHUNK, S, KV_CHUNK):
         out += torch.matmul(p[..., c:c + KV_CHUNK], v[..., c:c + KV_CHUNK, :])
     return out
+
+
+def _padded(rows: int) -> int:
+    """Rows rounded up to a multiple of MIN_ROWS (see the module docstring)."""
+    return -(-rows // MIN_ROWS) * MIN_ROWS
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -324,15 +332,6 @@ class NativeLlama(CausalLM):
         cap = min(capacity or self.shape.max_context, self.shape.max_context)
         return StaticKVCache(self.shape, batch_size, cap)
 
-    def _linear(self, x: torch.Tensor, w, b=None) -> torch.Tensor:
-        """Projection of x (B, T, K); float32/bfloat16 get ≥ MIN_ROWS rows (see module docstring)."""
-        B, T, K = x.shape
-        if self._pad_rows and B * T < MIN_ROWS:
-            xp = x.new_zeros(MIN_ROWS, K)                                # (4, K)
-            xp[:B * T] = x.reshape(B * T, K)
-            return F.linear(xp, w, b)[:B * T].view(B, T, -1)
-        return linear(x, w, b)
-
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.embed, Int8Weight):
             return self.embed.rows(ids)                                  # (B, T, H) float32
@@ -361,10 +360,11 @@ class NativeLlama(CausalLM):
             cache.valid[:, L0:S] = True
         bias = self._mask_bias(cache, T, attn_mask, input_valid)          # (B, 1, 1, T, S) or None
         # Attention spans the cache rounded up to whole KV_CHUNK-slot chunks, the extra slots masked
-        # (and finite: zeroed once): every softmax and p @ V reduction then runs over the same chunk
-        # shapes whether a token comes alone or in a block, so its rounding does not depend on the
-        # call size. (Over the exact length it did, once the cache passed ~250 tokens: a broken
-        # greedy identity in bfloat16/int4.)
+        # (and finite: zeroed once), and p @ V sums the chunks in order: every product then has the
+        # same shape whether a token comes alone or in a block, so its rounding does not depend on
+        # the call size. (Over the exact length it did, once the cache passed ~250 tokens: a broken
+        # greedy identity in bfloat16/int4. MKL's p @ V over 150 live slots gives other bits for
+        # K = 192 than for K = 256, so no shorter alignment with a partial last chunk is safe.)
         Sa = -(-S // KV_CHUNK) * KV_CHUNK
         if Sa > cache.finite:
             cache.k[..., cache.finite:Sa] = 0.0
@@ -381,12 +381,12 @@ class NativeLlama(CausalLM):
         BT = B * T
         cdt = self.dtype
         pad = self.invariant
-        qbuf = torch.zeros(B, Hkv, max(M, MIN_ROWS) if pad else M, D)   # zero rows pad tiny blocks
+        qbuf = torch.zeros(B, Hkv, _padded(M) if pad else M, D)          # zero rows pad the blocks
         qview = qbuf[:, :, :M].view(B, Hkv, G, T, D)
         scale = 1.0 / math.sqrt(D)
-        # The residual stream and the attention output keep >= MIN_ROWS rows when padding
-        # (float32/bfloat16), so every projection sees the same GEMM kernel at no extra op.
-        R = max(BT, MIN_ROWS) if self._pad_rows else BT
+        # The residual stream and the attention output keep a multiple of MIN_ROWS rows when padding
+        # (float32/bfloat16), so every projection sees the same GEMM kernels at no extra op.
+        R = _padded(BT) if self._pad_rows else BT
         x = self._embed(input_ids).view(BT, H)                           # (BT, H) float32
         if R > BT:
             x = torch.cat([x, x.new_zeros(R - BT, H)])                   # (R, H), rows >= BT are padding
@@ -415,8 +415,8 @@ class NativeLlama(CausalLM):
             x = x[:, logits_for]
         B2, T2 = x.shape[:2]
         x = x.reshape(B2 * T2, H)
-        if self._pad_rows and B2 * T2 < MIN_ROWS:
-            x = torch.cat([x, x.new_zeros(MIN_ROWS - B2 * T2, H)])
+        if self._pad_rows and B2 * T2 % MIN_ROWS:
+            x = torch.cat([x, x.new_zeros(_padded(B2 * T2) - B2 * T2, H)])
         h = F.rms_norm(x, (H,), self.norm, s.eps).to(cdt)
         return linear(h, self.lm_head)[:B2 * T2].float().view(B2, T2, -1)  # (B, T', V)
 
