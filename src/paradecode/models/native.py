@@ -168,6 +168,8 @@ def _chunked_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     call spans.
     """
     S = p.shape[-1]
+    if S == KV_CHUNK:
+        return torch.matmul(p, v)
     out = torch.matmul(p[..., :KV_CHUNK], v[..., :KV_CHUNK, :])
     for c in range(KV_CHUNK, S, KV_CHUNK):
         out += torch.matmul(p[..., c:c + KV_CHUNK], v[..., c:c + KV_CHUNK, :])
@@ -380,10 +382,19 @@ class NativeLlama(CausalLM):
         M = G * T                                                        # query rows per kv head
         BT = B * T
         cdt = self.dtype
-        pad = self.invariant
-        qbuf = torch.zeros(B, Hkv, _padded(M) if pad else M, D)          # zero rows pad the blocks
+        Mp = _padded(M) if self.invariant else M
+        qbuf = torch.zeros(B, Hkv, Mp, D)                                # zero rows pad the blocks
         qview = qbuf[:, :, :M].view(B, Hkv, G, T, D)
         scale = 1.0 / math.sqrt(D)
+        small = Mp * Sa * B * Hkv <= ATTN_BLOCK
+        if small and bias is not None:
+            # one (B, 1, Mp, Sa) bias in the query rows' (G, T) order: a single add per layer
+            bias = torch.cat([bias.expand(B, 1, G, T, Sa).reshape(B, 1, M, Sa),
+                              bias.new_zeros(B, 1, Mp - M, Sa)], dim=2) if Mp > M else \
+                bias.expand(B, 1, G, T, Sa).reshape(B, 1, M, Sa)
+        # views taken once per call, not per layer
+        k_new, v_new = cache.k[..., L0:S], cache.v[:, :, :, L0:S]        # (L, B, Hkv, D, T), (L, B, Hkv, T, D)
+        k_att, v_att = cache.k[..., :Sa], cache.v[:, :, :, :Sa]          # (L, B, Hkv, D, Sa), (L, B, Hkv, Sa, D)
         # The residual stream and the attention output keep a multiple of MIN_ROWS rows when padding
         # (float32/bfloat16), so every projection sees the same GEMM kernels at no extra op.
         R = _padded(BT) if self._pad_rows else BT
@@ -395,15 +406,21 @@ class NativeLlama(CausalLM):
 
         for i in (self.layers_all if layers is None else layers):
             h = F.rms_norm(x, (H,), self.ln1[i], s.eps).to(cdt)          # (R, H)
-            qkv = linear(h, self.wqkv[i], self.bqkv[i])[:BT].float()     # (BT, (Hq+2Hkv)*D)
-            qkv = qkv.view(B, T, Hq + 2 * Hkv, D)
+            qkv = linear(h, self.wqkv[i], self.bqkv[i])
+            qkv = (qkv[:BT] if R > BT else qkv).float().view(B, T, Hq + 2 * Hkv, D)
             qk = qkv[:, :, :Hq + Hkv]                                    # (B, T, Hq+Hkv, D)
             qk = torch.addcmul(qk * cos, qk @ self.rot_half, sin)        # RoPE on q and k at once
-            cache.k[i, :, :, :, L0:S] = qk[:, :, Hq:].permute(0, 2, 3, 1)  # (B, Hkv, D, T)
-            cache.v[i, :, :, L0:S] = qkv[:, :, Hq + Hkv:].transpose(1, 2)  # (B, Hkv, T, D)
+            k_new[i].copy_(qk[:, :, Hq:].permute(0, 2, 3, 1))            # (B, Hkv, D, T)
+            v_new[i].copy_(qkv[:, :, Hq + Hkv:].transpose(1, 2))         # (B, Hkv, T, D)
             # (B, T, Hq, D) -> (B, Hkv, G, T, D): head h = kv * G + g
             torch.mul(qk[:, :, :Hq].view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4), scale, out=qview)
-            a = self._attend(qbuf, cache.k[i, :, :, :, :Sa], cache.v[i, :, :, :Sa], bias, M)  # (B, Hkv, Mp, D)
+            if small:
+                scores = torch.matmul(qbuf, k_att[i])                   # (B, Hkv, Mp, Sa)
+                if bias is not None:
+                    scores.add_(bias)
+                a = _chunked_pv(scores.softmax(-1), v_att[i])            # (B, Hkv, Mp, D)
+            else:
+                a = self._attend_blocked(qbuf, k_att[i], v_att[i], bias, M)
             aview.copy_(a[:, :, :M].view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4))  # (B, T, Hkv, G, D)
             x.add_(linear(abuf, self.wo[i]))
             h = F.rms_norm(x, (H,), self.ln2[i], s.eps).to(cdt)
@@ -421,22 +438,18 @@ class NativeLlama(CausalLM):
         return linear(h, self.lm_head)[:B2 * T2].float().view(B2, T2, -1)  # (B, T', V)
 
     @staticmethod
-    def _attend(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                M: int) -> torch.Tensor:
-        """Softmax attention of query rows q (B, Hkv, Mp, D) against keys kt (B, Hkv, D, S), values v (B, Hkv, S, D).
+    def _attend_blocked(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                        M: int) -> torch.Tensor:
+        """Softmax attention of query rows q (B, Hkv, Mp, D) against keys kt (B, Hkv, D, S), values
+        v (B, Hkv, S, D), in blocks of query rows (a long block's whole score matrix would be large).
 
-        Rows beyond M are padding. ``bias`` (B, 1, 1, T, S) is 0 / -inf with
-        rows ordered (G, T). Long blocks are split into query chunks to bound
-        the score matrix; rows are independent, so chunking changes nothing.
+        Rows beyond M are padding. ``bias`` (B, 1, 1, T, S) is 0 / -inf with rows
+        ordered (G, T); rows are independent, so blocking changes nothing.
         """
         B, Hkv, Mp, D = q.shape
         S = kt.shape[3]
-        if Mp * S * B * Hkv <= ATTN_BLOCK or bias is None:
-            scores = torch.matmul(q, kt)                                 # (B, Hkv, Mp, S)
-            if bias is not None:
-                G, T = M // bias.shape[3], bias.shape[3]
-                scores[:, :, :M].view(B, Hkv, G, T, S).add_(bias)
-            return _chunked_pv(scores.softmax(-1), v)                    # (B, Hkv, Mp, D)
+        if bias is None:
+            return _chunked_pv(torch.matmul(q, kt).softmax(-1), v)
         T = bias.shape[3]
         G = M // T
         out = torch.empty(B, Hkv, G, T, D)

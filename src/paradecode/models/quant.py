@@ -124,13 +124,13 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
     """``F.linear`` that also takes an :class:`Int8Weight` or :class:`Int4Weight` (then ``x`` must be bfloat16)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if isinstance(w, Int8Weight):
         y = torch.ops.aten._weight_int8pack_mm(x2, w.q, w.scale)                          # (M, N)
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w.packed, w.group, w.scale_zero)
         if y.shape[1] != w.n:
             y = y[:, :w.n]                                                             # drop padding rows
-    y = y.view(*lead, y.shape[-1])
+    if x.dim() != 2:
+        y = y.view(*x.shape[:-1], y.shape[-1])
     return y if bias is None else y + bias
