@@ -275,7 +275,8 @@ def test_backoff_resumes_what_it_learned():
     b.update(8, 0, seconds=0.040)                          # costly and rejected
     later = BackOff(8, first_wait=2, max_wait=8, alpha=1.0).restore(b.snapshot())
     assert later.plain_cost == b.plain_cost and later.draft_cost == b.draft_cost
-    assert later.allow() == 0 and later.wait > 0           # no new plain-cost measurement, no early probe
+    assert later.allow() == 0                              # no new plain-cost measurement, no early probe
+    assert later.wait == b.wait - 1 == 7                   # as long a wait as the failed draft earned
     fresh = BackOff(8).restore(None)
     assert fresh.allow() == 0 and fresh.plain_cost is None  # nothing learned: measure a plain step first
     good = BackOff(8, alpha=1.0)

@@ -129,6 +129,7 @@ class BackOff:
     wait: int = field(init=False, default=0)
     plain_steps: int = field(init=False, default=0)
     _next_wait: int = field(init=False, default=0)
+    _spacing: int = field(init=False, default=0)     # plain steps set after the last failed draft
 
     def __post_init__(self) -> None:
         self._next_wait = self.first_wait
@@ -162,18 +163,20 @@ class BackOff:
 
     def snapshot(self) -> tuple:
         """What this policy learned (costs, acceptance, probe spacing), to start a later request from."""
-        return self.plain_avg, self.draft_avg, self.ema, self._next_wait
+        return self.plain_avg, self.draft_avg, self.ema, self._next_wait, self._spacing
 
     def restore(self, learned: tuple | None) -> "BackOff":
         """Start from what an earlier request on the same model and drafter learned (see :meth:`snapshot`).
 
-        A drafter whose drafts did not pay then waits before its first probe
-        instead of paying for the lesson again on every request.
+        A drafter whose drafts did not pay then waits before its first probe as
+        long as it would have after its last failed draft (a costly drafter's
+        probe amortised to ``probe_overhead``) instead of paying for the lesson
+        again early in every request.
         """
         if learned is not None:
-            self.plain_avg, self.draft_avg, self.ema, self._next_wait = learned
+            self.plain_avg, self.draft_avg, self.ema, self._next_wait, self._spacing = learned
             if self.enabled and self._struggling():
-                self.wait = self._next_wait
+                self.wait = max(self._next_wait, self._spacing)
         return self
 
     def _costs_known(self) -> bool:
@@ -207,7 +210,7 @@ class BackOff:
             return
         if probing:                                                  # a failed probe
             self._next_wait = min(self.max_wait, self._next_wait * 2)
-        self.wait = max(self._next_wait, self._wait_to_amortise(seconds, accepted))
+        self.wait = self._spacing = max(self._next_wait, self._wait_to_amortise(seconds, accepted))
 
     def _wait_to_amortise(self, seconds: float | None, accepted: int) -> int:
         """Plain steps needed so that this failed step's extra time is at most ``probe_overhead`` of them.
