@@ -29,7 +29,11 @@ Why the engine looks the way it does (measurements in ``docs/engine.md``):
   (its GEMV sums long rows in another order), and threaded MKL deals rows out
   in blocks of 4, so a block of 6 rows ends in a 2-row GEMM. So float32 and
   bfloat16 products always get a multiple of 4 rows, padded with zero rows;
-  the int8/int4 kernels need no padding. Attention rows are padded the same
+  the int8/int4 kernels need no padding. Larger blocks switch kernels too, at
+  row counts that depend on the CPU, the shape and the thread count (on an
+  Intel Xeon, MKL float32 at 16 rows for K = 576): a block is split into GEMMs
+  of at most as many rows as a probe (``_max_rows``, once per shape and thread
+  count) found to keep the 4-row kernel's bits. Attention rows are padded the same
   way, and attention reduces over the cache in whole chunks of ``KV_CHUNK``
   slots (masked slots add exact zeros), so its sums have the same shape for
   a token alone and in a block. Tested in ``tests/test_models.py``.
@@ -54,6 +58,12 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
 MIN_ROWS = 4            # GEMM rows below which MKL (float32) / oneDNN (bfloat16) take a GEMV kernel;
                         # threaded MKL splits rows in blocks of 4, so float32 rows are padded to a multiple
+# A float32 / bfloat16 projection of a decode-sized call (up to SPLIT_ROWS rows) runs in row blocks no
+# larger than what `_max_rows` found to keep the kernel of a 4-row call: BLAS libraries switch GEMM
+# kernels at row counts that depend on the CPU, the shape and the thread count (MKL float32 on an Intel
+# Xeon: 2-15 rows vs 16+ for K = 576, 2-5 vs 6+ for K = 128; oneDNN bfloat16: up to 32 vs 33+).
+PROBE_ROWS = 32         # the largest row block tried
+SPLIT_ROWS = 128        # calls with more rows (long prompts) run whole: fast prefill, no invariance needed
 ATTN_BLOCK = 1 << 22    # max score elements per attention matmul (long prompts go in query blocks)
 KV_CHUNK = 256          # attention reduces over the cache in whole chunks of this many slots (position invariance)
 
@@ -179,6 +189,41 @@ def _chunked_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _padded(rows: int) -> int:
     """Rows rounded up to a multiple of MIN_ROWS (see the module docstring)."""
     return -(-rows // MIN_ROWS) * MIN_ROWS
+
+
+_MAX_ROWS: dict[tuple, int] = {}
+
+
+def _max_rows(w: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """The largest multiple of MIN_ROWS (up to PROBE_ROWS) such that every call of MIN_ROWS, 2*MIN_ROWS,
+    ... up to it rows through ``F.linear`` with ``w``'s shape, dtype and the current thread count gives
+    each row the bits it gets in a MIN_ROWS-row call. Probed once per key on random data."""
+    key = (torch.get_num_threads(), w.dtype, tuple(w.shape), bias is not None)
+    rows = _MAX_ROWS.get(key)
+    if rows is None:
+        g = torch.Generator().manual_seed(0)
+        wr = torch.randn(w.shape, generator=g).to(w.dtype)
+        br = None if bias is None else torch.randn(bias.shape, generator=g).to(bias.dtype)
+        x = torch.randn(PROBE_ROWS, w.shape[1], generator=g).to(w.dtype)
+        ref = torch.cat([F.linear(x[r:r + MIN_ROWS], wr, br) for r in range(0, PROBE_ROWS, MIN_ROWS)])
+        rows = MIN_ROWS
+        while rows < PROBE_ROWS and torch.equal(F.linear(x[:rows + MIN_ROWS], wr, br), ref[:rows + MIN_ROWS]):
+            rows += MIN_ROWS
+        _MAX_ROWS[key] = rows
+    return rows
+
+
+def _split_rows(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(x, w, bias)`` for a padded float32/bfloat16 call: over row blocks of at most
+    ``_max_rows`` rows when ``x`` has more (up to SPLIT_ROWS), so that every row is computed by the
+    GEMM kernel a single padded token uses."""
+    R = x.shape[0]
+    if R <= MIN_ROWS or R > SPLIT_ROWS:
+        return linear(x, w, bias)
+    chunk = _max_rows(w, bias)
+    if R <= chunk:
+        return linear(x, w, bias)
+    return torch.cat([linear(x[r:r + chunk], w, bias) for r in range(0, R, chunk)])
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -401,12 +446,13 @@ class NativeLlama(CausalLM):
         x = self._embed(input_ids).view(BT, H)                           # (BT, H) float32
         if R > BT:
             x = torch.cat([x, x.new_zeros(R - BT, H)])                   # (R, H), rows >= BT are padding
+        proj = _split_rows if self._pad_rows else linear              # see _max_rows
         abuf = torch.zeros(R, Hq * D, dtype=cdt)                         # attention output, (R, Hq*D)
         aview = abuf[:BT].view(B, T, Hkv, G, D)
 
         for i in (self.layers_all if layers is None else layers):
             h = F.rms_norm(x, (H,), self.ln1[i], s.eps).to(cdt)          # (R, H)
-            qkv = linear(h, self.wqkv[i], self.bqkv[i])
+            qkv = proj(h, self.wqkv[i], self.bqkv[i])
             qkv = (qkv[:BT] if R > BT else qkv).float().view(B, T, Hq + 2 * Hkv, D)
             qk = qkv[:, :, :Hq + Hkv]                                    # (B, T, Hq+Hkv, D)
             qk = torch.addcmul(qk * cos, qk @ self.rot_half, sin)        # RoPE on q and k at once
@@ -422,10 +468,10 @@ class NativeLlama(CausalLM):
             else:
                 a = self._attend_blocked(qbuf, k_att[i], v_att[i], bias, M)
             aview.copy_(a[:, :, :M].view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4))  # (B, T, Hkv, G, D)
-            x.add_(linear(abuf, self.wo[i]))
+            x.add_(proj(abuf, self.wo[i]))
             h = F.rms_norm(x, (H,), self.ln2[i], s.eps).to(cdt)
-            gate, up = linear(h, self.wgu[i]).chunk(2, dim=-1)           # (R, I) each
-            x.add_(linear(F.silu(gate) * up, self.wdown[i]))
+            gate, up = proj(h, self.wgu[i]).chunk(2, dim=-1)           # (R, I) each
+            x.add_(proj(F.silu(gate) * up, self.wdown[i]))
         cache._length = S
         x = x[:BT].view(B, T, H)
         if logits_for is not None:
@@ -435,7 +481,7 @@ class NativeLlama(CausalLM):
         if self._pad_rows and B2 * T2 % MIN_ROWS:
             x = torch.cat([x, x.new_zeros(_padded(B2 * T2) - B2 * T2, H)])
         h = F.rms_norm(x, (H,), self.norm, s.eps).to(cdt)
-        return linear(h, self.lm_head)[:B2 * T2].float().view(B2, T2, -1)  # (B, T', V)
+        return proj(h, self.lm_head)[:B2 * T2].float().view(B2, T2, -1)  # (B, T', V)
 
     @staticmethod
     def _attend_blocked(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
