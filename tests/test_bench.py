@@ -248,3 +248,31 @@ def test_llamacpp_peer_decodes_greedily_from_the_default_gguf():
     assert 0 < len(tokens) <= 8 and all(type(t) is int for t in tokens)
     assert wall > 0
     assert peer.generate(ids, 8)[0] == tokens                      # greedy: the same tokens every time
+
+
+@pytest.mark.parametrize("returncode, stderr, expected", [
+    (0, "", None),
+    (-11, "", "crashed in a smoke test (signal 11)"),
+    (1, "Traceback ...\nValueError: Failed to load model from file", "Failed to load model"),
+])
+def test_llamacpp_smoke_test_turns_a_crashing_build_into_a_skip_note(monkeypatch, tmp_path, returncode,
+                                                                    stderr, expected):
+    import subprocess
+
+    from paradecode.bench import peers
+
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, returncode, "", stderr)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    note = peers.smoke_test_llama(tmp_path / "m.gguf")
+    assert seen["cmd"][-1] == str(tmp_path / "m.gguf")            # the child decodes the same file
+    if expected is None:
+        assert note is None
+    else:
+        assert expected in note
+    if returncode < 0:
+        assert "AMX" in note and "--no-binary llama-cpp-python" in note   # says how to fix it

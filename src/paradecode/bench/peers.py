@@ -171,6 +171,37 @@ def llama_greedy(llm, ids: list[int], max_new_tokens: int, eos: Collection[int] 
     return out
 
 
+# A build of llama-cpp-python can crash the process inside a CPU kernel (a wheel compiled on a
+# machine with AMX segfaulted in ggml_backend_amx_mul_mat here). A crash cannot be caught, so
+# two tokens are decoded in a child process first and the peer is skipped if that child dies.
+_SMOKE = """
+import sys
+from paradecode.bench.peers import open_llama, llama_greedy
+llama_greedy(open_llama(sys.argv[1], 1, n_ctx=64), [1, 2, 3], 2)
+"""
+LLAMA_REBUILD = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_INT8=OFF" '
+                 "pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python")
+
+
+def smoke_test_llama(gguf: Path, timeout: float = 120.0) -> str | None:
+    """None if llama.cpp decodes ``gguf`` in a child process, else a note saying how it failed."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _SMOKE, str(gguf)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"llama.cpp did not decode 2 tokens within {timeout:.0f} s in a smoke test"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        return (f"llama.cpp crashed in a smoke test (signal {-done.returncode}); this build does not run "
+                f"on this CPU: rebuild it without AMX, e.g. {LLAMA_REBUILD}")
+    last = (done.stderr.strip().splitlines() or ["no error output"])[-1]
+    return f"llama.cpp failed in a smoke test: {last}"
+
+
 class LlamaCpp(Peer):
     name = "llama.cpp"
     summary = "llama-cpp-python on the same GGUF file, greedy (top-k 1)"
@@ -181,6 +212,9 @@ class LlamaCpp(Peer):
         gguf = self.ctx.gguf_path()
         if gguf is None:
             return "llama.cpp needs a GGUF file (the default model or a --model path ending in .gguf)"
+        crash = smoke_test_llama(gguf)
+        if crash is not None:
+            return crash
         import torch
 
         self.llm = open_llama(gguf, self.ctx.threads or torch.get_num_threads())
