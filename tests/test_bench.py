@@ -9,7 +9,7 @@ import pytest
 
 from paradecode.bench.metrics import aggregate, first_difference, per_prompt
 from paradecode.bench.prompts import CATEGORIES, BenchPrompt, load_prompts, load_suite
-from paradecode.bench.runner import RESULTS_FILE, BenchConfig, LoadedModel, parse_sweep, run_benchmark
+from paradecode.bench.runner import RESULTS_FILE, BenchConfig, parse_sweep, run_benchmark
 from paradecode.errors import UserError
 from paradecode.methods.base import REGISTRY, option, register
 from paradecode.methods.plain import Plain

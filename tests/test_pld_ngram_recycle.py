@@ -15,7 +15,7 @@ from paradecode.methods import get_method
 from paradecode.methods.ngram import NgramModule, ngram_tree
 from paradecode.methods.pld import prompt_lookup
 from paradecode.methods.recycle import RecyclingDrafter, expand_template, tree_template
-from paradecode.decoding.tree import node_depths, path_to
+from paradecode.decoding.tree import node_depths
 from paradecode.decoding.verify import Verdict
 from paradecode.decoding.tree import Draft
 from prompts import PROMPTS

@@ -18,7 +18,7 @@ from paradecode.api import generate
 from paradecode.drafters.layer_skip import agreement, calibrate, search_skip_set, seed_sets, skip_count, skippable
 from paradecode.errors import UserError
 from paradecode.methods.base import get_method
-from paradecode.models.tiny import tiny_model, tiny_pair
+from paradecode.models.tiny import tiny_model
 from paradecode.sampling import GenerationConfig
 
 from prompts import PROMPTS

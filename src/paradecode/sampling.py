@@ -6,7 +6,7 @@ decoding and every verifier see the same target distribution.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

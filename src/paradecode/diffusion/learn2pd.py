@@ -16,7 +16,6 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 

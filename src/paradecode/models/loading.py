@@ -15,7 +15,6 @@ import importlib.util
 import json
 import os
 import shutil
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
