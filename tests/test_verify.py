@@ -191,12 +191,25 @@ def test_greedy_chain_prefix_and_recovered_token():
 
 def test_greedy_tree_descends_matching_child():
     gen = GenerationConfig()
-    #   root ─ 1 ─ 5        nodes: 0:1  1:2  2:5(parent 0)  3:6(parent 1)  4:7(parent 1)
-    #        └ 2 ─ 6
-    #            └ 7
-    d = Draft([1, 2, 5, 6, 7], [-1, -1, 0, 1, 1])
+    #   root ─ 2 ─ 6        pre-order nodes: 0:2  1:7(parent 0)  2:6(parent 0)  3:1  4:5(parent 3)
+    #        │   └ 7
+    #        └ 1 ─ 5
+    d = Draft([2, 7, 6, 1, 5], [-1, 0, 0, -1, 3])
+    assert d.chain_prefix == 2
     # target: root -> 2, after 2 -> 7, after 7 -> 4
-    logits = _onehot_logits([2, 0, 0, 0, 0, 4])
-    logits[2] = _onehot_logits([7])[0]                                 # row of node 1 (token 2)
+    logits = _onehot_logits([2, 7, 4, 0, 0, 0])
     v = verify(logits, d, gen)
-    assert v.accepted_nodes == [1, 4] and v.tokens == [2, 7, 4]
+    assert v.accepted_nodes == [0, 1] and v.tokens == [2, 7, 4]
+
+
+def test_greedy_tree_stops_at_a_node_outside_the_chain_prefix():
+    """A node off the first path has logits that are only close to plain decoding's: its token (chosen by its
+    parent's exact logits) ends the call and nothing below it is accepted, even where the draft matched."""
+    gen = GenerationConfig()
+    d = Draft([2, 7, 6, 1, 5], [-1, 0, 0, -1, 3])          # as above
+    logits = _onehot_logits([1, 0, 0, 0, 5, 3])             # root -> 1 (node 3), after 1 -> 5 (node 4)
+    v = verify(logits, d, gen)
+    assert v.accepted_nodes == [] and v.tokens == [1]
+    logits = _onehot_logits([2, 6, 0, 3, 0, 0])             # root -> 2, after 2 -> 6 (node 2, off the prefix)
+    v = verify(logits, d, gen)
+    assert v.accepted_nodes == [0] and v.tokens == [2, 6]

@@ -261,7 +261,7 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
         budget = min(backoff.allow(), room)
         with stats.timing("draft"):
             draft = drafter.propose(context, budget) if budget > 0 else Draft.empty()
-            draft = draft.truncate(budget, max_depth=sink.remaining - 1)
+            draft = draft.truncate(budget, max_depth=sink.remaining - 1).preorder()   # see verify()
         stats.draft_tokens += len(draft)
 
         with stats.timing("verify"):

@@ -66,6 +66,48 @@ class Draft:
     def is_chain(self) -> bool:
         return self.parents == list(range(-1, len(self.parents) - 1))
 
+    @property
+    def chain_prefix(self) -> int:
+        """How many leading nodes form a chain below the root (node i the child of node i - 1).
+
+        Flattened for verification, these nodes sit exactly where a chain call would put
+        them, see the same keys at the same cache slots and so get the logits of plain
+        decoding bit for bit; any other node's attention sums its keys in another order.
+
+        >>> Draft([5, 6, 7, 8], [-1, 0, 1, 0]).chain_prefix
+        3
+        """
+        k = 0
+        while k < len(self.parents) and self.parents[k] == k - 1:
+            k += 1
+        return k
+
+    def preorder(self) -> "Draft":
+        """The same tree with its nodes in depth-first pre-order, each node's children in draft order.
+
+        A drafter lists a node's likeliest child first, so this lays the likeliest path out
+        as the longest possible :attr:`chain_prefix`.
+
+        >>> d = Draft([1, 2, 3, 4], [-1, -1, 0, 1]).preorder()
+        >>> d.tokens, d.parents
+        ([1, 3, 2, 4], [-1, 0, -1, 2])
+        """
+        kids: dict[int, list[int]] = {}
+        for i, p in enumerate(self.parents):
+            kids.setdefault(p, []).append(i)
+        order: list[int] = []
+        stack = list(reversed(kids.get(-1, [])))
+        while stack:
+            i = stack.pop()
+            order.append(i)
+            stack.extend(reversed(kids.get(i, [])))
+        if order == list(range(len(self))):
+            return self
+        new_index = {old: new for new, old in enumerate(order)}
+        parents = [-1 if self.parents[i] == -1 else new_index[self.parents[i]] for i in order]
+        q = None if self.q is None else self.q[order]
+        return Draft([self.tokens[i] for i in order], parents, q)
+
     def children(self, node: int) -> list[int]:
         """Children of ``node`` (-1 = the root), in draft order."""
         return [i for i, p in enumerate(self.parents) if p == node]

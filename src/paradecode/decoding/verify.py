@@ -25,6 +25,15 @@ drafts use a one-hot ``q``, which reduces to "accept ``x`` with probability
 ``r(x)``, else remove ``x`` from ``r`` and renormalise". The produced tokens
 follow the target distribution exactly, provided each node's ``q`` row is the
 distribution it was really drawn from (given its path and earlier siblings).
+
+Only nodes in the draft's :attr:`~paradecode.decoding.tree.Draft.chain_prefix`
+get logits that equal plain decoding's bit for bit; a node elsewhere in a tree
+sees its ancestors at other cache slots, so its attention sums in another order
+(last-bit differences, which a low-precision format can turn into a flipped
+near-tie). So the walk never uses the logits of a node outside that prefix:
+when it accepts such a node, the node's token (chosen from its parent's exact
+logits) is the call's last token, and its key/value is not kept. Lay the
+likeliest path out first (:meth:`Draft.preorder`) to keep this rare.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ def verify(logits: torch.Tensor, draft: Draft, gen: GenerationConfig,
     for i, p in enumerate(draft.parents):
         children.setdefault(p, []).append(i)
 
+    exact = draft.chain_prefix                                        # nodes with plain decoding's logits
     accepted: list[int] = []
     tokens: list[int] = []
     out_probs: list[float] = []
@@ -83,9 +93,11 @@ def verify(logits: torch.Tensor, draft: Draft, gen: GenerationConfig,
             tokens.append(tok)
             out_probs.append(float(probs[node + 1, tok]))
             return Verdict(accepted, tokens, out_probs, draft)
-        accepted.append(picked)
         tokens.append(draft.tokens[picked])
         out_probs.append(float(probs[node + 1, draft.tokens[picked]]))
+        if picked >= exact:                  # its own logits are not plain decoding's: stop at its token
+            return Verdict(accepted, tokens, out_probs, draft)
+        accepted.append(picked)
         node = picked
 
 

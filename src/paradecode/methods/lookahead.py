@@ -160,12 +160,19 @@ class Lookahead(Method):
                 L = len(levels)
                 if start + 1 + L * W + len(draft) > cache.capacity:    # near the context limit: no lookahead
                     L = 0
+                draft = draft.preorder()
                 mask, offsets = lookahead_layout(L, W, draft.parents)  # (T, T), (T,)
                 ids = [context[-1]] + [t for lvl in levels[:L] for t in lvl] + draft.tokens
+                # the call itself puts the tree right after t0 and the window after it: the tree's first
+                # path then sits where plain decoding puts those tokens (exact logits, see verify())
+                n = len(draft)
+                order = [0] + list(range(1 + L * W, 1 + L * W + n)) + list(range(1, 1 + L * W))
+                mask, offsets = mask[order][:, order], offsets[order]
+                ids = [ids[i] for i in order]
             stats.draft_tokens += len(draft)
             with stats.timing("verify"):
-                ver = [0] + [1 + L * W + i for i in range(len(draft))]   # slots of t0 and the tree
-                newest = list(range(1 + (L - 1) * W, 1 + L * W)) if L else []  # slots of the newest level
+                ver = list(range(1 + n))                             # slots of t0 and the tree
+                newest = list(range(1 + n + (L - 1) * W, 1 + n + L * W)) if L else []  # the newest level
                 # logits only where they are used: t0, the tree, the newest level (saves lm_head rows)
                 logits = model.forward(cache, torch.tensor([ids]), (start + offsets)[None], mask[None],
                                        logits_for=torch.tensor(ver + newest))[0]  # (1 + n + W, V)
