@@ -42,6 +42,9 @@ from pathlib import Path
 
 import torch
 
+from paradecode.models.native import MIN_ROWS
+from paradecode.models.quant import linear
+
 FORMATS = ("float32", "bfloat16", "int8", "int4")
 LLAMACPP_EXTRA_FORMATS = ()   # formats compared with llama.cpp's Q4_1 beyond FORMATS
 BLOCKS = (1, 4, 8, 16, 32, 64)
@@ -126,13 +129,15 @@ def bench_step_vs_matmuls(models, reps: int, bandwidth: float, prompt_len: int =
     bare = {f: [] for f in models}
     for _ in range(reps + 1):
         for f, m in models.items():
-            xs = {k: torch.randn(1, 1, k).to(m.dtype) for k in (m.shape.hidden, m.shape.heads * m.shape.head_dim,
-                                                              m.shape.intermediate)}
+            # the rows a one-token step feeds each projection: padded to MIN_ROWS in float32/bfloat16
+            rows = MIN_ROWS if m._pad_rows else 1
+            xs = {k: torch.randn(rows, k).to(m.dtype) for k in (m.shape.hidden, m.shape.heads * m.shape.head_dim,
+                                                               m.shape.intermediate)}
             mats = m.matrices()
             t = time.perf_counter()
             with torch.inference_mode():
                 for w in mats:
-                    m._linear(xs[w.shape[1]], w)
+                    linear(xs[w.shape[1]], w)
             bare[f].append(time.perf_counter() - t)
             c = caches[f]
             c.rollback(prompt_len)
