@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from ._common import add_model_args, model_from_args
 
 ARTICLE = (

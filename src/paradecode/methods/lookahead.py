@@ -62,7 +62,9 @@ def lookahead_layout(levels: int, window: int, parents: list[int]) -> tuple[torc
     ``t0``. Lookahead token ``(l, j)`` sits at offset ``l + j + 1`` and sees
     ``t0``, ``(0, j')`` for ``j' < j`` and ``(l', j)`` for ``l' ≤ l``;
     verification node ``i`` sits at its depth and sees ``t0``, its ancestors
-    and itself.
+    and itself. (The decode loop feeds the same tokens with the tree moved in
+    front of the window, permuting ``mask`` and ``offsets`` to match: see
+    :meth:`Lookahead.decode`.)
 
     >>> mask, off = lookahead_layout(2, 2, [-1, 0])   # tokens: t0, (0,0), (0,1), (1,0), (1,1), v0, v1
     >>> off.tolist()
