@@ -86,6 +86,42 @@ def test_perfect_drafts_cut_calls(tiny):
     assert sink.stats.draft_tokens > 0
 
 
+class SecondBranchDrafter(Drafter):
+    """A wrong chain first, the true continuation as the second branch: every call stops off the chain."""
+
+    max_nodes = 16
+
+    def __init__(self, truth: list[int], n_prompt: int, depth: int):
+        self.truth, self.n_prompt, self.depth = truth, n_prompt, depth
+
+    def propose(self, context, max_nodes):
+        done = len(context) - self.n_prompt
+        true = self.truth[done:done + self.depth]
+        if not true:
+            return Draft.empty()
+        wrong = [(true[0] + 1) % 90 + 3, 4]
+        return Draft(wrong + true, [-1, 0, -1] + list(range(2, 1 + len(true))))
+
+
+def test_a_true_second_branch_is_carried_and_verified_again(tiny):
+    """Tokens below an off-chain stop are not lost: the next call starts with them, as a chain."""
+    prompt, gen = [5, 6, 7], GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    truth = plain(tiny, prompt, gen)
+    sink = run(tiny, SecondBranchDrafter(truth, 3, 6), prompt, gen, backoff=False)
+    assert sink.tokens == truth
+    assert sink.stats.extra["carried_tokens"] > 0
+    assert sink.stats.model_calls < len(truth) / 3     # without the carry every call would yield one token
+
+
+def test_a_wrong_carry_is_rejected_not_committed(tiny, monkeypatch):
+    """The carry is only a draft: a deliberately wrong one costs acceptance, never exactness."""
+    monkeypatch.setattr(verify_mod, "_greedy_walk", lambda probs, draft, children, node: [3, 4, 5])
+    prompt, gen = [5, 6, 7], GenerationConfig(max_new_tokens=30, ignore_eos=True)
+    truth = plain(tiny, prompt, gen)
+    sink = run(tiny, SecondBranchDrafter(truth, 3, 6), prompt, gen, backoff=False)
+    assert sink.tokens == truth and sink.stats.extra["carried_tokens"] > 0
+
+
 def test_stops_at_eos_and_near_capacity(tiny):
     gen = GenerationConfig(max_new_tokens=20, ignore_eos=True)
     prompt = [7, 8, 9, 10]

@@ -213,3 +213,17 @@ def test_greedy_tree_stops_at_a_node_outside_the_chain_prefix():
     logits = _onehot_logits([2, 6, 0, 3, 0, 0])             # root -> 2, after 2 -> 6 (node 2, off the prefix)
     v = verify(logits, d, gen)
     assert v.accepted_nodes == [0] and v.tokens == [2, 6]
+
+
+def test_a_stop_off_the_chain_carries_the_greedy_walk_below_it():
+    """What the off-chain node's logits predict is carried to the next call (to be verified again), not committed."""
+    gen = GenerationConfig()
+    d = Draft([2, 7, 1, 5, 3], [-1, 0, -1, 2, 3])           # chain 2-7; branch 1-5-3
+    logits = _onehot_logits([1, 0, 0, 5, 6, 0])          # root -> 1, after 1 -> 5, after 5 -> 6 (not 3)
+    v = verify(logits, d, gen)
+    assert v.accepted_nodes == [] and v.tokens == [1] and v.carry == [5, 6]
+    logits = _onehot_logits([1, 0, 0, 4, 0, 0])          # after 1 -> 4: no child matches
+    assert verify(logits, d, gen).carry == [4]
+    logits = _onehot_logits([2, 7, 3, 0, 0, 0])          # on the chain: nothing to carry
+    v = verify(logits, d, gen)
+    assert v.tokens == [2, 7, 3] and v.carry == []

@@ -10,7 +10,9 @@ Each step (gpt-fast's ``speculative_decode``, generalised to trees):
    root and every node (the last committed token's key/value is not cached
    yet, so every call computes it);
 3. :func:`~.verify.verify` picks the accepted path plus the recovered/bonus
-   token;
+   token (and, when it stopped at a tree node off the draft's leading chain,
+   a *carry*: what that node's close-but-not-exact logits predict next; the
+   next draft starts with it as a chain, so it is verified again exactly);
 4. ``cache.compact`` keeps the root and the accepted path in place, dropping
    every other node's key/value;
 5. the tokens go to the sink (which alone applies EOS, stop strings and the
@@ -61,7 +63,12 @@ class Drafter(ABC):
 
     @abstractmethod
     def propose(self, context: list[int], max_nodes: int) -> Draft:
-        """A draft of at most ``max_nodes`` nodes continuing ``context`` (prompt + committed tokens)."""
+        """A draft of at most ``max_nodes`` nodes continuing ``context``.
+
+        ``context`` is prompt + committed tokens, possibly followed by tokens the loop
+        carries from the last call (:attr:`Verdict.carry`) that are not committed yet:
+        learn from committed tokens in :meth:`observe`, not here.
+        """
 
     def observe(self, context: list[int], verdict: Verdict, logits: torch.Tensor) -> None:
         """Learn from one verification call.
@@ -251,6 +258,8 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
         drafter.begin(model, prompt_ids, gen, stats)
     context = list(prompt_ids) + [first]
     sink.emit([first])
+    carry: list[int] = []                         # tentative tokens from the last call (Verdict.carry)
+    carried = 0
 
     while not sink.done:
         start = cache.length                      # the root (context[-1]) goes to slot `start`
@@ -260,7 +269,14 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
         t_step = time.perf_counter()
         budget = min(backoff.allow(), room)
         with stats.timing("draft"):
-            draft = drafter.propose(context, budget) if budget > 0 else Draft.empty()
+            draft = Draft.empty()
+            if budget > 0:
+                head = Draft.chain(carry[:budget])        # re-verified first, with exact logits
+                if budget > len(head):
+                    draft = head.then(drafter.propose(context + head.tokens, budget - len(head)))
+                else:
+                    draft = head
+                carried += len(head)
             draft = draft.truncate(budget, max_depth=sink.remaining - 1).preorder()   # see verify()
         stats.draft_tokens += len(draft)
 
@@ -271,6 +287,7 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
             logits = model.forward(cache, ids, pos, mask)[0]                      # (n+1, V)
             verdict = verify(logits, draft, gen, generator)
             cache.compact(start, [0] + [i + 1 for i in verdict.accepted_nodes])
+        carry = verdict.carry
         stats.model_calls += 1
         stats.record_call(min(len(verdict.tokens), sink.remaining))
         sink.record("verify", proposed=draft.tokens, accepted=verdict.tokens, parents=draft.parents,
@@ -284,5 +301,7 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
 
     stats.extra["drafter_memory_bytes"] = drafter.memory_bytes()
     stats.extra["backoff_plain_steps"] = backoff.plain_steps
+    if carried:
+        stats.extra["carried_tokens"] = carried
     if backoff.plain_cost is not None and backoff.draft_cost is not None:
         stats.extra["backoff_cost_ratio"] = round(backoff.draft_cost / backoff.plain_cost, 3)

@@ -108,6 +108,29 @@ class Draft:
         q = None if self.q is None else self.q[order]
         return Draft([self.tokens[i] for i in order], parents, q)
 
+    def then(self, below: "Draft") -> "Draft":
+        """This draft followed by ``below``: ``below``'s top-level nodes become children of this draft's last node.
+
+        Meant for a chain followed by a tree (a carried prefix, then a fresh draft); a
+        side without ``q`` gets one-hot rows when the other has them.
+
+        >>> d = Draft.chain([4, 5]).then(Draft([6, 7], [-1, -1]))
+        >>> d.tokens, d.parents
+        ([4, 5, 6, 7], [-1, 0, 1, 1])
+        """
+        if not self.tokens:
+            return below
+        if not below.tokens:
+            return self
+        n = len(self)
+        parents = self.parents + [n - 1 if p == -1 else p + n for p in below.parents]
+        q = None
+        if self.q is not None or below.q is not None:
+            vocab = (self.q if self.q is not None else below.q).shape[-1]
+            q = torch.cat([self.q if self.q is not None else _one_hot(self.tokens, vocab),
+                           below.q if below.q is not None else _one_hot(below.tokens, vocab)])
+        return Draft(self.tokens + below.tokens, parents, q)
+
     def children(self, node: int) -> list[int]:
         """Children of ``node`` (-1 = the root), in draft order."""
         return [i for i, p in enumerate(self.parents) if p == node]
@@ -127,6 +150,12 @@ class Draft:
         parents = [-1 if self.parents[i] == -1 else new_index[self.parents[i]] for i in keep]
         q = None if self.q is None else self.q[keep]
         return Draft([self.tokens[i] for i in keep], parents, q)
+
+
+def _one_hot(tokens: list[int], vocab: int) -> torch.Tensor:
+    q = torch.zeros(len(tokens), vocab)                                # (n, V)
+    q[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)] = 1.0
+    return q
 
 
 def node_depths(parents: list[int]) -> list[int]:

@@ -34,6 +34,13 @@ near-tie). So the walk never uses the logits of a node outside that prefix:
 when it accepts such a node, the node's token (chosen from its parent's exact
 logits) is the call's last token, and its key/value is not kept. Lay the
 likeliest path out first (:meth:`Draft.preorder`) to keep this rare.
+
+What that node's close-but-not-exact logits say is not thrown away: the greedy
+walk below it (matching children, then the argmax after the last one) is the
+verdict's :attr:`~Verdict.carry`, which the decode loop puts at the head of the
+next call's draft. There it is a chain, so its tokens are verified again, with
+exact logits, before anything is committed (deferred re-verification): a tree's
+second branch costs one call more, not its tokens.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ class Verdict:
     tokens: list[int]                  # accepted draft tokens + the recovered/bonus token
     probs: list[float] = field(default_factory=list)  # target probability of each produced token
     draft: Draft | None = None         # the draft that was verified
+    carry: list[int] = field(default_factory=list)  # tentative tokens after a stop off the chain (not committed)
 
     @property
     def num_accepted(self) -> int:
@@ -96,9 +104,20 @@ def verify(logits: torch.Tensor, draft: Draft, gen: GenerationConfig,
         tokens.append(draft.tokens[picked])
         out_probs.append(float(probs[node + 1, draft.tokens[picked]]))
         if picked >= exact:                  # its own logits are not plain decoding's: stop at its token
-            return Verdict(accepted, tokens, out_probs, draft)
+            return Verdict(accepted, tokens, out_probs, draft, carry=_greedy_walk(probs, draft, children, picked))
         accepted.append(picked)
         node = picked
+
+
+def _greedy_walk(probs: torch.Tensor, draft: Draft, children: dict[int, list[int]], node: int) -> list[int]:
+    """The argmax tokens from ``node`` down: each matching child in turn, then the argmax after the last one."""
+    walk: list[int] = []
+    while True:
+        best = int(probs[node + 1].argmax())
+        walk.append(best)
+        node = next((c for c in children.get(node, []) if draft.tokens[c] == best), None)
+        if node is None:
+            return walk
 
 
 def residual(r: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

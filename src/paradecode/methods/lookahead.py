@@ -18,7 +18,10 @@ context::
   (the oldest is dropped);
 * the **verification branch** — up to ``G`` n-grams from the pool whose first
   token is ``t0``, merged into a token tree (shared prefixes once); each node
-  sees ``t0`` and its ancestors only (SpecInfer-style tree attention).
+  sees ``t0`` and its ancestors only (SpecInfer-style tree attention). When
+  the last call stopped at a node off the tree's leading chain, the tokens it
+  predicted from there (:attr:`~paradecode.decoding.verify.Verdict.carry`)
+  come first as a chain and the n-grams hang below them.
 
 The verification branch goes through the shared verifier
 (:func:`paradecode.decoding.verify.verify`): greedy keeps the longest
@@ -154,11 +157,16 @@ class Lookahead(Method):
             pool.extend(ngrams_of(prompt_ids, N))
         rng = random.Random(0)                               # only shapes guesses, never the output
         levels: list[list[int]] = [rng.choices(prompt_ids, k=W)]            # oldest first
+        carry: list[int] = []                                # tentative tokens from the last call
+        carried = 0
         while not sink.done:
             start = cache.length                             # t0 = context[-1] goes to slot `start`
             with stats.timing("draft"):
-                cands = [c[:max(0, sink.remaining - 1)] for c in pool.lookup(context[-1], G)]
-                draft = candidate_tree([c for c in cands if c])
+                head = Draft.chain(carry[:max(0, sink.remaining - 1)])   # re-verified first (Verdict.carry)
+                last = head.tokens[-1] if head.tokens else context[-1]
+                cands = [c[:max(0, sink.remaining - 1 - len(head))] for c in pool.lookup(last, G)]
+                draft = head.then(candidate_tree([c for c in cands if c]))
+                carried += len(head)
                 L = len(levels)
                 if start + 1 + L * W + len(draft) > cache.capacity:    # near the context limit: no lookahead
                     L = 0
@@ -180,6 +188,7 @@ class Lookahead(Method):
                                        logits_for=torch.tensor(ver + newest))[0]  # (1 + n + W, V)
                 verdict = verify(logits[:len(ver)], draft, gen, generator)
                 cache.compact(start, [0] + [ver[i + 1] for i in verdict.accepted_nodes])
+                carry = verdict.carry
             stats.model_calls += 1
             stats.record_call(min(len(verdict.tokens), sink.remaining))
             with stats.timing("draft"):
@@ -197,3 +206,5 @@ class Lookahead(Method):
             if sink.emit(verdict.tokens):
                 break
         stats.extra["ngram_pool_size"] = len(pool)
+        if carried:
+            stats.extra["carried_tokens"] = carried

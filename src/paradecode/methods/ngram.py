@@ -99,7 +99,6 @@ class NgramDrafter(Drafter):
         self.module.update(list(prompt_ids))
 
     def propose(self, context: list[int], max_nodes: int) -> Draft:
-        self.module.update(context)
         return ngram_tree(self.module, context, self.num_branches, self.depth).truncate(max_nodes)
 
     def observe(self, context, verdict, logits) -> None:
