@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/lookahead_tuning.py --threads 1 --out benchmarks/lookahead_tuning
 
-Three measurements on the default model (SmolLM2-135M-Instruct, float32, greedy, batch 1):
+Three measurements on the default model (SmolLM2-135M-Instruct, float32 or ``--dtype``, greedy, batch 1):
 
 1. the forward cost curve c(T): median time of one call feeding T new tokens
    (with a custom mask, as lookahead does) after a 200-token context, T = 1..64,
@@ -130,6 +130,7 @@ def _label(name: str, opts: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", help="weight format (bfloat16 runs on AMX where the CPU has it)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--curve-repeats", type=int, default=7)
@@ -138,7 +139,7 @@ def main() -> None:
                     help="skip the curve and the grid; time these lookahead configs against plain")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = pd.load_model(dtype="float32")
+    model = pd.load_model(dtype=args.dtype)
     pd.generate(model, "warm up", "plain", max_new_tokens=4)
     if args.only_timed:
         cands = [("lookahead", dict(zip(("window", "ngram", "guesses"), map(int, c.split(",")))))
@@ -154,7 +155,8 @@ def main() -> None:
     print(json.dumps({T: round(c["ratio"], 2) for T, c in curve.items()}), flush=True)
     # a small grid: each run takes ~20 s on the loaded 2-core machine
     configs = [(1, 2, 1), (2, 3, 2), (3, 3, 2), (3, 3, 4), (2, 3, 4), (3, 4, 2), (5, 3, 4), (5, 4, 4), (4, 4, 4),
-               (7, 5, 7), (1, 2, 2), (1, 3, 1), (1, 3, 2), (2, 2, 1), (2, 2, 2), (1, 4, 2)]
+               (7, 5, 7), (1, 2, 2), (1, 3, 1), (1, 3, 2), (2, 2, 1), (2, 2, 2), (1, 4, 2), (4, 4, 3), (2, 4, 3),
+               (3, 5, 3), (6, 4, 6)]
     rows = grid(model, curve, args.max_new_tokens, configs)
 
     la = [r for r in rows if r["method"] == "lookahead"]
