@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
+import random
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -164,6 +166,17 @@ def test_greedy_identical_on_tiny_models(tiny, prompt, window, ngram, guesses, p
     out = pd.generate(tiny, prompt, "lookahead", opts, max_new_tokens=max_new)
     assert out.token_ids == ref.token_ids
     assert sum(out.stats.accepted_lengths) >= len(out.token_ids)
+
+
+@pytest.mark.parametrize("spare", [2, 5, 9])
+def test_near_the_context_limit_drafts_shrink_to_fit(tiny, spare):
+    """A random prompt that nearly fills the context: wide candidate trees (and carried tokens) must be cut
+    to the slots left, never overflow the cache."""
+    prompt = random.Random(spare).choices(range(tiny.vocab_size), k=tiny.max_context - spare)  # n-grams for every key
+    opts = dict(window=3, ngram=4, guesses=4)
+    ref = pd.generate(tiny, prompt, "plain", max_new_tokens=spare, ignore_eos=True)
+    out = pd.generate(tiny, prompt, "lookahead", opts, max_new_tokens=spare, ignore_eos=True)
+    assert out.token_ids == ref.token_ids
 
 
 def test_trace_records_calls(tiny):

@@ -165,7 +165,7 @@ class Lookahead(Method):
                 head = Draft.chain(carry[:max(0, sink.remaining - 1)])   # re-verified first (Verdict.carry)
                 last = head.tokens[-1] if head.tokens else context[-1]
                 cands = [c[:max(0, sink.remaining - 1 - len(head))] for c in pool.lookup(last, G)]
-                draft = head.then(candidate_tree([c for c in cands if c]))
+                draft = head.then(candidate_tree([c for c in cands if c])).truncate(cache.capacity - start - 1)
                 carried += len(head)
                 L = len(levels)
                 if start + 1 + L * W + len(draft) > cache.capacity:    # near the context limit: no lookahead
