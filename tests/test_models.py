@@ -330,3 +330,16 @@ def test_split_rows_computes_every_row_as_a_four_row_call_does(threads, dtype, n
     fours = torch.cat([F.linear(x[r:r + 4], w) for r in range(0, native.SPLIT_ROWS, 4)])
     for rows in range(4, native.SPLIT_ROWS + 1, 4):
         assert torch.equal(native._split_rows(x[:rows], w), fours[:rows]), (rows, native._max_rows(w, None))
+
+
+def test_row_block_probes_run_in_the_first_call_not_in_a_later_block(tiny_llama_pair, monkeypatch):
+    """The one-time probes (~0.5 s for the default model) belong to the first call of a process (a prefill):
+    timed inside the first drafted step they made the cost-aware back-off give up drafting for a request."""
+    import paradecode.models.native as native
+
+    _, nat = tiny_llama_pair
+    monkeypatch.setattr(native, "_MAX_ROWS", {})
+    nat._probed_threads = 0
+    nat.forward(nat.new_cache(1, 16), _ids(1, nat.vocab_size, seed=3))   # a single-token call
+    shapes = {key[2] for key in native._MAX_ROWS}
+    assert shapes == {tuple(w.shape) for w in (nat.wqkv[0], nat.wo[0], nat.wgu[0], nat.wdown[0], nat.lm_head)}

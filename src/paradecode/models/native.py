@@ -252,6 +252,7 @@ class NativeLlama(CausalLM):
         self.quantized = dtype in ("int8", "int4")
         self.invariant = invariant
         self._pad_rows = invariant and not self.quantized   # see MIN_ROWS
+        self._probed_threads = 0                            # thread count the row-block probes ran for
         c = hf_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         max_ctx = int(getattr(c, "max_position_embeddings", 2048))
@@ -358,6 +359,16 @@ class NativeLlama(CausalLM):
                                              name=self.info.name, invariant=self.invariant)
         return self._twins[dtype]
 
+    def _probe_row_blocks(self) -> None:
+        """Run :func:`_max_rows`'s probes for every projection shape now (~0.5 s for the default model
+        in bfloat16), in the first call of a process (a prefill), rather than inside the first
+        multi-token call: timed inside a drafted step, that one-time cost made the cost-aware back-off
+        judge drafting too expensive and run the rest of the first request as plain steps."""
+        for w, b in [(self.wqkv[0], self.bqkv[0]), (self.wo[0], None), (self.wgu[0], None),
+                     (self.wdown[0], None), (self.lm_head, None)]:
+            _max_rows(w, b)
+        self._probed_threads = torch.get_num_threads()
+
     def weight_bytes(self, held: bool = False) -> int:
         """Bytes of weights one decode step reads (the embedding table only via the LM head);
         ``held=True``: every byte the weights occupy, a separate embedding table included."""
@@ -391,6 +402,8 @@ class NativeLlama(CausalLM):
         s = self.shape
         B, T = input_ids.shape
         L0 = cache.length
+        if self._pad_rows and self._probed_threads != torch.get_num_threads():
+            self._probe_row_blocks()
         S = L0 + T
         if S > cache.capacity:
             raise UserError(f"sequence of {S} tokens exceeds the context window of {cache.capacity}",
