@@ -108,6 +108,31 @@ def test_prompt_lookup_drafts_first(tiny32):
     assert on.stats.extra["lookup_drafts"] > 0 and off.stats.extra["lookup_drafts"] == 0
 
 
+def test_lookup_length_doubles_while_copies_are_accepted_whole():
+    from paradecode.decoding.tree import Draft
+    from paradecode.decoding.verify import Verdict
+    from paradecode.methods.quantspec import QuantSpecConfig, TwinDrafter
+
+    d = TwinDrafter(QuantSpecConfig(lookup_tokens=4, max_lookup_tokens=12), twin=None)
+    assert d.max_nodes >= 12
+
+    def copied(n_drafted: int, n_accepted: int) -> None:
+        d.looked_up = True
+        draft = Draft.chain(list(range(3, 3 + n_drafted)))
+        d.observe([], Verdict(list(range(n_accepted)), draft.tokens[:n_accepted] + [1], draft=draft), None)
+
+    copied(4, 4)
+    assert d.lookup_len == 8
+    copied(8, 8)
+    assert d.lookup_len == 12                          # capped
+    copied(5, 5)                                       # the match ran out early: no change
+    assert d.lookup_len == 12
+    copied(12, 3)                                      # broke off: back to the base length
+    assert d.lookup_len == 4
+    with pytest.raises(UserError, match="max_lookup_tokens"):
+        QuantSpecConfig(lookup_tokens=10, max_lookup_tokens=8).validate()
+
+
 def test_bad_options():
     from paradecode.methods.base import get_method
 

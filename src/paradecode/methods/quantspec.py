@@ -21,7 +21,9 @@ Copying is cheaper still: before drafting with the twin, the drafter tries
 prompt lookup (:mod:`.pld`) with the context's last 3..``lookup_ngram``
 tokens; a match is drafted for free (a deterministic draft, exact under
 sampling too), so input-grounded answers get prompt lookup's long copies and
-open-ended ones the twin's drafts.
+open-ended ones the twin's drafts. A copy accepted whole doubles the next
+lookup's length (up to ``max_lookup_tokens``); one that breaks off resets it:
+long verbatim spans then cost a few calls, not one per ``lookup_tokens``.
 """
 
 from __future__ import annotations
@@ -53,12 +55,17 @@ class QuantSpecConfig(ChainDraftOptions):
     lookup_ngram: int = option(2, "first try prompt lookup with the context's last n-gram, n from 3 down to "
                                   "this (0: never); a match drafts for free, the twin drafts otherwise")
     lookup_tokens: int = option(10, "tokens a prompt-lookup match drafts")
+    max_lookup_tokens: int = option(32, "a lookup draft accepted whole doubles the next one's length, up to "
+                                        "this (= lookup_tokens: fixed length)")
 
     def validate(self) -> None:
         super().validate()
         check(0 <= self.lookup_ngram <= 3, "lookup_ngram", f"must be in 0..3, got {self.lookup_ngram}",
               "use 2 (default), 1 for more matches, or 0 to draft only with the twin")
         check_range(self.lookup_tokens, 1, 64, "lookup_tokens", 10)
+        check(self.lookup_tokens <= self.max_lookup_tokens <= 64, "max_lookup_tokens",
+              f"must be in lookup_tokens..64 ({self.lookup_tokens}..64), got {self.max_lookup_tokens}",
+              f"e.g. max_lookup_tokens={max(32, self.lookup_tokens)}")
 
 
 class TwinDrafter(SharedCacheDrafter):
@@ -68,8 +75,9 @@ class TwinDrafter(SharedCacheDrafter):
         super().__init__(config.chain_options())
         self.config = config
         self.twin = twin
-        self.max_nodes = max(self.max_nodes, config.lookup_tokens if config.lookup_ngram else 0)
+        self.max_nodes = max(self.max_nodes, config.max_lookup_tokens if config.lookup_ngram else 0)
         self.looked_up = False                   # whether the last draft came from prompt lookup
+        self.lookup_len = config.lookup_tokens   # grows while copies are accepted whole
 
     def setup(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, capacity: int) -> KVCache:
         self.stats.extra.update(draft_format=self.twin.info.dtype, lookup_drafts=0)
@@ -77,7 +85,7 @@ class TwinDrafter(SharedCacheDrafter):
 
     def propose(self, context: list[int], max_nodes: int) -> Draft:
         c = self.config
-        found = prompt_lookup(context, 3, c.lookup_ngram, min(max_nodes, c.lookup_tokens)) if c.lookup_ngram else []
+        found = prompt_lookup(context, 3, c.lookup_ngram, min(max_nodes, self.lookup_len)) if c.lookup_ngram else []
         self.looked_up = bool(found)
         if found:
             self.stats.extra["lookup_drafts"] += 1
@@ -87,6 +95,12 @@ class TwinDrafter(SharedCacheDrafter):
     def observe(self, context: list[int], verdict: Verdict, logits: torch.Tensor) -> None:
         if not self.looked_up:                   # the twin's draft length learns from its own drafts only
             super().observe(context, verdict, logits)
+            return
+        drafted = len(verdict.draft)
+        if verdict.num_accepted < drafted:       # a copy that broke off: back to the base length
+            self.lookup_len = self.config.lookup_tokens
+        elif drafted >= self.lookup_len:         # copied whole (not cut short by the match): copy more next time
+            self.lookup_len = min(2 * self.lookup_len, self.config.max_lookup_tokens)
 
     def draft_forward(self, cache: KVCache, ids: torch.Tensor, logits_for: torch.Tensor) -> torch.Tensor:
         return self.twin.forward(cache, ids, logits_for=logits_for)      # (1, T', V)
