@@ -272,10 +272,8 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
             draft = Draft.empty()
             if budget > 0:
                 head = Draft.chain(carry[:budget])        # re-verified first, with exact logits
-                if budget > len(head):
-                    draft = head.then(drafter.propose(context + head.tokens, budget - len(head)))
-                else:
-                    draft = head
+                draft = head.then(drafter.propose(context + head.tokens, budget - len(head))) \
+                    if budget > len(head) else head
                 carried += len(head)
             draft = draft.truncate(budget, max_depth=sink.remaining - 1).preorder()   # see verify()
         stats.draft_tokens += len(draft)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -127,8 +128,8 @@ class Draft:
         q = None
         if self.q is not None or below.q is not None:
             vocab = (self.q if self.q is not None else below.q).shape[-1]
-            q = torch.cat([self.q if self.q is not None else _one_hot(self.tokens, vocab),
-                           below.q if below.q is not None else _one_hot(below.tokens, vocab)])
+            q = torch.cat([d.q if d.q is not None else F.one_hot(torch.tensor(d.tokens), vocab).float()
+                           for d in (self, below)])
         return Draft(self.tokens + below.tokens, parents, q)
 
     def children(self, node: int) -> list[int]:
@@ -150,12 +151,6 @@ class Draft:
         parents = [-1 if self.parents[i] == -1 else new_index[self.parents[i]] for i in keep]
         q = None if self.q is None else self.q[keep]
         return Draft([self.tokens[i] for i in keep], parents, q)
-
-
-def _one_hot(tokens: list[int], vocab: int) -> torch.Tensor:
-    q = torch.zeros(len(tokens), vocab)                                # (n, V)
-    q[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)] = 1.0
-    return q
 
 
 def node_depths(parents: list[int]) -> list[int]:

@@ -421,8 +421,7 @@ class NativeLlama(CausalLM):
         # A long prompt into an empty cache (a prefill; nothing else feeds more than SPLIT_ROWS tokens, so no
         # other call has to reproduce its bits): causal flash attention over exactly the prompt, instead of
         # scores over the whole padded chunk, ~3.5x faster for a 259-token prompt.
-        whole_prompt = (B == 1 and L0 == 0 and T > SPLIT_ROWS and attn_mask is None and
-                        (input_valid is None or bool(input_valid.all())))
+        whole_prompt = B == 1 and L0 == 0 and T > SPLIT_ROWS and attn_mask is None and cache._all_valid
         bias = None if whole_prompt else self._mask_bias(cache, T, attn_mask, input_valid)  # (B, 1, 1, T, S)
         # Attention spans the cache rounded up to whole KV_CHUNK-slot chunks, the extra slots masked
         # (and finite: zeroed once), and p @ V sums the chunks in order: every product then has the
