@@ -299,6 +299,28 @@ def test_low_precision_close_to_float32(dtype):
     assert (a.softmax(-1) - b.softmax(-1)).abs().max() < 0.05
 
 
+def test_bfloat16_projections_are_prepacked_for_onednn():
+    """bfloat16 weights go to oneDNN prepacked where this CPU runs bfloat16 natively: same arithmetic as the
+    plain layout up to the kernel's summation order, same bytes per step, and a tied embedding keeps a
+    plain copy to look rows up in."""
+    from paradecode.models.native import NativeLlama
+    from paradecode.models.quant import PackedBF16Weight, can_pack_bf16
+
+    if not can_pack_bf16():
+        pytest.skip("oneDNN's prepacked bfloat16 linear needs a CPU with native bfloat16 (AVX-512 BF16 or AMX)")
+    hf = tiny_hf_model("llama", seed=4, hidden=128, intermediate=384)
+    packed = NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16")
+    plain = NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16", packed=False)
+    assert isinstance(packed.wqkv[0], PackedBF16Weight) and isinstance(packed.lm_head, PackedBF16Weight)
+    assert isinstance(plain.wqkv[0], torch.Tensor) and isinstance(packed.embed, torch.Tensor)
+    assert packed.weight_bytes() == plain.weight_bytes()
+    ids = _ids(12, plain.vocab_size, seed=6)
+    a = packed.forward(packed.new_cache(1, 32), ids)
+    b = plain.forward(plain.new_cache(1, 32), ids)
+    assert (a - b).abs().max() < 0.02 * float(b.abs().max())
+    assert packed.twin("int4").packed                         # twins inherit the choice (no effect on int4)
+
+
 def test_causal_mask_helper():
     m = causal_mask(3)
     assert m.tolist() == [[True, False, False], [True, True, False], [True, True, True]]
@@ -317,17 +339,22 @@ def test_long_prompt_attention_in_query_blocks(tiny_llama_pair, monkeypatch):
     assert (blocks - hf.forward(hf.new_cache(1, 64), ids)).abs().max() < TOL
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "packed"])
 @pytest.mark.parametrize("n, k", [(128, 128), (384, 128), (128, 384), (3072, 576), (576, 1536)])
 def test_split_rows_computes_every_row_as_a_four_row_call_does(threads, dtype, n, k):
     """Whatever row count a padded call has (up to SPLIT_ROWS), each row gets the bits a 4-row call gives it:
-    the GEMM kernel switches at row counts that depend on the CPU, shape and threads (probed by _max_rows)."""
+    the GEMM kernel switches at row counts that depend on the CPU, shape and threads (probed by _max_rows).
+    ``packed``: bfloat16 in oneDNN's prepacked layout (where this CPU runs it)."""
     import paradecode.models.native as native
+    from paradecode.models.quant import can_pack_bf16, linear, pack_bf16
 
+    if dtype == "packed" and not can_pack_bf16():
+        pytest.skip("oneDNN's prepacked bfloat16 linear needs a CPU with native bfloat16 (AVX-512 BF16 or AMX)")
     g = torch.Generator().manual_seed(n + k)
-    w = torch.randn(n, k, generator=g).to(dtype)
-    x = torch.randn(native.SPLIT_ROWS, k, generator=g).to(dtype)
-    fours = torch.cat([F.linear(x[r:r + 4], w) for r in range(0, native.SPLIT_ROWS, 4)])
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16 if dtype == "packed" else dtype)
+    w = pack_bf16(w) if dtype == "packed" else w
+    x = torch.randn(native.SPLIT_ROWS, k, generator=g).to(torch.bfloat16 if dtype == "packed" else dtype)
+    fours = torch.cat([linear(x[r:r + 4], w) for r in range(0, native.SPLIT_ROWS, 4)])
     for rows in range(4, native.SPLIT_ROWS + 1, 4):
         assert torch.equal(native._split_rows(x[:rows], w), fours[:rows]), (rows, native._max_rows(w, None))
 
@@ -341,7 +368,7 @@ def test_row_block_probes_run_in_the_first_call_not_in_a_later_block(tiny_llama_
     monkeypatch.setattr(native, "_MAX_ROWS", {})
     nat._probed_threads = 0
     nat.forward(nat.new_cache(1, 16), _ids(1, nat.vocab_size, seed=3))   # a single-token call
-    shapes = {key[2] for key in native._MAX_ROWS}
+    shapes = {key[3] for key in native._MAX_ROWS}
     assert shapes == {tuple(w.shape) for w in (nat.wqkv[0], nat.wo[0], nat.wgu[0], nat.wdown[0], nat.lm_head)}
 
 

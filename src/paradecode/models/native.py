@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import CausalLM, KVCache, ModelInfo, causal_mask
-from .quant import Int4Weight, Int8Weight, linear, quantize_int4, quantize_int8
+from .quant import (Int4Weight, Int8Weight, PackedBF16Weight, can_pack_bf16, linear, pack_bf16, quantize_int4,
+                    quantize_int8)
 from ..errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -196,18 +197,21 @@ _MAX_ROWS: dict[tuple, int] = {}
 
 def _max_rows(w: torch.Tensor, bias: torch.Tensor | None) -> int:
     """The largest multiple of MIN_ROWS (up to PROBE_ROWS) such that every call of MIN_ROWS, 2*MIN_ROWS,
-    ... up to it rows through ``F.linear`` with ``w``'s shape, dtype and the current thread count gives
+    ... up to it rows through ``linear`` with ``w``'s shape, format and the current thread count gives
     each row the bits it gets in a MIN_ROWS-row call. Probed once per key on random data."""
-    key = (torch.get_num_threads(), w.dtype, tuple(w.shape), bias is not None)
+    packed = isinstance(w, PackedBF16Weight)
+    dtype = torch.bfloat16 if packed else w.dtype
+    key = (torch.get_num_threads(), dtype, packed, tuple(w.shape), bias is not None)
     rows = _MAX_ROWS.get(key)
     if rows is None:
         g = torch.Generator().manual_seed(0)
-        wr = torch.randn(w.shape, generator=g).to(w.dtype)
+        wr = torch.randn(w.shape, generator=g).to(dtype)
+        wr = pack_bf16(wr) if packed else wr
         br = None if bias is None else torch.randn(bias.shape, generator=g).to(bias.dtype)
-        x = torch.randn(PROBE_ROWS, w.shape[1], generator=g).to(w.dtype)
-        ref = torch.cat([F.linear(x[r:r + MIN_ROWS], wr, br) for r in range(0, PROBE_ROWS, MIN_ROWS)])
+        x = torch.randn(PROBE_ROWS, w.shape[1], generator=g).to(dtype)
+        ref = torch.cat([linear(x[r:r + MIN_ROWS], wr, br) for r in range(0, PROBE_ROWS, MIN_ROWS)])
         rows = MIN_ROWS
-        while rows < PROBE_ROWS and torch.equal(F.linear(x[:rows + MIN_ROWS], wr, br), ref[:rows + MIN_ROWS]):
+        while rows < PROBE_ROWS and torch.equal(linear(x[:rows + MIN_ROWS], wr, br), ref[:rows + MIN_ROWS]):
             rows += MIN_ROWS
         _MAX_ROWS[key] = rows
     return rows
@@ -235,12 +239,13 @@ class NativeLlama(CausalLM):
     """Llama / Mistral / Qwen2 decoder in plain PyTorch with a static cache."""
 
     def __init__(self, hf_config, weights: Mapping[str, torch.Tensor], *, dtype: str = "float32",
-                 tokenizer=None, name: str = "model", invariant: bool = True):
+                 tokenizer=None, name: str = "model", invariant: bool = True, packed: bool | None = None):
         """``invariant=False`` drops the row padding of float32/bfloat16 products: a
         single-token step then uses the GEMV kernel (float32: ~1.5x faster per
         step on this machine) but its logits differ in the last bits from the
         same token's logits in a multi-token call, so greedy verification can
-        disagree with plain decoding at near-exact ties."""
+        disagree with plain decoding at near-exact ties. ``packed`` (bfloat16 only; default: whenever
+        oneDNN runs bfloat16 natively here) keeps the projections in oneDNN's prepacked layout."""
         arch = (getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UserError(f"architecture {arch} is not supported by the native backend",
@@ -251,6 +256,7 @@ class NativeLlama(CausalLM):
         self.dtype = DTYPES[dtype]          # activations fed to the projections
         self.quantized = dtype in ("int8", "int4")
         self.invariant = invariant
+        self.packed = can_pack_bf16() if packed is None else bool(packed and can_pack_bf16())
         self._pad_rows = invariant and not self.quantized   # see MIN_ROWS
         self._probed_threads = 0                            # thread count the row-block probes ran for
         c = hf_config
@@ -311,11 +317,12 @@ class NativeLlama(CausalLM):
             return raw(name).to(dtype).contiguous()
 
         quantize = {"int8": quantize_int8, "int4": quantize_int4}.get(self.format)
+        pack = self.format == "bfloat16" and self.packed          # oneDNN's prepacked layout (see quant.py)
 
-        def mat(*names: str) -> torch.Tensor | Int8Weight | Int4Weight:
+        def mat(*names: str) -> torch.Tensor | PackedBF16Weight | Int8Weight | Int4Weight:
             m = torch.cat([raw(n) for n in names]) if len(names) > 1 else raw(names[0])
             if quantize is None:
-                return m.to(dt).contiguous()
+                return pack_bf16(m) if pack else m.to(dt).contiguous()
             if self.format == "int4" and m.shape[1] % 32:
                 raise UserError(f"int4 needs layer widths that are multiples of 32 (this model has {m.shape[1]})",
                                 "use --dtype int8 or bfloat16 for this model")
@@ -327,7 +334,8 @@ class NativeLlama(CausalLM):
         # and the int8 kernel reads it faster than bfloat16 for a single row; an embedding row is only
         # looked up, so bfloat16 costs memory, not time
         self.lm_head = quantize_int8(raw(head)) if self.format == "int4" else mat(head)   # (V, H)
-        self.embed = (raw("model.embed_tokens.weight").to(dt).contiguous() if self.format == "int4" else
+        # (a prepacked head has no rows to look up: the embedding keeps a plain copy)
+        self.embed = (raw("model.embed_tokens.weight").to(dt).contiguous() if self.format == "int4" or pack else
                       self.lm_head if head == "model.embed_tokens.weight" else
                       mat("model.embed_tokens.weight"))
         self.norm = vec("model.norm.weight", torch.float32)              # norms apply in float32
@@ -356,7 +364,7 @@ class NativeLlama(CausalLM):
         if dtype not in self._twins:
             config, weights = self._source
             self._twins[dtype] = NativeLlama(config, weights, dtype=dtype, tokenizer=self.tokenizer,
-                                             name=self.info.name, invariant=self.invariant)
+                                             name=self.info.name, invariant=self.invariant, packed=self.packed)
         return self._twins[dtype]
 
     def _probe_row_blocks(self) -> None:
@@ -376,7 +384,8 @@ class NativeLlama(CausalLM):
               *(b for b in self.bqkv if b is not None)]
         if held and self.embed is not self.lm_head:
             ts.append(self.embed)
-        return sum(t.nbytes() if isinstance(t, (Int8Weight, Int4Weight)) else t.numel() * t.element_size() for t in ts)
+        return sum(t.nbytes() if isinstance(t, (PackedBF16Weight, Int8Weight, Int4Weight)) else t.numel() * t.element_size()
+                   for t in ts)
 
     def matrices(self, layers: Sequence[int] | None = None) -> list:
         """The projection matrices of a decode step, in order (for benchmarks)."""

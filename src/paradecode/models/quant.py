@@ -56,6 +56,43 @@ def quantize_int8(w: torch.Tensor) -> Int8Weight:
 
 
 
+@dataclass(frozen=True)
+class PackedBF16Weight:
+    """A bfloat16 (N, K) weight reordered once into oneDNN's blocked layout for its GEMM.
+
+    ``F.linear`` on a plain bfloat16 tensor re-reads the weight in its strided
+    layout every call (and takes a GEMV kernel for one row); the prepacked
+    weight goes straight to oneDNN's AVX-512/AMX kernels. For the default
+    model's 30 layers and LM head on the Intel Xeon here (1 thread): 42 ms for
+    1 row and 49 ms for 16 with ``F.linear``, 28 ms for both prepacked. Each
+    row's result is the same whether it comes alone or with up to 64 others
+    (probed per shape anyway, see ``native._max_rows``). The packed tensor is
+    opaque (no storage to view or save), so callers keep a plain copy where
+    they need rows of it (a tied embedding).
+    """
+
+    w: torch.Tensor               # opaque mkldnn tensor, shape (N, K)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.w.shape
+
+    def nbytes(self) -> int:
+        return self.w.numel() * 2
+
+
+def can_pack_bf16() -> bool:
+    """Whether this PyTorch build has oneDNN's prepacked bfloat16 linear and the CPU runs it natively."""
+    mk = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(mk, "_reorder_linear_weight")
+            and hasattr(mk, "_linear_pointwise") and bool(mk._is_mkldnn_bf16_supported()))
+
+
+def pack_bf16(w: torch.Tensor) -> PackedBF16Weight:
+    """Reorder a (N, K) weight, as bfloat16, into oneDNN's layout (the batch-size hint 1: decode steps)."""
+    return PackedBF16Weight(torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16).contiguous(), 1))
+
+
 INT4_GROUP = 32     # weights per (scale, zero) pair along K, as GGUF's Q4_0/Q4_1 blocks
 INT4_ROWS = 16      # the packing kernel wants N divisible by this
 
@@ -121,9 +158,12 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> Int4Weight:
 
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` that also takes an :class:`Int8Weight` or :class:`Int4Weight` (then ``x`` must be bfloat16)."""
+    """``F.linear`` that also takes a :class:`PackedBF16Weight`, :class:`Int8Weight` or :class:`Int4Weight`
+    (then ``x`` must be bfloat16)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
+    if isinstance(w, PackedBF16Weight):
+        return torch.ops.mkldnn._linear_pointwise(x, w.w, bias, "none", [], "")
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if isinstance(w, Int8Weight):
         y = torch.ops.aten._weight_int8pack_mm(x2, w.q, w.scale)                          # (M, N)
