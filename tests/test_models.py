@@ -372,22 +372,24 @@ def test_row_block_probes_run_in_the_first_call_not_in_a_later_block(tiny_llama_
     assert shapes == {tuple(w.shape) for w in (nat.wqkv[0], nat.wo[0], nat.wgu[0], nat.wdown[0], nat.lm_head)}
 
 
-def test_long_prompt_prefill_runs_causal_flash_attention(tiny_llama_pair, monkeypatch):
-    """A prompt over SPLIT_ROWS tokens into an empty cache attends with SDPA's causal kernel (no other call
-    feeds that many tokens, so nothing has to reproduce its bits); its logits and the decode step after it
-    agree with transformers."""
+@pytest.mark.parametrize("prompt_len", [7, 168])
+def test_prompt_prefill_runs_whole_with_causal_flash_attention(tiny_llama_pair, monkeypatch, prompt_len):
+    """A prompt into an empty cache (a prefill: every method encodes its prompt with this one call, so nothing
+    has to reproduce its bits) attends with SDPA's causal kernel and projects its rows in one unpadded GEMM;
+    its logits and the calls after it agree with transformers, and those calls keep the invariant path."""
     import paradecode.models.native as native
 
     hf, nat = tiny_llama_pair
-    calls = []
-    sdpa = native.F.scaled_dot_product_attention
+    calls, splits = [], []
+    sdpa, split = native.F.scaled_dot_product_attention, native._split_rows
     monkeypatch.setattr(native.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    ids = _ids(native.SPLIT_ROWS + 40, nat.vocab_size, seed=5)
+    monkeypatch.setattr(native, "_split_rows", lambda *a, **k: splits.append(1) or split(*a, **k))
+    ids = _ids(prompt_len, nat.vocab_size, seed=5)
     c_nat, c_hf = nat.new_cache(1, 256), hf.new_cache(1, 256)
     got = nat.forward(c_nat, ids)
-    assert len(calls) == nat.shape.layers
-    step = _ids(1, nat.vocab_size, seed=6)
+    assert len(calls) == nat.shape.layers and not splits
+    step = _ids(3, nat.vocab_size, seed=6)
     got_step = nat.forward(c_nat, step)
-    assert len(calls) == nat.shape.layers                              # a decode step keeps the chunked path
+    assert len(calls) == nat.shape.layers and splits                   # later calls keep the chunked path
     assert (got - hf.forward(c_hf, ids)).abs().max() < TOL
     assert (got_step - hf.forward(c_hf, step)).abs().max() < TOL

@@ -64,7 +64,7 @@ MIN_ROWS = 4            # GEMM rows below which MKL (float32) / oneDNN (bfloat16
 # kernels at row counts that depend on the CPU, the shape and the thread count (MKL float32 on an Intel
 # Xeon: 2-15 rows vs 16+ for K = 576, 2-5 vs 6+ for K = 128; oneDNN bfloat16: up to 32 vs 33+).
 PROBE_ROWS = 32         # the largest row block tried
-SPLIT_ROWS = 128        # calls with more rows (long prompts) run whole: fast prefill, no invariance needed
+SPLIT_ROWS = 128        # calls with more rows run whole (no invariance needed; prefills run whole anyway)
 ATTN_BLOCK = 1 << 22    # max score elements per attention matmul (long prompts go in query blocks)
 KV_CHUNK = 256          # attention reduces over the cache in whole chunks of this many slots (position invariance)
 
@@ -427,10 +427,12 @@ class NativeLlama(CausalLM):
             cache._all_valid = cache._all_valid and bool(input_valid.all())
         else:
             cache.valid[:, L0:S] = True
-        # A long prompt into an empty cache (a prefill; nothing else feeds more than SPLIT_ROWS tokens, so no
-        # other call has to reproduce its bits): causal flash attention over exactly the prompt, instead of
-        # scores over the whole padded chunk, ~3.5x faster for a 259-token prompt.
-        whole_prompt = B == 1 and L0 == 0 and T > SPLIT_ROWS and attn_mask is None and cache._all_valid
+        # A prompt into an empty cache is a prefill: every method, plain decoding included, encodes a prompt
+        # with exactly this one call (methods/plain.py: prefill), so no other call has to reproduce its bits.
+        # It runs whole: each projection in one GEMM over unpadded rows (a 112-token prompt: 4 row blocks
+        # fewer), and causal flash attention over exactly the prompt instead of scores over the padded
+        # chunk (~3.5x faster for a 259-token prompt).
+        whole_prompt = B == 1 and L0 == 0 and T > 1 and attn_mask is None and cache._all_valid
         bias = None if whole_prompt else self._mask_bias(cache, T, attn_mask, input_valid)  # (B, 1, 1, T, S)
         # Attention spans the cache rounded up to whole KV_CHUNK-slot chunks, the extra slots masked
         # (and finite: zeroed once), and p @ V sums the chunks in order: every product then has the
@@ -468,11 +470,12 @@ class NativeLlama(CausalLM):
         k_att, v_att = cache.k[..., :Sa], cache.v[:, :, :, :Sa]          # (L, B, Hkv, D, Sa), (L, B, Hkv, Sa, D)
         # The residual stream and the attention output keep a multiple of MIN_ROWS rows when padding
         # (float32/bfloat16), so every projection sees the same GEMM kernels at no extra op.
-        R = _padded(BT) if self._pad_rows else BT
+        pad_rows = self._pad_rows and not whole_prompt
+        R = _padded(BT) if pad_rows else BT
         x = self._embed(input_ids).view(BT, H)                           # (BT, H) float32
         if R > BT:
             x = torch.cat([x, x.new_zeros(R - BT, H)])                   # (R, H), rows >= BT are padding
-        proj = _split_rows if self._pad_rows else linear              # see _max_rows
+        proj = _split_rows if pad_rows else linear                    # see _max_rows
         abuf = torch.zeros(R, Hq * D, dtype=cdt)                         # attention output, (R, Hq*D)
         aview = abuf[:BT].view(B, T, Hkv, G, D)
 
@@ -510,7 +513,7 @@ class NativeLlama(CausalLM):
             x = x[:, logits_for]
         B2, T2 = x.shape[:2]
         x = x.reshape(B2 * T2, H)
-        if self._pad_rows and B2 * T2 % MIN_ROWS:
+        if pad_rows and B2 * T2 % MIN_ROWS:
             x = torch.cat([x, x.new_zeros(_padded(B2 * T2) - B2 * T2, H)])
         h = F.rms_norm(x, (H,), self.norm, s.eps).to(cdt)
         return proj(h, self.lm_head)[:B2 * T2].float().view(B2, T2, -1)  # (B, T', V)
