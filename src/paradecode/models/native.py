@@ -205,7 +205,7 @@ def _max_rows(w: torch.Tensor, bias: torch.Tensor | None) -> int:
     rows = _MAX_ROWS.get(key)
     if rows is None:
         g = torch.Generator().manual_seed(0)
-        wr = torch.randn(w.shape, generator=g).to(dtype)
+        wr = torch.randn(w.shape, generator=g, dtype=dtype)          # no float32 copy of a large head
         wr = pack_bf16(wr) if packed else wr
         br = None if bias is None else torch.randn(bias.shape, generator=g).to(bias.dtype)
         x = torch.randn(PROBE_ROWS, w.shape[1], generator=g).to(dtype)
@@ -350,8 +350,8 @@ class NativeLlama(CausalLM):
             self.wdown.append(mat(p + "mlp.down_proj.weight"))
             self.ln1.append(vec(p + "input_layernorm.weight", torch.float32))
             self.ln2.append(vec(p + "post_attention_layernorm.weight", torch.float32))
-            if self.quantized:
-                release_free_memory()   # quantizing leaves freed float32 temporaries in the heap
+            if self.quantized or pack:
+                release_free_memory()   # quantizing or packing leaves freed temporaries in the heap
 
     def twin(self, dtype: str) -> "NativeLlama":
         """The same checkpoint in another weight format (built once, then kept with this model).
