@@ -193,7 +193,7 @@ def exact_pair_distribution(model, prompt: list[int], gen: GenerationConfig) -> 
     V = model.vocab_size
 
     def probs(ids):                                                        # (V,)
-        return target_probs(model.forward(model.new_cache(1, 64), torch.tensor([ids]))[0, -1], gen)
+        return target_probs(model.forward(model.new_cache(1, len(ids) + 8), torch.tensor([ids]))[0, -1], gen)
 
     out = torch.zeros(V, V, dtype=torch.float64)
     p1 = probs(prompt)

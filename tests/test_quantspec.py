@@ -133,6 +133,32 @@ def test_lookup_length_doubles_while_copies_are_accepted_whole():
         QuantSpecConfig(lookup_tokens=10, max_lookup_tokens=8).validate()
 
 
+def test_twin_draft_ending_on_an_input_ngram_is_extended_by_lookup(monkeypatch):
+    """The twin drafts [7, 8]; the context holds 7 8 9 10 earlier, so 9 10 ... come free after the twin's
+    tokens. The twin's draft length learns from the twin's own tokens only."""
+    from paradecode.decoding.tree import Draft
+    from paradecode.decoding.verify import Verdict
+    from paradecode.drafters.chain import SharedCacheDrafter
+    from paradecode.methods.quantspec import QuantSpecConfig, TwinDrafter
+    from paradecode.stats import DecodeStats
+
+    q = torch.full((2, 16), 1 / 16)
+    monkeypatch.setattr(SharedCacheDrafter, "propose", lambda self, context, n: Draft.chain([7, 8], q=q))
+    d = TwinDrafter(QuantSpecConfig(lookup_tokens=3, num_draft_tokens=2), twin=None)
+    d.stats = DecodeStats()
+    d.stats.extra.update(lookup_drafts=0, lookup_extensions=0)
+    context = [1, 7, 8, 9, 10, 11, 12, 2, 3]                # no lookup for the context's own tail (2, 3)
+    draft = d.propose(context, 16)
+    assert draft.tokens == [7, 8, 9, 10, 11] and draft.is_chain
+    assert torch.equal(draft.q[:2], q) and torch.equal(draft.q[2:], torch.eye(16)[[9, 10, 11]])
+    assert d.twin_len == 2 and d.stats.extra["lookup_extensions"] == 1
+    d.observe(context, Verdict([0, 1], [7, 8, 5], draft=draft), None)   # twin tokens accepted, extension not
+    assert d.k == 4                                          # grew as for a whole accepted twin draft
+    off = TwinDrafter(QuantSpecConfig(lookup_after_draft=False), twin=None)
+    off.stats = d.stats
+    assert off.propose(context, 16).tokens == [7, 8]
+
+
 def test_bad_options():
     from paradecode.methods.base import get_method
 
@@ -149,6 +175,23 @@ def test_sampling_is_exact():
     prompt = [3, 7, 4]
     counts = sampled_pairs(t, prompt, "quantspec", {"confidence_threshold": 0.0, "schedule": "constant",
                                                     "num_draft_tokens": 2, "backoff": False}, gen, 600)
+    assert chi2_pvalue(counts, exact_pair_distribution(t, prompt, gen)) > 1e-4
+
+
+def test_sampling_is_exact_with_lookup_extensions():
+    """The prompt holds every bigram of tokens other than 6 and ends on 6, its only 6: the first call finds no
+    lookup for its context (…, 6, t1), the twin drafts, and the twin's token almost always extends by lookup
+    (one-hot q rows below the twin's q row)."""
+    t = tiny_model("llama", seed=5, layers=2, vocab_size=8, hidden=64, intermediate=128)
+    gen = GenerationConfig(temperature=1.0, top_k=4)
+    symbols = [0, 1, 2, 3, 4, 5, 7]
+    prompt = [x for a in symbols for b in symbols for x in (a, b)] + [6]
+    options = {"confidence_threshold": 0.0, "schedule": "constant", "num_draft_tokens": 1, "backoff": False,
+               "lookup_ngram": 2}
+    extended = sum(generate(t, prompt, "quantspec", options, max_new_tokens=4, temperature=1.0, top_k=4, seed=s,
+                            ignore_eos=True).stats.extra["lookup_extensions"] for s in range(20))
+    assert extended > 0
+    counts = sampled_pairs(t, prompt, "quantspec", options, gen, 600)
     assert chi2_pvalue(counts, exact_pair_distribution(t, prompt, gen)) > 1e-4
 
 
