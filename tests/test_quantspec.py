@@ -133,30 +133,42 @@ def test_lookup_length_doubles_while_copies_are_accepted_whole():
         QuantSpecConfig(lookup_tokens=10, max_lookup_tokens=8).validate()
 
 
-def test_twin_draft_ending_on_an_input_ngram_is_extended_by_lookup(monkeypatch):
-    """The twin drafts [7, 8]; the context holds 7 8 9 10 earlier, so 9 10 ... come free after the twin's
-    tokens. The twin's draft length learns from the twin's own tokens only."""
+def _every_bigram_then(last: int, symbols=(0, 1, 2, 3, 4, 5, 7)) -> list[int]:
+    """Every bigram of ``symbols``, then ``last`` (its only occurrence): the context's own tail never matches
+    a lookup, while almost any token drafted after it ends on a bigram seen before."""
+    return [x for a in symbols for b in symbols for x in (a, b)] + [last]
+
+
+def test_twin_stops_where_its_draft_ends_on_an_input_ngram():
+    """free_tail: once the twin's tokens end on an n-gram of the context, what followed it there continues
+    the draft; the twin's draft length k learns from the twin's own tokens only."""
     from paradecode.decoding.tree import Draft
     from paradecode.decoding.verify import Verdict
-    from paradecode.drafters.chain import SharedCacheDrafter
     from paradecode.methods.quantspec import QuantSpecConfig, TwinDrafter
     from paradecode.stats import DecodeStats
 
-    q = torch.full((2, 16), 1 / 16)
-    monkeypatch.setattr(SharedCacheDrafter, "propose", lambda self, context, n: Draft.chain([7, 8], q=q))
     d = TwinDrafter(QuantSpecConfig(lookup_tokens=3, num_draft_tokens=2), twin=None)
     d.stats = DecodeStats()
-    d.stats.extra.update(lookup_drafts=0, lookup_extensions=0)
-    context = [1, 7, 8, 9, 10, 11, 12, 2, 3]                # no lookup for the context's own tail (2, 3)
-    draft = d.propose(context, 16)
-    assert draft.tokens == [7, 8, 9, 10, 11] and draft.is_chain
-    assert torch.equal(draft.q[:2], q) and torch.equal(draft.q[2:], torch.eye(16)[[9, 10, 11]])
-    assert d.twin_len == 2 and d.stats.extra["lookup_extensions"] == 1
-    d.observe(context, Verdict([0, 1], [7, 8, 5], draft=draft), None)   # twin tokens accepted, extension not
-    assert d.k == 4                                          # grew as for a whole accepted twin draft
-    off = TwinDrafter(QuantSpecConfig(lookup_after_draft=False), twin=None)
-    off.stats = d.stats
-    assert off.propose(context, 16).tokens == [7, 8]
+    d.stats.extra.update(lookup_extensions=0)
+    context = [1, 7, 8, 9, 10, 11, 12, 2, 3]
+    assert d.free_tail(context, [5], 16) == []                      # (3, 5) never occurred
+    assert d.free_tail(context, [5, 7, 8], 16) == [9, 10, 11]         # (7, 8) did: 9 10 11 followed
+    assert d.free_tail(context, [5, 7, 8], 2) == [9, 10]              # no more than the room left
+    assert d.stats.extra["lookup_extensions"] == 2
+    d.last_drafted, d.looked_up = 2, False                         # the twin drafted 7 8, the tail 9 10 11
+    draft = Draft.chain([7, 8]).then(Draft.chain([9, 10, 11]))
+    d.observe(context, Verdict([0, 1], [7, 8, 5], draft=draft), None)   # twin tokens accepted, tail not
+    assert d.k == 4                                                 # grew as for a whole accepted twin draft
+    assert TwinDrafter(QuantSpecConfig(lookup_after_draft=False), twin=None).free_tail(context, [7, 8], 16) == []
+
+
+def test_lookup_tails_keep_greedy_identity():
+    t = tiny_model("llama", seed=7, layers=3, vocab_size=8, hidden=64, intermediate=128)
+    p = _every_bigram_then(6)
+    ref = generate(t, p, "plain", max_new_tokens=30, ignore_eos=True)
+    r = generate(t, p, "quantspec", {"backoff": False}, max_new_tokens=30, ignore_eos=True)
+    assert r.token_ids == ref.token_ids
+    assert r.stats.extra["lookup_extensions"] > 0
 
 
 def test_bad_options():
@@ -179,13 +191,11 @@ def test_sampling_is_exact():
 
 
 def test_sampling_is_exact_with_lookup_extensions():
-    """The prompt holds every bigram of tokens other than 6 and ends on 6, its only 6: the first call finds no
-    lookup for its context (…, 6, t1), the twin drafts, and the twin's token almost always extends by lookup
-    (one-hot q rows below the twin's q row)."""
+    """The first call finds no lookup for its context (…, 6, t1), the twin drafts, and its token almost always
+    ends on a bigram of the prompt: a lookup tail follows (one-hot q rows below the twin's q row)."""
     t = tiny_model("llama", seed=5, layers=2, vocab_size=8, hidden=64, intermediate=128)
     gen = GenerationConfig(temperature=1.0, top_k=4)
-    symbols = [0, 1, 2, 3, 4, 5, 7]
-    prompt = [x for a in symbols for b in symbols for x in (a, b)] + [6]
+    prompt = _every_bigram_then(6)
     options = {"confidence_threshold": 0.0, "schedule": "constant", "num_draft_tokens": 1, "backoff": False,
                "lookup_ngram": 2}
     extended = sum(generate(t, prompt, "quantspec", options, max_new_tokens=4, temperature=1.0, top_k=4, seed=s,

@@ -140,6 +140,13 @@ class ChainDrafter(Drafter):
     def draft_forward(self, cache: KVCache, ids: torch.Tensor, logits_for: torch.Tensor) -> torch.Tensor:
         """Run the draft on new tokens ids (1, T) after the cache: logits (1, T', V) at ``logits_for``."""
 
+    def free_tail(self, context: list[int], drafted: list[int], room: int) -> list[int]:
+        """Up to ``room`` tokens that may follow ``context + drafted`` at no cost (none by default).
+
+        Asked after every drafted token; a non-empty answer ends the draft LM's
+        chain there and is appended as deterministic nodes (one-hot q)."""
+        return []
+
     # -- Drafter interface ----------------------------------------------------
     def begin(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, stats: DecodeStats) -> None:
         self.gen, self.stats = gen, stats
@@ -168,12 +175,14 @@ class ChainDrafter(Drafter):
         logits = self._catch_up(context)                             # (V,)
         tokens: list[int] = []
         qs: list[torch.Tensor] = []
+        tail: list[int] = []
         for i in range(k):
             tok, q = self._pick(logits)
             tokens.append(tok)
             if q is not None:
                 qs.append(q)
-            if i == k - 1:
+            tail = self.free_tail(context, tokens, max_nodes - len(tokens))
+            if tail or i == k - 1:
                 break
             confidence = float(logits.softmax(-1)[tok])
             if confidence < self.opt.confidence_threshold:
@@ -182,13 +191,14 @@ class ChainDrafter(Drafter):
         self.last_drafted = len(tokens)
         hist = self.stats.extra["draft_lengths"]
         hist[len(tokens)] = hist.get(len(tokens), 0) + 1
-        return Draft.chain(tokens, q=torch.stack(qs) if qs else None)   # q: (n, V) or None
+        return Draft.chain(tokens, q=torch.stack(qs) if qs else None).then(Draft.chain(tail))  # q: (n, V) or None
 
     def observe(self, context: list[int], verdict: Verdict, logits: torch.Tensor) -> None:
-        drafted = len(verdict.draft) if verdict.draft is not None else self.last_drafted  # after truncation
+        # k learns from the draft LM's own tokens (not a free tail), as many as survived truncation
+        drafted = self.last_drafted if verdict.draft is None else min(self.last_drafted, len(verdict.draft))
         o = self.opt
-        self.k = next_draft_length(self.k, drafted, verdict.num_accepted, o.min_draft_tokens, o.max_draft_tokens,
-                                   o.schedule)
+        self.k = next_draft_length(self.k, drafted, min(verdict.num_accepted, drafted), o.min_draft_tokens,
+                                   o.max_draft_tokens, o.schedule)
 
     def memory_bytes(self) -> int:
         c = self.cache

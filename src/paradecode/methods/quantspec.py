@@ -24,8 +24,9 @@ sampling too), so input-grounded answers get prompt lookup's long copies and
 open-ended ones the twin's drafts. A copy accepted whole doubles the next
 lookup's length (up to ``max_lookup_tokens``); one that breaks off resets it:
 long verbatim spans then cost a few calls, not one per ``lookup_tokens``.
-And where the twin drafts, a draft ending on an n-gram of the context is
-extended for free by what followed it there (``lookup_after_draft``).
+And where the twin drafts, it stops as soon as its tokens end on an n-gram
+of the context, and what followed that n-gram there continues the draft
+for free (``lookup_after_draft``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ..decoding.sink import TokenSink
 from ..decoding.speculative import speculative_decode
 from ..decoding.tree import Draft
 from ..decoding.verify import Verdict
-from ..drafters.chain import ChainDraftOptions, SharedCacheDrafter, next_draft_length
+from ..drafters.chain import ChainDraftOptions, SharedCacheDrafter
 from ..errors import UserError
 from ..models.base import CausalLM, KVCache
 from ..sampling import GenerationConfig
@@ -59,8 +60,8 @@ class QuantSpecConfig(ChainDraftOptions):
     lookup_tokens: int = option(10, "tokens a prompt-lookup match drafts")
     max_lookup_tokens: int = option(32, "a lookup draft accepted whole doubles the next one's length, up to "
                                         "this (= lookup_tokens: fixed length)")
-    lookup_after_draft: bool = option(True, "extend the twin's draft with a prompt lookup of its own last "
-                                            "n-gram (free tokens where the answer turns to copying)")
+    lookup_after_draft: bool = option(True, "once the twin's draft ends on an n-gram of the context, stop the "
+                                            "twin and continue with what followed it there (free tokens)")
 
     def validate(self) -> None:
         super().validate()
@@ -82,7 +83,6 @@ class TwinDrafter(SharedCacheDrafter):
         self.max_nodes = max(self.max_nodes, config.max_lookup_tokens if config.lookup_ngram else 0)
         self.looked_up = False                   # whether the last draft came from prompt lookup
         self.lookup_len = config.lookup_tokens   # grows while copies are accepted whole
-        self.twin_len = 0                        # twin tokens in the last draft (before a lookup extension)
 
     def setup(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, capacity: int) -> KVCache:
         self.stats.extra.update(draft_format=self.twin.info.dtype, lookup_drafts=0, lookup_extensions=0)
@@ -95,23 +95,20 @@ class TwinDrafter(SharedCacheDrafter):
         if found:
             self.stats.extra["lookup_drafts"] += 1
             return Draft.chain(found)            # deterministic: one-hot q, exact under sampling too
-        draft = super().propose(context, min(max_nodes, self.opt.max_draft_tokens))
-        self.twin_len = len(draft)
-        room = min(max_nodes - len(draft), self.lookup_len)
-        if c.lookup_after_draft and c.lookup_ngram and draft.tokens and room > 0:
-            # the twin's tokens may end on an n-gram of the input: what followed it there comes free
-            more = prompt_lookup(context + draft.tokens, 3, c.lookup_ngram, room)
-            if more:
-                self.stats.extra["lookup_extensions"] += 1
-                draft = draft.then(Draft.chain(more))    # one-hot q below the twin's q rows: still exact
-        return draft
+        return super().propose(context, min(max_nodes, self.opt.max_draft_tokens + self.lookup_len))
+
+    def free_tail(self, context: list[int], drafted: list[int], room: int) -> list[int]:
+        """Once the twin's tokens end on an n-gram of the context, what followed it there (the twin stops)."""
+        c = self.config
+        if not (c.lookup_after_draft and c.lookup_ngram) or room <= 0:
+            return []
+        more = prompt_lookup(context + drafted, 3, c.lookup_ngram, min(room, self.lookup_len))
+        self.stats.extra["lookup_extensions"] += bool(more)
+        return more
 
     def observe(self, context: list[int], verdict: Verdict, logits: torch.Tensor) -> None:
         if not self.looked_up:                   # the twin's draft length learns from its own tokens only
-            o = self.opt
-            drafted = self.twin_len if verdict.draft is None else min(self.twin_len, len(verdict.draft))  # truncated?
-            self.k = next_draft_length(self.k, drafted, min(verdict.num_accepted, drafted),
-                                       o.min_draft_tokens, o.max_draft_tokens, o.schedule)
+            super().observe(context, verdict, logits)
             return
         drafted = len(verdict.draft)
         if verdict.num_accepted < drafted:       # a copy that broke off: back to the base length
