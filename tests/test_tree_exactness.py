@@ -3,7 +3,8 @@
 A tree node off the first path sees its ancestors at other cache slots than plain decoding does, so its
 logits are only close to plain decoding's; bfloat16 rounding turned that into different output for
 `lookahead` on two benchmark prompts (multi_turn-02 at token 35, qa-02 at 39) before the verifier stopped
-using such nodes' logits (``decoding/verify.py``).
+using such nodes' logits (``decoding/verify.py``). Chain methods are checked here too, on the same bfloat16
+target, whose projections run oneDNN's prepacked kernels (``models/quant.py``).
 """
 
 from __future__ import annotations
@@ -39,3 +40,19 @@ def test_tree_methods_are_greedy_exact_in_bfloat16(bf16_model, bench_prompts, me
         assert out.token_ids == ref.token_ids, (pid, method, options)
         multi += sum(n > 1 for n in out.stats.accepted_lengths)
     assert multi > 0                      # the trees did get tokens accepted
+
+
+@pytest.mark.parametrize("method, options", [("quantspec", {}), ("pld", {})])
+def test_chain_methods_are_greedy_exact_on_the_prepacked_bfloat16_target(bf16_model, bench_prompts, method, options):
+    """The bfloat16 target runs oneDNN's prepacked GEMMs (where the CPU has native bfloat16) and prefills
+    whole: drafted chains must still reproduce its plain greedy output token for token."""
+    from paradecode.models.quant import PackedBF16Weight, can_pack_bf16
+
+    assert isinstance(bf16_model.wqkv[0], PackedBF16Weight) == can_pack_bf16()
+    multi = 0
+    for pid, ids in bench_prompts:
+        ref = pd.generate(bf16_model, ids, "plain", max_new_tokens=48)
+        out = pd.generate(bf16_model, ids, method, options, max_new_tokens=48)
+        assert out.token_ids == ref.token_ids, (pid, method)
+        multi += sum(n > 1 for n in out.stats.accepted_lengths)
+    assert multi > 0
