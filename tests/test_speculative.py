@@ -287,7 +287,7 @@ def test_backoff_is_cost_aware():
     b.update(0, 0, seconds=0.010)
     assert b.allow() == 8
     b.update(8, 1, seconds=0.040)                          # 20 ms per token > 10 ms: too costly
-    # it lost 20 ms against two plain steps: 20 plain steps amortise that to 10%, capped at max_wait
+    # it lost 20 ms against two plain steps: 50 plain steps amortise that to 4%, capped at max_wait
     assert [b.allow() for _ in range(9)] == [0] * 8 + [8]  # plain steps, then a probe
     b.update(0, 0, seconds=0.010)
     b.update(8, 7, seconds=0.040)                          # 5 ms per token: drafting pays again

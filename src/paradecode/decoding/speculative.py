@@ -132,7 +132,7 @@ class BackOff:
     plain_avg: tuple[float, float] | None = None
     draft_avg: tuple[float, float] | None = None
     margin: float = 0.9                # draft only while it costs at most this share of plain per token
-    probe_overhead: float = 0.1        # failed probes may cost at most this share of the plain steps between them
+    probe_overhead: float = 0.04       # failed probes may cost at most this share of the plain steps between them
     wait: int = field(init=False, default=0)
     plain_steps: int = field(init=False, default=0)
     _next_wait: int = field(init=False, default=0)
