@@ -14,9 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from paradecode.models.base import causal_mask
+from paradecode.models.quant import can_pack_bf16
 from paradecode.models.tiny import tiny_hf_model, tiny_native, tiny_pair
 
 TOL = 1e-4
+needs_packed_bf16 = pytest.mark.skipif(
+    not can_pack_bf16(), reason="oneDNN's prepacked bfloat16 linear needs a CPU with native bfloat16 (AVX-512 BF16 "
+                                "or AMX); PyTorch then keeps plain bfloat16 weights")
 
 TINY_CONFIGS = {
     "llama": dict(arch="llama"),
@@ -299,15 +303,14 @@ def test_low_precision_close_to_float32(dtype):
     assert (a.softmax(-1) - b.softmax(-1)).abs().max() < 0.05
 
 
+@needs_packed_bf16
 def test_bfloat16_projections_are_prepacked_for_onednn():
     """bfloat16 weights go to oneDNN prepacked where this CPU runs bfloat16 natively: same arithmetic as the
     plain layout up to the kernel's summation order, same bytes per step, and a tied embedding keeps a
     plain copy to look rows up in."""
     from paradecode.models.native import NativeLlama
-    from paradecode.models.quant import PackedBF16Weight, can_pack_bf16
+    from paradecode.models.quant import PackedBF16Weight
 
-    if not can_pack_bf16():
-        pytest.skip("oneDNN's prepacked bfloat16 linear needs a CPU with native bfloat16 (AVX-512 BF16 or AMX)")
     hf = tiny_hf_model("llama", seed=4, hidden=128, intermediate=384)
     packed = NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16")
     plain = NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16", packed=False)
@@ -339,17 +342,15 @@ def test_long_prompt_attention_in_query_blocks(tiny_llama_pair, monkeypatch):
     assert (blocks - hf.forward(hf.new_cache(1, 64), ids)).abs().max() < TOL
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, pytest.param("packed", marks=needs_packed_bf16)])
 @pytest.mark.parametrize("n, k", [(128, 128), (384, 128), (128, 384), (3072, 576), (576, 1536)])
 def test_split_rows_computes_every_row_as_a_four_row_call_does(threads, dtype, n, k):
     """Whatever row count a padded call has (up to SPLIT_ROWS), each row gets the bits a 4-row call gives it:
     the GEMM kernel switches at row counts that depend on the CPU, shape and threads (probed by _max_rows).
     ``packed``: bfloat16 in oneDNN's prepacked layout (where this CPU runs it)."""
     import paradecode.models.native as native
-    from paradecode.models.quant import can_pack_bf16, linear, pack_bf16
+    from paradecode.models.quant import linear, pack_bf16
 
-    if dtype == "packed" and not can_pack_bf16():
-        pytest.skip("oneDNN's prepacked bfloat16 linear needs a CPU with native bfloat16 (AVX-512 BF16 or AMX)")
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16 if dtype == "packed" else dtype)
     w = pack_bf16(w) if dtype == "packed" else w
