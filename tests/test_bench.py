@@ -122,6 +122,22 @@ def test_aggregate_uses_token_weighted_speed_and_median_over_repeats():
     assert f["mat"] == pytest.approx(2.0)
     assert f["calls_per_token"] == pytest.approx(12 / 20)
     assert f["exactness"] == 0.5
+    assert f["decode_speedup"] is None                          # these lines carry no prefill times
+
+
+def test_decode_phase_speedup_takes_each_runs_prefill_out_of_its_wall_time():
+    def line(pid, rep, wall, prefill, plain_wall, plain_prefill):
+        return {"model": "m", "method": "x", "prompt_id": pid, "category": "qa", "repeat": rep, "exact": True,
+                "first_diff": None, "plain": {"new_tokens": 10, "wall": plain_wall, "prefill": plain_prefill},
+                "run": {"new_tokens": 10, "wall": wall, "prefill": prefill, "model_calls": 6, "accepted_sum": 10,
+                        "accepted_count": 5, "accepted_histogram": {"2": 5}, "draft": 0.1}}
+    rows = per_prompt([line("a", 0, 1.5, 0.5, 3.5, 0.5), line("b", 0, 2.0, 1.0, 5.0, 1.0)])
+    f = aggregate(rows)
+    assert f["speedup"] == pytest.approx(8.5 / 3.5)
+    assert f["decode_speedup"] == pytest.approx((3.0 + 4.0) / (1.0 + 1.0))
+    # one line without a prefill time (a peer that does not report it): no decode-phase figure
+    rows = per_prompt([line("a", 0, 1.5, None, 3.5, 0.5), line("b", 0, 2.0, 1.0, 5.0, 1.0)])
+    assert aggregate(rows)["decode_speedup"] is None
 
 
 def test_parse_sweep():
@@ -142,13 +158,14 @@ def test_end_to_end_report_and_exactness(tmp_path, test_methods, tiny_lm):
     res = parsed["results"]["tiny"]
     assert res[EXACT]["overall"]["exactness"] == 1.0
     assert res[EXACT]["overall"]["mat"] == pytest.approx(1.0)
-    assert res[EXACT]["overall"]["speedup"] > 0
+    assert res[EXACT]["overall"]["speedup"] > 0 and res[EXACT]["overall"]["decode_speedup"] > 0
     assert res[WRONG]["overall"]["exactness"] == 0.0           # the planted non-exact method is caught
     fails = parsed["exactness_failures"]
     assert {f["method"] for f in fails} == {WRONG} and all(f["first_diff"] == 2 for f in fails)
     assert all(ln["first_diff"] == 2 for ln in lines if ln["method"] == WRONG)
     md = (tmp_path / "report.md").read_text()
     assert "EXACTNESS FAILURES" in md and "qa" in md and parsed["machine"]["cpu"]
+    assert "Decode-phase speedup" in md
     assert parsed["machine"]["versions"]["torch"] and "transformers" in parsed["machine"]["versions"]
     assert report["categories"] == ["qa"]
 
@@ -244,9 +261,9 @@ def test_llamacpp_peer_decodes_greedily_from_the_default_gguf():
     peer = LlamaCpp(PeerContext(model_spec=None, eos_token_ids=(2,), pad_token_id=2, threads=1))
     assert peer.setup() is None
     ids = peer.llm.tokenize(b"The three primary colours are", add_bos=False)
-    tokens, wall = peer.generate(ids, 8)
+    tokens, wall, first = peer.generate(ids, 8)
     assert 0 < len(tokens) <= 8 and all(type(t) is int for t in tokens)
-    assert wall > 0
+    assert 0 < first < wall                                       # time to the first token, inside the run
     assert peer.generate(ids, 8)[0] == tokens                      # greedy: the same tokens every time
 
 

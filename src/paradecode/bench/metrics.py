@@ -10,7 +10,13 @@ Vocabulary (see docs/benchmark.md):
 * **MAT** = Σ accepted lengths / number of target calls (prefill excluded);
 * **calls per token** = Σ target model calls / Σ new tokens (prefill included);
 * **exactness** = share of lines whose tokens equal the paired plain greedy run;
-* **draft share** = Σ draft time / Σ wall time.
+* **draft share** = Σ draft time / Σ wall time;
+* **decode-phase speedup** = the speedup with each run's prompt phase (the
+  prefill call that yields the first token; a peer's time to its first token)
+  taken out of its wall time: Σ tokens / Σ (wall − prefill), method over plain.
+  Both encode the same prompt with the same kind of call, so this is the
+  speedup of the part parallel decoding changes; a short answer to a long
+  prompt dilutes the end-to-end figure with that shared cost.
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ def _median(xs: Iterable[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
 
+def _median_or_none(xs: Iterable[float | None]) -> float | None:
+    """Median of ``xs``, or None when any is missing (older lines, peers that do not report it)."""
+    xs = list(xs)
+    return None if not xs or any(x is None for x in xs) else statistics.median(xs)
+
+
 def per_prompt(lines: Iterable[dict]) -> list[dict]:
     """Collapse repeats: one row per (model, method, prompt) with medians of wall times.
 
@@ -60,6 +72,8 @@ def per_prompt(lines: Iterable[dict]) -> list[dict]:
             "tokens": run["new_tokens"], "wall": _median(x["run"]["wall"] for x in lns),
             "plain_tokens": first["plain"]["new_tokens"], "plain_wall": _median(x["plain"]["wall"] for x in lns),
             "draft_time": _median(x["run"].get("draft", 0.0) for x in lns),
+            "prefill": _median_or_none(x["run"].get("prefill") for x in lns),
+            "plain_prefill": _median_or_none(x["plain"].get("prefill") for x in lns),
             "model_calls": run.get("model_calls"), "accepted_sum": run.get("accepted_sum"),
             "accepted_count": run.get("accepted_count"), "histogram": run.get("accepted_histogram") or {},
             "exact": all(x["exact"] for x in lns), "rss_peak_mb": max(x.get("rss_peak_mb", 0.0) for x in lns),
@@ -84,8 +98,13 @@ def aggregate(rows: Sequence[dict]) -> dict[str, Any]:
         "rss_peak_mb": max((r["rss_peak_mb"] for r in rows), default=0.0),
         "rss_delta_mb": max((r["rss_delta_mb"] for r in rows), default=0.0),
         "draft_share": sum(r["draft_time"] for r in rows) / wall if wall > 0 else 0.0,
-        "mat": None, "calls_per_token": None,
+        "mat": None, "calls_per_token": None, "decode_speedup": None,
     }
+    if rows and all(r.get("prefill") is not None and r.get("plain_prefill") is not None for r in rows):
+        dwall = sum(r["wall"] - r["prefill"] for r in rows)
+        pdwall = sum(r["plain_wall"] - r["plain_prefill"] for r in rows)
+        if dwall > 0 and pdwall > 0 and ptok:
+            out["decode_speedup"] = (tok / dwall) / (ptok / pdwall)
     if rows and all(r["accepted_count"] for r in rows):
         out["mat"] = sum(r["accepted_sum"] for r in rows) / sum(r["accepted_count"] for r in rows)
     if rows and all(r["model_calls"] is not None for r in rows) and tok:

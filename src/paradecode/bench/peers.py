@@ -78,7 +78,9 @@ class Peer:
         """Prepare; return None when ready or a one-line note why this peer is skipped."""
         return None
 
-    def generate(self, ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+    def generate(self, ids: list[int], max_new_tokens: int) -> tuple[list[int], float, float | None]:
+        """Greedy continuation of ``ids``: (tokens, wall seconds, seconds until the first token or None
+        when the peer does not expose it)."""
         raise NotImplementedError
 
 
@@ -120,7 +122,7 @@ class TransformersGreedy(Peer):
             out = self.model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg,
                                       **self.extra_kwargs())
         wall = time.perf_counter() - t0
-        return _cut_eos(out[0, len(ids):].tolist(), self.ctx.eos_token_ids), wall
+        return _cut_eos(out[0, len(ids):].tolist(), self.ctx.eos_token_ids), wall, None
 
 
 class TransformersPromptLookup(TransformersGreedy):
@@ -155,14 +157,18 @@ def open_llama(gguf: Path, threads: int, **kwargs):
                  **{"n_ctx": 4096, **kwargs})
 
 
-def llama_greedy(llm, ids: list[int], max_new_tokens: int, eos: Collection[int] = ()) -> list[int]:
+def llama_greedy(llm, ids: list[int], max_new_tokens: int, eos: Collection[int] = (),
+                 first_token_at: list[float] | None = None) -> list[int]:
     """Greedy (top-k 1, no penalties) continuation of ``ids``, stopping before a token in ``eos``.
 
     The whole prompt is evaluated every time: ``reset`` stops ``generate`` from reusing a cached prefix.
+    ``first_token_at`` receives the ``perf_counter`` time at which the first token came out.
     """
     out: list[int] = []
     llm.reset()
     for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        if first_token_at is not None and not first_token_at:
+            first_token_at.append(time.perf_counter())
         if tok in eos:
             break
         out.append(int(tok))
@@ -222,9 +228,10 @@ class LlamaCpp(Peer):
         return None
 
     def generate(self, ids, max_new_tokens):
+        first: list[float] = []
         t0 = time.perf_counter()
-        out = llama_greedy(self.llm, ids, max_new_tokens, self.eos)
-        return out, time.perf_counter() - t0
+        out = llama_greedy(self.llm, ids, max_new_tokens, self.eos, first_token_at=first)
+        return out, time.perf_counter() - t0, (first[0] - t0 if first else None)
 
 
 PEERS: dict[str, type[Peer]] = {p.name: p for p in (TransformersGreedy, TransformersPromptLookup,

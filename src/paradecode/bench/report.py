@@ -119,6 +119,16 @@ def markdown(report: dict) -> str:
                 cells.append("" if f is None else
                              f"{_fmt(f['speedup'], '.2f', '×')} / {_fmt(f['mat'], '.2f')}")
             out.append(f"| {key} | " + " | ".join(cells) + " |")
+        if any(f.get("decode_speedup") is not None for s in methods.values()
+               for f in [s["overall"], *s["categories"].values()]):
+            out += ["", "Decode-phase speedup: the same runs with each one's prompt phase (the prefill that "
+                    "yields the first token, the same call for every method) taken out of its wall time.", "",
+                    "| method | " + " | ".join(cats) + " | overall |", "|---" * (len(cats) + 2) + "|"]
+            for key in _order(methods):
+                s = methods[key]
+                cells = [_fmt((s["overall"] if c == "overall" else s["categories"].get(c) or {}).get("decode_speedup"),
+                              ".2f", "×") for c in cats + ["overall"]]
+                out.append(f"| {key} | " + " | ".join(cells) + " |")
         out += ["", "Overall figures:", "",
                 "| method | kind | tokens/s | plain tokens/s | speedup | MAT | calls/token | exactness | "
                 "draft share | peak RSS MB (+ added by the run) |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -252,8 +252,8 @@ def _run_method(model, ids: list[int], method, max_new_tokens: int, seed: int) -
 
 def _run_peer(peer, ids: list[int], max_new_tokens: int) -> dict:
     with PeakRSS() as mem:
-        tokens, wall = peer.generate(list(ids), max_new_tokens)
-    return {"tokens": tokens, "new_tokens": len(tokens), "wall": wall, "rss_peak_mb": mem.peak_mb,
+        tokens, wall, first = peer.generate(list(ids), max_new_tokens)
+    return {"tokens": tokens, "new_tokens": len(tokens), "wall": wall, "prefill": first, "rss_peak_mb": mem.peak_mb,
             "rss_delta_mb": mem.delta_mb}
 
 
@@ -270,7 +270,7 @@ def measure_line(v: Variant, model, prompt: BenchPrompt, ids: list[int], repeat:
     line: dict[str, Any] = {"model": None, "method": v.key, "kind": v.kind, "lossless": v.lossless,
                             "prompt_id": prompt.id, "category": prompt.category, "repeat": repeat,
                             "prompt_tokens": len(ids),
-                            "plain": {"new_tokens": base["new_tokens"], "wall": base["wall"]}}
+                            "plain": {"new_tokens": base["new_tokens"], "wall": base["wall"], "prefill": base["prefill"]}}
     try:
         run = _run(v, model, ids, cfg)
     except UserError as e:  # the method is not usable as configured (e.g. needs a draft model)
