@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from paradecode.bench.metrics import aggregate, first_difference, per_prompt
+from paradecode.bench.metrics import aggregate, first_difference, per_prompt, repeat_range, summarise
 from paradecode.bench.prompts import CATEGORIES, BenchPrompt, load_prompts, load_suite
 from paradecode.bench.runner import RESULTS_FILE, BenchConfig, parse_sweep, run_benchmark
 from paradecode.errors import UserError
@@ -140,6 +140,21 @@ def test_decode_phase_speedup_takes_each_runs_prefill_out_of_its_wall_time():
     assert aggregate(rows)["decode_speedup"] is None
 
 
+def test_speedup_range_is_computed_one_repeat_at_a_time():
+    def line(pid, rep, wall, plain_wall):
+        return {"model": "m", "method": "x", "prompt_id": pid, "category": "qa", "repeat": rep, "exact": True,
+                "first_diff": None, "plain": {"new_tokens": 10, "wall": plain_wall},
+                "run": {"new_tokens": 10, "wall": wall, "model_calls": 6, "accepted_sum": 10,
+                        "accepted_count": 5, "accepted_histogram": {"2": 5}, "draft": 0.1}}
+    # repeat 0: (20 / 2) / (20 / 4) = 2.0; repeat 1: (20 / 4) / (20 / 4) = 1.0
+    lines = [line("a", 0, 1.0, 2.0), line("b", 0, 1.0, 2.0), line("a", 1, 2.0, 2.0), line("b", 1, 2.0, 2.0)]
+    assert repeat_range(lines) == pytest.approx((1.0, 2.0))
+    assert repeat_range(lines[:2]) is None                      # one repeat: no range
+    figs = summarise(lines, ["qa"])["m"]["x"]
+    assert figs["overall"]["speedup_range"] == pytest.approx((1.0, 2.0))
+    assert figs["categories"]["qa"]["speedup_range"] == pytest.approx((1.0, 2.0))
+
+
 def test_parse_sweep():
     assert parse_sweep("pld:max-draft=2,4") == ("pld", "max_draft", ["2", "4"])
     with pytest.raises(UserError):
@@ -165,7 +180,8 @@ def test_end_to_end_report_and_exactness(tmp_path, test_methods, tiny_lm):
     assert all(ln["first_diff"] == 2 for ln in lines if ln["method"] == WRONG)
     md = (tmp_path / "report.md").read_text()
     assert "EXACTNESS FAILURES" in md and "qa" in md and parsed["machine"]["cpu"]
-    assert "Decode-phase speedup" in md
+    assert "Decode-phase speedup" in md and "speedup per repeat (min–max)" in md
+    assert len(res[EXACT]["overall"]["speedup_range"]) == 2    # two repeats: a range
     assert parsed["machine"]["versions"]["torch"] and "transformers" in parsed["machine"]["versions"]
     assert report["categories"] == ["qa"]
 

@@ -121,18 +121,45 @@ def histogram(rows: Iterable[dict]) -> dict[int, int]:
     return dict(sorted(total.items()))
 
 
+def repeat_range(lines: Iterable[dict]) -> tuple[float, float] | None:
+    """(lowest, highest) speedup of a group of lines computed one repeat at a time; None for one repeat.
+
+    The headline speedup takes each prompt's median over repeats; this says how
+    far the repeats themselves were apart (a shared machine's noise).
+    """
+    by_repeat: dict[int, list[dict]] = defaultdict(list)
+    for ln in lines:
+        if not ln.get("error"):
+            by_repeat[ln["repeat"]].append(ln)
+    if len(by_repeat) < 2:
+        return None
+    speedups = [s for s in (aggregate(per_prompt(lns))["speedup"] for lns in by_repeat.values()) if s is not None]
+    return (min(speedups), max(speedups)) if speedups else None
+
+
 def summarise(lines: Iterable[dict], categories: Sequence[str]) -> dict[str, dict]:
-    """{model: {method: {"overall": figs, "categories": {cat: figs}, "kind", "histogram", "failures"}}}."""
+    """{model: {method: {"overall": figs, "categories": {cat: figs}, "kind", "histogram", "failures"}}}.
+
+    Figures carry ``speedup_range``: see :func:`repeat_range`."""
+    lines = list(lines)
     rows = per_prompt(lines)
     by: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         by[(r["model"], r["method"])].append(r)
+    lines_of: dict[tuple, list[dict]] = defaultdict(list)
+    for ln in lines:
+        lines_of[(ln["model"], ln["method"])].append(ln)
     out: dict[str, dict] = defaultdict(dict)
     for (model, method), rs in by.items():
+        lns = lines_of[(model, method)]
         cats = {c: aggregate([r for r in rs if r["category"] == c]) for c in categories
                 if any(r["category"] == c for r in rs)}
+        for c, figs in cats.items():
+            figs["speedup_range"] = repeat_range(ln for ln in lns if ln["category"] == c)
+        overall = aggregate(rs)
+        overall["speedup_range"] = repeat_range(lns)
         out[model][method] = {
-            "kind": rs[0]["kind"], "overall": aggregate(rs), "categories": cats, "histogram": histogram(rs),
+            "kind": rs[0]["kind"], "overall": overall, "categories": cats, "histogram": histogram(rs),
             "failures": [{"prompt_id": r["prompt_id"], "first_diff": r["first_diff"]} for r in rs if not r["exact"]],
         }
     return dict(out)

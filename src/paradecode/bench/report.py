@@ -130,8 +130,9 @@ def markdown(report: dict) -> str:
                               ".2f", "×") for c in cats + ["overall"]]
                 out.append(f"| {key} | " + " | ".join(cells) + " |")
         out += ["", "Overall figures:", "",
-                "| method | kind | tokens/s | plain tokens/s | speedup | MAT | calls/token | exactness | "
-                "draft share | peak RSS MB (+ added by the run) |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "| method | kind | tokens/s | plain tokens/s | speedup | speedup per repeat (min–max) | MAT | "
+                "calls/token | exactness | draft share | peak RSS MB (+ added by the run) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for key in _order(methods):
             s = methods[key]
             f = s["overall"]
@@ -140,8 +141,10 @@ def markdown(report: dict) -> str:
             if lossless and f["exactness"] is not None and f["exactness"] < 1:
                 exact = f"**{exact} ⚠**"
             kind = s["kind"] + (" (lossless)" if lossless else "")
+            rng = f.get("speedup_range")
+            rng = "—" if rng is None else f"{rng[0]:.2f}–{rng[1]:.2f}×"
             out.append(f"| {key} | {kind} | {f['tokens_per_s']:.1f} | {f['plain_tokens_per_s']:.1f} | "
-                       f"{_fmt(f['speedup'], '.2f', '×')} | {_fmt(f['mat'], '.2f')} | "
+                       f"{_fmt(f['speedup'], '.2f', '×')} | {rng} | {_fmt(f['mat'], '.2f')} | "
                        f"{_fmt(f['calls_per_token'], '.2f')} | {exact} | "
                        f"{_fmt(100 * f['draft_share'], '.0f', '%')} | "
                        f"{f['rss_peak_mb']:.0f} (+{f['rss_delta_mb']:.0f}) |")
