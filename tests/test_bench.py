@@ -220,6 +220,7 @@ def test_cli_with_peer_and_sweep(tmp_path, test_methods):
     assert set(methods) == {EXACT, f"{EXACT}[draft_len=2]", f"{EXACT}[draft_len=3]", "peer:transformers"}
     assert methods["peer:transformers"]["overall"]["mat"] is None
     assert methods["peer:transformers"]["overall"]["tokens_per_s"] > 0
+    assert methods["peer:transformers"]["overall"]["decode_speedup"] > 0    # its time to the first token is known
     assert report["command"].startswith("paradecode bench")
     assert (out / "sweep.png").is_file()
     assert any("llama.cpp" in n for n in report["notes"]) or "peer:llama.cpp" in methods

@@ -91,6 +91,28 @@ def _cut_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
     return tokens
 
 
+def _first_token_clock():
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstTokenClock(BaseStreamer):
+        """Notes when ``generate`` hands over its first new token (its first ``put`` is the prompt)."""
+
+        def __init__(self):
+            self.puts = 0
+            self.at: float | None = None
+
+        def put(self, value) -> None:
+            self.puts += 1
+            if self.puts == 2:
+                self.at = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    return FirstTokenClock()
+
+
+
 class TransformersGreedy(Peer):
     name = "transformers"
     summary = "transformers model.generate, greedy"
@@ -117,12 +139,14 @@ class TransformersGreedy(Peer):
                                eos_token_id=list(self.ctx.eos_token_ids), pad_token_id=self.ctx.pad_token_id,
                                **self.extra_config())
         x = torch.tensor([ids])
+        clock = _first_token_clock()
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg,
-                                      **self.extra_kwargs())
+                                      streamer=clock, **self.extra_kwargs())
         wall = time.perf_counter() - t0
-        return _cut_eos(out[0, len(ids):].tolist(), self.ctx.eos_token_ids), wall, None
+        first = None if clock.at is None else clock.at - t0
+        return _cut_eos(out[0, len(ids):].tolist(), self.ctx.eos_token_ids), wall, first
 
 
 class TransformersPromptLookup(TransformersGreedy):
