@@ -14,12 +14,14 @@ import zlib
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.stats import chisquare
 
 import paradecode.decoding.verify as verify_mod
 from paradecode.decoding.tree import Draft
 from paradecode.decoding.verify import residual, verify
-from paradecode.sampling import GenerationConfig, target_probs
+from paradecode.sampling import GenerationConfig, argmax, target_probs
 
 V = 8
 ROOT = 0
@@ -227,3 +229,25 @@ def test_a_stop_off_the_chain_carries_the_greedy_walk_below_it():
     logits = _onehot_logits([2, 7, 3, 0, 0, 0])          # on the chain: nothing to carry
     v = verify(logits, d, gen)
     assert v.tokens == [2, 7, 3] and v.carry == []
+
+
+# -- the blocked argmax every greedy path uses -------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 4), width=st.sampled_from([7, 1023, 4096, 4097, 5000, 49152, 49153]),
+       levels=st.integers(1, 5), seed=st.integers(0, 2**31 - 1), nan=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_argmax_is_torch_argmax_ties_and_nan_included(rows, width, levels, seed, nan, dtype):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-levels, levels, (rows, width), generator=g).to(dtype)   # few values: many ties
+    if nan:
+        x.view(-1)[torch.randint(0, x.numel(), (2,), generator=g)] = float("nan")
+    assert torch.equal(argmax(x), x.argmax(-1))
+    assert torch.equal(argmax(x[0]), x[0].argmax(-1))                          # one row, no batch dimension
+
+
+def test_argmax_finds_a_maximum_in_the_last_short_block():
+    x = torch.zeros(2, 4 * 1024 + 3)
+    x[0, -1] = 1.0                                                             # only in the 3-entry tail
+    x[1, -3:] = 2.0                                                            # a tie inside the tail
+    assert argmax(x).tolist() == [4 * 1024 + 2, 4 * 1024]

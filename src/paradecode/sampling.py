@@ -57,6 +57,37 @@ class GenerationConfig:
         return g
 
 
+ARGMAX_BLOCK = 1024   # row block of :func:`argmax`
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)``, exactly (the first index of each row's maximum), ~10x faster on wide rows.
+
+    PyTorch's CPU argmax walks a row one element at a time: ~140 µs for one row
+    of the default model's 49,152 logits on this machine, 1.6 ms for the 12 rows
+    of a verification call, while a max over the same row is vectorised (~8 µs).
+    So: the max of every block of ``ARGMAX_BLOCK`` entries, the first block whose
+    max is the row's (``argmax`` over a few dozen values), then the first index
+    of the maximum inside that block. Earlier blocks hold nothing as large, so
+    this is the row's first maximum; a NaN wins the same way in both passes
+    (``amax`` propagates it, ``argmax`` treats it as the largest), as in ``torch.argmax``.
+    """
+    V = logits.shape[-1]
+    nb = V // ARGMAX_BLOCK
+    if nb < 4:
+        return logits.argmax(-1)
+    lead = logits.shape[:-1]
+    x = logits.reshape(-1, V)                                                  # (R, V)
+    block_max = x[:, :nb * ARGMAX_BLOCK].reshape(-1, nb, ARGMAX_BLOCK).amax(-1)  # (R, nb)
+    if nb * ARGMAX_BLOCK < V:                                                  # a shorter last block
+        block_max = torch.cat([block_max, x[:, nb * ARGMAX_BLOCK:].amax(-1, keepdim=True)], dim=1)
+    start = block_max.argmax(-1) * ARGMAX_BLOCK                                # (R,) first block with the max
+    # a last block shorter than ARGMAX_BLOCK repeats the row's last entry: copies after the real
+    # one cannot come first
+    idx = (start[:, None] + torch.arange(ARGMAX_BLOCK)).clamp_(max=V - 1)      # (R, ARGMAX_BLOCK)
+    return (start + x.gather(1, idx).argmax(-1)).reshape(lead)
+
+
 def target_probs(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     """Logits (..., V) -> the probabilities we sample from (..., V), float32.
 
@@ -65,7 +96,7 @@ def target_probs(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     """
     logits = logits.float()
     if cfg.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return torch.nn.functional.one_hot(argmax(logits), logits.shape[-1]).float()
     logits = logits / cfg.temperature
     V = logits.shape[-1]
     if 0 < cfg.top_k < V:
@@ -92,5 +123,5 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
 def next_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Pick the next token from logits (..., V): argmax if greedy, else a sample."""
     if cfg.greedy:
-        return logits.argmax(-1)
+        return argmax(logits)
     return sample(target_probs(logits, cfg), generator)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sampling import GenerationConfig, target_probs
+from ..sampling import GenerationConfig, argmax, target_probs
 from .tree import Draft
 
 
@@ -71,12 +71,14 @@ class Verdict:
 def verify(logits: torch.Tensor, draft: Draft, gen: GenerationConfig,
            generator: torch.Generator | None = None) -> Verdict:
     """Verify ``draft`` against the target's ``logits`` (n+1, V): row 0 = root, row i+1 = node i."""
-    probs = target_probs(logits, gen)                                 # (n+1, V)
     children: dict[int, list[int]] = {}
     for i, p in enumerate(draft.parents):
         children.setdefault(p, []).append(i)
-
     exact = draft.chain_prefix                                        # nodes with plain decoding's logits
+    if gen.greedy:
+        return _verify_greedy(argmax(logits).tolist(), draft, children, exact)
+
+    probs = target_probs(logits, gen)                                 # (n+1, V)
     accepted: list[int] = []
     tokens: list[int] = []
     out_probs: list[float] = []
@@ -84,38 +86,56 @@ def verify(logits: torch.Tensor, draft: Draft, gen: GenerationConfig,
     while True:
         r = probs[node + 1]                                           # (V,) target at this node
         picked = None
-        if gen.greedy:
-            best = int(r.argmax())
-            picked = next((c for c in children.get(node, []) if draft.tokens[c] == best), None)
-        else:
-            for c in children.get(node, []):
-                x = draft.tokens[c]
-                q = _draft_row(draft, c, r.shape[-1])                 # (V,)
-                u = float(torch.rand((), generator=generator))
-                if u * float(q[x]) < float(r[x]):                     # accept with min(1, r(x)/q(x))
-                    picked = c
-                    break
-                r = residual(r, q)
+        for c in children.get(node, []):
+            x = draft.tokens[c]
+            q = _draft_row(draft, c, r.shape[-1])                     # (V,)
+            u = float(torch.rand((), generator=generator))
+            if u * float(q[x]) < float(r[x]):                         # accept with min(1, r(x)/q(x))
+                picked = c
+                break
+            r = residual(r, q)
         if picked is None:
-            tok = int(r.argmax()) if gen.greedy else int(torch.multinomial(r, 1, generator=generator))
+            tok = int(torch.multinomial(r, 1, generator=generator))
             tokens.append(tok)
             out_probs.append(float(probs[node + 1, tok]))
             return Verdict(accepted, tokens, out_probs, draft)
         tokens.append(draft.tokens[picked])
         out_probs.append(float(probs[node + 1, draft.tokens[picked]]))
         if picked >= exact:                  # its own logits are not plain decoding's: stop at its token
-            return Verdict(accepted, tokens, out_probs, draft, carry=_greedy_walk(probs, draft, children, picked))
+            best = argmax(logits).tolist()
+            return Verdict(accepted, tokens, out_probs, draft, carry=_greedy_walk(best, draft, children, picked))
         accepted.append(picked)
         node = picked
 
 
-def _greedy_walk(probs: torch.Tensor, draft: Draft, children: dict[int, list[int]], node: int) -> list[int]:
+def _verify_greedy(best: list[int], draft: Draft, children: dict[int, list[int]], exact: int) -> Verdict:
+    """The greedy walk: ``best[i]`` is the target's argmax at row i (the root, then each node).
+
+    A greedy target's distribution is one-hot, so every produced token has probability 1.
+    """
+    accepted: list[int] = []
+    tokens: list[int] = []
+    node = -1
+    while True:
+        tok = best[node + 1]
+        tokens.append(tok)
+        picked = next((c for c in children.get(node, []) if draft.tokens[c] == tok), None)
+        if picked is None:
+            return Verdict(accepted, tokens, [1.0] * len(tokens), draft)
+        if picked >= exact:                  # its own logits are not plain decoding's: stop at its token
+            return Verdict(accepted, tokens, [1.0] * len(tokens), draft,
+                           carry=_greedy_walk(best, draft, children, picked))
+        accepted.append(picked)
+        node = picked
+
+
+def _greedy_walk(best: list[int], draft: Draft, children: dict[int, list[int]], node: int) -> list[int]:
     """The argmax tokens from ``node`` down: each matching child in turn, then the argmax after the last one."""
     walk: list[int] = []
     while True:
-        best = int(probs[node + 1].argmax())
-        walk.append(best)
-        node = next((c for c in children.get(node, []) if draft.tokens[c] == best), None)
+        tok = best[node + 1]
+        walk.append(tok)
+        node = next((c for c in children.get(node, []) if draft.tokens[c] == tok), None)
         if node is None:
             return walk
 

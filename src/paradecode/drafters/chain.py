@@ -43,7 +43,7 @@ from ..decoding.tree import Draft
 from ..decoding.verify import Verdict
 from ..methods.base import check, option
 from ..models.base import CausalLM, KVCache
-from ..sampling import GenerationConfig, sample, target_probs
+from ..sampling import GenerationConfig, argmax, sample, target_probs
 from ..stats import DecodeStats
 
 Schedule = Literal["heuristic", "constant"]
@@ -226,7 +226,7 @@ class ChainDrafter(Drafter):
     def _pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         """The draft token and, when sampling, its distribution q (V,)."""
         if self.gen.greedy:
-            return int(logits.argmax()), None
+            return int(argmax(logits)), None
         q = target_probs(logits, self.gen)                              # (V,)
         return int(sample(q, self.generator)), q
 

@@ -48,7 +48,7 @@ import torch
 
 from ..decoding.ngram_pool import lookup_continuation
 from ..errors import UserError
-from ..sampling import next_token
+from ..sampling import argmax, next_token
 from .base import Method, check, check_range, option, register
 from .plain import prefill
 
@@ -124,7 +124,7 @@ class Jacobi(Method):
             with stats.timing("verify"):
                 ids = torch.tensor([[context[-1]] + g])                       # (1, n+1)
                 logits = model.forward(cache, ids)[0]                         # (n+1, V), causal
-                y = logits.argmax(-1).tolist()                                # n+1 new values
+                y = argmax(logits).tolist()                                # n+1 new values
                 k = 0
                 while k < n and g[k] == y[k]:
                     k += 1

@@ -49,7 +49,7 @@ import torch
 from ..decoding.ngram_pool import NGramPool, ngrams_of
 from ..decoding.tree import Draft, node_depths, tree_attention_mask
 from ..decoding.verify import verify
-from ..sampling import next_token
+from ..sampling import argmax, next_token
 from .base import Method, check, check_range, option, register
 from .plain import prefill
 
@@ -193,7 +193,7 @@ class Lookahead(Method):
             stats.record_call(min(len(verdict.tokens), sink.remaining))
             with stats.timing("draft"):
                 if L:
-                    new = logits[len(ver):].argmax(-1).tolist()                  # next Jacobi level (W,)
+                    new = argmax(logits[len(ver):]).tolist()                  # next Jacobi level (W,)
                     if L == N - 1:
                         pool.extend(tuple(col) for col in zip(*levels, new))    # N-grams, one per column
                         levels = levels[1:]
