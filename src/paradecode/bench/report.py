@@ -81,6 +81,16 @@ def _fmt(x, spec: str, suffix: str = "") -> str:
     return "—" if x is None else f"{x:{spec}}{suffix}"
 
 
+def _category_table(methods: dict[str, dict], cats: list[str], cell) -> list[str]:
+    """A Markdown table: one row per method, one column per category plus overall; ``cell(figures or None)``."""
+    rows = ["| method | " + " | ".join(cats) + " | overall |", "|---" * (len(cats) + 2) + "|"]
+    for key in _order(methods):
+        s = methods[key]
+        cells = [cell(s["overall"] if c == "overall" else s["categories"].get(c)) for c in cats + ["overall"]]
+        rows.append(f"| {key} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def _order(methods: dict[str, dict]) -> list[str]:
     return sorted(methods, key=lambda k: (methods[k]["kind"] == "peer", k))
 
@@ -110,25 +120,13 @@ def markdown(report: dict) -> str:
         name = report["models"].get(model, model)
         out += [f"## {name}" + (f" (`{model}`)" if model not in ("default", name) else ""), "",
                 "Speedup over paradecode's plain decoding in the same run / MAT (tokens per target call).", "",
-                "| method | " + " | ".join(cats) + " | overall |", "|---" * (len(cats) + 2) + "|"]
-        for key in _order(methods):
-            s = methods[key]
-            cells = []
-            for c in cats + ["overall"]:
-                f = s["overall"] if c == "overall" else s["categories"].get(c)
-                cells.append("" if f is None else
-                             f"{_fmt(f['speedup'], '.2f', '×')} / {_fmt(f['mat'], '.2f')}")
-            out.append(f"| {key} | " + " | ".join(cells) + " |")
+                *_category_table(methods, cats, lambda f: "" if f is None else
+                                 f"{_fmt(f['speedup'], '.2f', '×')} / {_fmt(f['mat'], '.2f')}")]
         if any(f.get("decode_speedup") is not None for s in methods.values()
                for f in [s["overall"], *s["categories"].values()]):
             out += ["", "Decode-phase speedup: the same runs with each one's prompt phase (the prefill that "
                     "yields the first token, the same call for every method) taken out of its wall time.", "",
-                    "| method | " + " | ".join(cats) + " | overall |", "|---" * (len(cats) + 2) + "|"]
-            for key in _order(methods):
-                s = methods[key]
-                cells = [_fmt((s["overall"] if c == "overall" else s["categories"].get(c) or {}).get("decode_speedup"),
-                              ".2f", "×") for c in cats + ["overall"]]
-                out.append(f"| {key} | " + " | ".join(cells) + " |")
+                    *_category_table(methods, cats, lambda f: _fmt((f or {}).get("decode_speedup"), ".2f", "×"))]
         out += ["", "Overall figures:", "",
                 "| method | kind | tokens/s | plain tokens/s | speedup | speedup per repeat (min–max) | MAT | "
                 "calls/token | exactness | draft share | peak RSS MB (+ added by the run) |",
