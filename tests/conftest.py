@@ -26,5 +26,12 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def tiny_torch_attention():
+    """``tiny``'s weights with PyTorch's attention: tree nodes off the leading chain get close, not
+    bit-exact, logits, so the verifier falls back to its chain rule and the carry."""
+    return tiny_model("llama", seed=0, attention="torch")
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_pair():
     return tiny_pair("llama", seed=0)

@@ -166,8 +166,9 @@ def _assert_position_invariant(m, ids: torch.Tensor, prefix: int, block: int) ->
     """Logits of a token must not depend on how many tokens share its call: bit for bit.
 
     This is what lets greedy verification of a chain reproduce plain one-token
-    decoding exactly. A tree node is only *close* to the chain of its
-    ancestors: its visible keys sit at other cache slots, so attention sums
+    decoding exactly. With the compiled attention (``exact_tree_logits``) a tree
+    node equals the chain of its ancestors bit for bit too; with PyTorch's it is
+    only *close*: its visible keys sit at other cache slots, so attention sums
     them in another order (last-bit differences).
     """
     c = m.new_cache(1, prefix + block + 8)
@@ -185,16 +186,21 @@ def _assert_position_invariant(m, ids: torch.Tensor, prefix: int, block: int) ->
     t = m.forward(c, tree, (prefix + depth)[None], mask[None])
     c.rollback(prefix)
     chain = m.forward(c, tree[:, [0, 2, 4]])
-    if m.info.dtype == "float32":
+    if m.exact_tree_logits:
+        assert torch.equal(t[:, [0, 2, 4]], chain)
+    elif m.info.dtype == "float32":
         assert (t[:, [0, 2, 4]] - chain).abs().max() < TOL
     else:  # logits come out of a bfloat16 product: one rounding step apart, ties are common
         assert (t[:, [0, 2, 4]] - chain).abs().max() < 0.05 * float(chain.abs().max())
 
 
+@pytest.mark.parametrize("attention", ["kernel", "torch"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_position_invariance_tiny(fmt):
-    m = tiny_native(tiny_hf_model("llama", seed=3, hidden=128, intermediate=384), dtype=fmt)
+def test_position_invariance_tiny(fmt, attention):
+    m = tiny_native(tiny_hf_model("llama", seed=3, hidden=128, intermediate=384), dtype=fmt, attention=attention)
+    assert m.exact_tree_logits == (attention == "kernel")
     _assert_position_invariant(m, _ids(40, m.vocab_size, seed=5), prefix=20, block=8)
+    _assert_position_invariant(m, _ids(240, m.vocab_size, seed=7), prefix=221, block=12)
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])

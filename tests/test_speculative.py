@@ -103,22 +103,38 @@ class SecondBranchDrafter(Drafter):
         return Draft(wrong + true, [-1, 0, -1] + list(range(2, 1 + len(true))))
 
 
-def test_a_true_second_branch_is_carried_and_verified_again(tiny):
-    """Tokens below an off-chain stop are not lost: the next call starts with them, as a chain."""
-    prompt, gen = [5, 6, 7], GenerationConfig(max_new_tokens=40, ignore_eos=True)
+def test_a_true_second_branch_is_accepted_whole_with_exact_tree_logits(tiny):
+    """With the compiled attention every node's logits are exact: the second branch is accepted in the
+    call that verifies it, nothing is carried, and each call yields the branch plus a bonus token."""
+    assert tiny.exact_tree_logits
+    prompt, gen = [5, 6, 7], GenerationConfig(max_new_tokens=42, ignore_eos=True)
     truth = plain(tiny, prompt, gen)
     sink = run(tiny, SecondBranchDrafter(truth, 3, 6), prompt, gen, backoff=False)
+    assert sink.tokens == truth
+    assert sink.stats.extra.get("carried_tokens", 0) == 0
+    assert sink.stats.model_calls <= 1 + -(-(len(truth) - 1) // 7)
+
+
+def test_a_true_second_branch_is_carried_and_verified_again(tiny_torch_attention):
+    """Without exact tree logits, tokens below an off-chain stop are not lost: the next call starts with
+    them, as a chain."""
+    model = tiny_torch_attention
+    assert not model.exact_tree_logits
+    prompt, gen = [5, 6, 7], GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    truth = plain(model, prompt, gen)
+    sink = run(model, SecondBranchDrafter(truth, 3, 6), prompt, gen, backoff=False)
     assert sink.tokens == truth
     assert sink.stats.extra["carried_tokens"] > 0
     assert sink.stats.model_calls < len(truth) / 3     # without the carry every call would yield one token
 
 
-def test_a_wrong_carry_is_rejected_not_committed(tiny, monkeypatch):
+def test_a_wrong_carry_is_rejected_not_committed(tiny_torch_attention, monkeypatch):
     """The carry is only a draft: a deliberately wrong one costs acceptance, never exactness."""
+    model = tiny_torch_attention
     monkeypatch.setattr(verify_mod, "_greedy_walk", lambda probs, draft, children, node: [3, 4, 5])
     prompt, gen = [5, 6, 7], GenerationConfig(max_new_tokens=30, ignore_eos=True)
-    truth = plain(tiny, prompt, gen)
-    sink = run(tiny, SecondBranchDrafter(truth, 3, 6), prompt, gen, backoff=False)
+    truth = plain(model, prompt, gen)
+    sink = run(model, SecondBranchDrafter(truth, 3, 6), prompt, gen, backoff=False)
     assert sink.tokens == truth and sink.stats.extra["carried_tokens"] > 0
 
 

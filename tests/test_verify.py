@@ -231,6 +231,22 @@ def test_a_stop_off_the_chain_carries_the_greedy_walk_below_it():
     assert v.tokens == [2, 7, 3] and v.carry == []
 
 
+def test_exact_tree_logits_let_the_walk_descend_any_branch():
+    """``exact_tree=True`` (every node's logits are its path's, bit for bit): the walk accepts a second
+    branch as deep as it matches and adds the bonus token, with nothing to carry."""
+    gen = GenerationConfig()
+    d = Draft([2, 7, 1, 5, 3], [-1, 0, -1, 2, 3])           # chain 2-7; branch 1-5-3
+    logits = _onehot_logits([1, 0, 0, 5, 3, 4])          # root -> 1, then 5, then 3, then 4 (bonus)
+    v = verify(logits, d, gen, exact_tree=True)
+    assert v.accepted_nodes == [2, 3, 4] and v.tokens == [1, 5, 3, 4] and v.carry == []
+    logits = _onehot_logits([1, 0, 0, 5, 6, 0])          # after 5 -> 6 (not 3): recovered 6
+    v = verify(logits, d, gen, exact_tree=True)
+    assert v.accepted_nodes == [2, 3] and v.tokens == [1, 5, 6] and v.carry == []
+    probs_gen = GenerationConfig(temperature=1.0)
+    v = verify(logits * 50, d, probs_gen, torch.Generator().manual_seed(0), exact_tree=True)
+    assert v.accepted_nodes == [2, 3] and v.tokens[:2] == [1, 5] and v.carry == []
+
+
 # -- the blocked argmax every greedy path uses -------------------------------------------
 
 @settings(max_examples=200, deadline=None)

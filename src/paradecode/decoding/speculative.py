@@ -10,9 +10,11 @@ Each step (gpt-fast's ``speculative_decode``, generalised to trees):
    root and every node (the last committed token's key/value is not cached
    yet, so every call computes it);
 3. :func:`~.verify.verify` picks the accepted path plus the recovered/bonus
-   token (and, when it stopped at a tree node off the draft's leading chain,
-   a *carry*: what that node's close-but-not-exact logits predict next; the
-   next draft starts with it as a chain, so it is verified again exactly);
+   token. With ``model.exact_tree_logits`` (the native engine's compiled
+   attention) it may walk down any branch; otherwise, when it stopped at a
+   tree node off the draft's leading chain, it also returns a *carry*: what
+   that node's close-but-not-exact logits predict next; the next draft starts
+   with it as a chain, so it is verified again exactly;
 4. ``cache.compact`` keeps the root and the accepted path in place, dropping
    every other node's key/value;
 5. the tokens go to the sink (which alone applies EOS, stop strings and the
@@ -260,6 +262,7 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
     sink.emit([first])
     carry: list[int] = []                         # tentative tokens from the last call (Verdict.carry)
     carried = 0
+    exact_tree = model.exact_tree_logits   # every node's logits usable (verify())
 
     while not sink.done:
         start = cache.length                      # the root (context[-1]) goes to slot `start`
@@ -283,7 +286,7 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
             pos = tree_positions(draft.parents, len(context) - 1)[None]          # (1, n+1)
             mask = None if draft.is_chain else tree_attention_mask(draft.parents)[None]  # (1, n+1, n+1)
             logits = model.forward(cache, ids, pos, mask)[0]                      # (n+1, V)
-            verdict = verify(logits, draft, gen, generator)
+            verdict = verify(logits, draft, gen, generator, exact_tree=exact_tree)
             cache.compact(start, [0] + [i + 1 for i in verdict.accepted_nodes])
         carry = verdict.carry
         stats.model_calls += 1

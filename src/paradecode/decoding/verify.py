@@ -26,11 +26,14 @@ drafts use a one-hot ``q``, which reduces to "accept ``x`` with probability
 follow the target distribution exactly, provided each node's ``q`` row is the
 distribution it was really drawn from (given its path and earlier siblings).
 
-Only nodes in the draft's :attr:`~paradecode.decoding.tree.Draft.chain_prefix`
-get logits that equal plain decoding's bit for bit; a node elsewhere in a tree
-sees its ancestors at other cache slots, so its attention sums in another order
-(last-bit differences, which a low-precision format can turn into a flipped
-near-tie). So the walk never uses the logits of a node outside that prefix:
+Unless the target says otherwise (``exact_tree``: the native engine's compiled
+attention sums over exactly the visible slots, in cache order, so a node's
+logits equal its path's as a chain bit for bit), only nodes in the draft's
+:attr:`~paradecode.decoding.tree.Draft.chain_prefix` get logits that equal plain
+decoding's bit for bit; a node elsewhere in a tree sees its ancestors at other
+cache slots, so PyTorch's attention sums in another order (last-bit
+differences, which a low-precision format can turn into a flipped near-tie).
+So the walk never uses the logits of a node outside that prefix:
 when it accepts such a node, the node's token (chosen from its parent's exact
 logits) is the call's last token, and its key/value is not kept. Lay the
 likeliest path out first (:meth:`Draft.preorder`) to keep this rare.
@@ -69,12 +72,16 @@ class Verdict:
 
 
 def verify(logits: torch.Tensor, draft: Draft, gen: GenerationConfig,
-           generator: torch.Generator | None = None) -> Verdict:
-    """Verify ``draft`` against the target's ``logits`` (n+1, V): row 0 = root, row i+1 = node i."""
+           generator: torch.Generator | None = None, *, exact_tree: bool = False) -> Verdict:
+    """Verify ``draft`` against the target's ``logits`` (n+1, V): row 0 = root, row i+1 = node i.
+
+    ``exact_tree``: the target gives every node the logits its path would get fed as a chain, bit for
+    bit (``model.exact_tree_logits``: the native engine's compiled attention), so the walk may use
+    every node's logits; otherwise only the :attr:`~Draft.chain_prefix`'s."""
     children: dict[int, list[int]] = {}
     for i, p in enumerate(draft.parents):
         children.setdefault(p, []).append(i)
-    exact = draft.chain_prefix                                        # nodes with plain decoding's logits
+    exact = len(draft) if exact_tree else draft.chain_prefix       # nodes with plain decoding's logits
     if gen.greedy:
         return _verify_greedy(argmax(logits).tolist(), draft, children, exact)
 

@@ -18,7 +18,8 @@ context::
   (the oldest is dropped);
 * the **verification branch** — up to ``G`` n-grams from the pool whose first
   token is ``t0``, merged into a token tree (shared prefixes once); each node
-  sees ``t0`` and its ancestors only (SpecInfer-style tree attention). When
+  sees ``t0`` and its ancestors only (SpecInfer-style tree attention). On a
+  model without exact tree logits (``model.exact_tree_logits``), when
   the last call stopped at a node off the tree's leading chain, the tokens it
   predicted from there (:attr:`~paradecode.decoding.verify.Verdict.carry`)
   come first as a chain and the n-grams hang below them.
@@ -186,7 +187,8 @@ class Lookahead(Method):
                 # logits only where they are used: t0, the tree, the newest level (saves lm_head rows)
                 logits = model.forward(cache, torch.tensor([ids]), (start + offsets)[None], mask[None],
                                        logits_for=torch.tensor(ver + newest))[0]  # (1 + n + W, V)
-                verdict = verify(logits[:len(ver)], draft, gen, generator)
+                verdict = verify(logits[:len(ver)], draft, gen, generator,
+                                 exact_tree=model.exact_tree_logits)
                 cache.compact(start, [0] + [ver[i + 1] for i in verdict.accepted_nodes])
                 carry = verdict.carry
             stats.model_calls += 1

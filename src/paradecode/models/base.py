@@ -77,6 +77,9 @@ class CausalLM(ABC):
 
     info: ModelInfo
     tokenizer: object  # a transformers tokenizer (may be None for tiny test models)
+    # True when every node of a token tree gets, bit for bit, the logits its path gets fed as a chain
+    # (the native engine with its compiled attention); the verifier may then use every node's logits
+    exact_tree_logits: bool = False
 
     @abstractmethod
     def new_cache(self, batch_size: int = 1, capacity: int | None = None) -> KVCache:

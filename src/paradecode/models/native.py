@@ -49,6 +49,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .base import CausalLM, KVCache, ModelInfo, causal_mask
 from .quant import (Int4Weight, Int8Weight, PackedBF16Weight, can_pack_bf16, linear, pack_bf16, quantize_int4,
                     quantize_int8)
@@ -239,19 +240,30 @@ class NativeLlama(CausalLM):
     """Llama / Mistral / Qwen2 decoder in plain PyTorch with a static cache."""
 
     def __init__(self, hf_config, weights: Mapping[str, torch.Tensor], *, dtype: str = "float32",
-                 tokenizer=None, name: str = "model", invariant: bool = True, packed: bool | None = None):
+                 tokenizer=None, name: str = "model", invariant: bool = True, packed: bool | None = None,
+                 attention: str = "auto"):
         """``invariant=False`` drops the row padding of float32/bfloat16 products: a
         single-token step then uses the GEMV kernel (float32: ~1.5x faster per
         step on this machine) but its logits differ in the last bits from the
         same token's logits in a multi-token call, so greedy verification can
         disagree with plain decoding at near-exact ties. ``packed`` (bfloat16 only; default: whenever
-        oneDNN runs bfloat16 natively here) keeps the projections in oneDNN's prepacked layout."""
+        oneDNN runs bfloat16 natively here) keeps the projections in oneDNN's prepacked layout.
+        ``attention``: ``"kernel"`` (the compiled attention of :mod:`.kernels`: every row's bits independent
+        of its call, token trees included), ``"torch"`` (PyTorch matmuls over whole KV_CHUNK chunks: chains
+        only), or ``"auto"`` (the kernel where it can be built)."""
         arch = (getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UserError(f"architecture {arch} is not supported by the native backend",
                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}; use --backend transformers for others")
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
+        if attention not in ("auto", "kernel", "torch"):
+            raise UserError(f"unknown attention path {attention!r}", "choose auto, kernel or torch")
+        self._attn_kernel = None if attention == "torch" else kernels.attention_kernel()
+        if attention == "kernel" and self._attn_kernel is None:
+            raise UserError(f"the attention kernel is unavailable: {kernels.FAILURE}", "use attention='torch'")
+        # every node of a token tree gets the logits its path would get fed alone, bit for bit
+        self.exact_tree_logits = self._attn_kernel is not None and invariant
         self.format = dtype
         self.dtype = DTYPES[dtype]          # activations fed to the projections
         self.quantized = dtype in ("int8", "int4")
@@ -364,7 +376,8 @@ class NativeLlama(CausalLM):
         if dtype not in self._twins:
             config, weights = self._source
             self._twins[dtype] = NativeLlama(config, weights, dtype=dtype, tokenizer=self.tokenizer,
-                                             name=self.info.name, invariant=self.invariant, packed=self.packed)
+                                             name=self.info.name, invariant=self.invariant, packed=self.packed,
+                                             attention="torch" if self._attn_kernel is None else "kernel")
         return self._twins[dtype]
 
     def _probe_row_blocks(self) -> None:
@@ -433,6 +446,8 @@ class NativeLlama(CausalLM):
         # fewer), and causal flash attention over exactly the prompt instead of scores over the padded
         # chunk (~3.5x faster for a 259-token prompt).
         whole_prompt = B == 1 and L0 == 0 and T > 1 and attn_mask is None and cache._all_valid
+        if self._attn_kernel is not None and not whole_prompt:
+            return self._forward_kernel(cache, input_ids, cos, sin, attn_mask, input_valid, logits_for, layers)
         bias = None if whole_prompt else self._mask_bias(cache, T, attn_mask, input_valid)  # (B, 1, 1, T, S)
         # Attention spans the cache rounded up to whole KV_CHUNK-slot chunks, the extra slots masked
         # (and finite: zeroed once), and p @ V sums the chunks in order: every product then has the
@@ -508,15 +523,70 @@ class NativeLlama(CausalLM):
             gate, up = proj(h, self.wgu[i]).chunk(2, dim=-1)           # (R, I) each
             x.add_(proj(F.silu(gate) * up, self.wdown[i]))
         cache._length = S
-        x = x[:BT].view(B, T, H)
+        return self._logits(x[:BT].view(B, T, H), logits_for, pad_rows)
+
+    def _logits(self, x: torch.Tensor, logits_for, pad_rows: bool) -> torch.Tensor:
+        """Final norm and LM head for the rows of x (B, T, H) that ``logits_for`` asks for."""
+        H = self.shape.hidden
         if logits_for is not None:
             x = x[:, logits_for]
         B2, T2 = x.shape[:2]
         x = x.reshape(B2 * T2, H)
         if pad_rows and B2 * T2 % MIN_ROWS:
             x = torch.cat([x, x.new_zeros(_padded(B2 * T2) - B2 * T2, H)])
-        h = F.rms_norm(x, (H,), self.norm, s.eps).to(cdt)
+        h = F.rms_norm(x, (H,), self.norm, self.shape.eps).to(self.dtype)
+        proj = _split_rows if pad_rows else linear
         return proj(h, self.lm_head)[:B2 * T2].float().view(B2, T2, -1)  # (B, T', V)
+
+    def _forward_kernel(self, cache, input_ids, cos, sin, attn_mask, input_valid, logits_for, layers):
+        """A forward past the prefill with the compiled attention (:mod:`.kernels`): attention reads the
+        cache over exactly the visible slots, so no KV_CHUNK padding and no padded query rows."""
+        s = self.shape
+        B, T = input_ids.shape
+        L0 = cache.length
+        S = L0 + T
+        allow = self._allowed(cache, T, attn_mask, input_valid)            # (B, T, S) bool, or None
+        Hq, Hkv, D, H = s.heads, s.kv_heads, s.head_dim, s.hidden
+        G = Hq // Hkv
+        BT = B * T
+        cdt = self.dtype
+        k_new, v_new = cache.k[..., L0:S], cache.v[:, :, :, L0:S]        # (L, B, Hkv, D, T), (L, B, Hkv, T, D)
+        pad_rows = self._pad_rows
+        R = _padded(BT) if pad_rows else BT
+        x = self._embed(input_ids).view(BT, H)                           # (BT, H) float32
+        if R > BT:
+            x = torch.cat([x, x.new_zeros(R - BT, H)])                   # (R, H), rows >= BT are padding
+        proj = _split_rows if pad_rows else linear
+        abuf = torch.zeros(R, Hq * D, dtype=cdt)                         # attention output, (R, Hq*D)
+        direct = cdt == torch.float32                                    # the kernel writes abuf itself
+        att = abuf[:BT] if direct else torch.empty(BT, Hq * D)
+        # the kernel's arguments, fixed for the call; per layer only the cache pointers move
+        fn = self._attn_kernel
+        k, v = cache.k, cache.v
+        ks, vs = k.stride(), v.stride()
+        kp, vp, kl, vl = k.data_ptr(), v.data_ptr(), ks[0] * 4, vs[0] * 4
+        ap = None if allow is None else allow.data_ptr()
+        op = att.data_ptr()
+        scale = 1.0 / math.sqrt(D)
+        for i in (self.layers_all if layers is None else layers):
+            h = F.rms_norm(x, (H,), self.ln1[i], s.eps).to(cdt)          # (R, H)
+            qkv = proj(h, self.wqkv[i], self.bqkv[i])
+            qkv = (qkv[:BT] if R > BT else qkv).float().view(B, T, Hq + 2 * Hkv, D)
+            qk = qkv[:, :, :Hq + Hkv]                                    # (B, T, Hq+Hkv, D)
+            qk = torch.addcmul(qk * cos, qk @ self.rot_half, sin)        # RoPE on q and k at once; contiguous
+            k_new[i].copy_(qk[:, :, Hq:].permute(0, 2, 3, 1))            # (B, Hkv, D, T)
+            v_new[i].copy_(qkv[:, :, Hq + Hkv:].transpose(1, 2))         # (B, Hkv, T, D)
+            if fn(qk.data_ptr(), kp + i * kl, ks[1], ks[2], ks[3], vp + i * vl, vs[1], vs[2], vs[3], ap, op,
+                  B, T, Hkv, G, D, S, scale):
+                raise MemoryError("the attention kernel could not allocate its scratch memory")
+            if not direct:
+                abuf[:BT].copy_(att)
+            x.add_(proj(abuf, self.wo[i]))
+            h = F.rms_norm(x, (H,), self.ln2[i], s.eps).to(cdt)
+            gate, up = proj(h, self.wgu[i]).chunk(2, dim=-1)             # (R, I) each
+            x.add_(proj(F.silu(gate) * up, self.wdown[i]))
+        cache._length = S
+        return self._logits(x[:BT].view(B, T, H), logits_for, pad_rows)
 
     @staticmethod
     def _attend_blocked(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
@@ -550,6 +620,16 @@ class NativeLlama(CausalLM):
     @staticmethod
     def _mask_bias(cache: StaticKVCache, T: int, attn_mask, input_valid) -> torch.Tensor | None:
         """Additive mask (B, 1, 1, T, S): 0 where a new token may look, -inf elsewhere."""
+        allowed = NativeLlama._allowed(cache, T, attn_mask, input_valid)
+        if allowed is None:
+            return None
+        B, _, S = allowed.shape
+        bias = torch.zeros(B, T, S).masked_fill_(~allowed, float("-inf"))
+        return bias.view(B, 1, 1, T, S)
+
+    @staticmethod
+    def _allowed(cache: StaticKVCache, T: int, attn_mask, input_valid) -> torch.Tensor | None:
+        """(B, T, S) bool: True where a new token may look; None when every token sees every slot."""
         L0 = cache.length
         if attn_mask is None and T == 1 and cache._all_valid and (input_valid is None or bool(input_valid.all())):
             return None  # one token seeing everything: no mask needed
@@ -559,6 +639,4 @@ class NativeLlama(CausalLM):
             # nobody attends to padding, but every token sees itself (keeps pad rows finite)
             new = (new & input_valid[:, None, :]) | torch.eye(T, dtype=torch.bool)
         old = cache.valid[:, None, :L0].expand(B, T, L0)
-        allowed = torch.cat([old, new], dim=-1)                          # (B, T, S)
-        bias = torch.zeros(B, T, L0 + T).masked_fill_(~allowed, float("-inf"))
-        return bias.view(B, 1, 1, T, L0 + T)
+        return torch.cat([old, new], dim=-1)                             # (B, T, S)

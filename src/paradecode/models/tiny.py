@@ -42,10 +42,10 @@ def tiny_hf_model(arch: str = "llama", *, vocab_size: int = 97, hidden: int = 64
     return model
 
 
-def tiny_native(hf_model, dtype: str = "float32"):
+def tiny_native(hf_model, dtype: str = "float32", **kw):
     from .native import NativeLlama
 
-    return NativeLlama(hf_model.config, hf_model.state_dict(), dtype=dtype, name="tiny")
+    return NativeLlama(hf_model.config, hf_model.state_dict(), dtype=dtype, name="tiny", **kw)
 
 
 def tiny_pair(arch: str = "llama", **kw):
@@ -56,6 +56,6 @@ def tiny_pair(arch: str = "llama", **kw):
     return HFCausalLM(hf, None, name="tiny"), tiny_native(hf)
 
 
-def tiny_model(arch: str = "llama", dtype: str = "float32", **kw):
+def tiny_model(arch: str = "llama", dtype: str = "float32", attention: str = "auto", **kw):
     """A native tiny model (no tokenizer: work on token ids)."""
-    return tiny_native(tiny_hf_model(arch, **kw), dtype)
+    return tiny_native(tiny_hf_model(arch, **kw), dtype, attention=attention)

@@ -1,0 +1,228 @@
+/* Attention of a short block of new tokens against the KV cache, for the native engine.
+ *
+ * Every output row is computed by one fixed sequence of operations that depends only on the row's
+ * query and on the keys/values it may see, in cache order:
+ *
+ *   score[s] = (sum over d, in order, of q[d] * K[d][s], one fused multiply-add per step) * scale
+ *   e[s]     = exp(score[s] - max over visible s of score)
+ *   out      = (sum over visible s, in order, of e[s] * V[s]) / (sum over visible s, in order, of e[s])
+ *
+ * Nothing depends on how many tokens share the call, on where the row sits in it, on how many
+ * slots the cache holds beyond the visible ones, or on the thread count (the kernel runs on the
+ * calling thread). So a token's attention output has the same bits alone, in a block, and as a
+ * node of a token tree whose ancestors sit at other cache slots: masked slots are skipped, never
+ * added as zeros. This is what lets greedy verification use every tree node's logits.
+ *
+ * Plain C with AVX2+FMA intrinsics where the compiler targets them, portable scalar C elsewhere (same
+ * formulas, its own bits; the engine's invariance holds per machine, not across machines). The loader
+ * compiles without AVX-512 on x86: one vector path, the one tested on the machines here.
+ * Loaded with ctypes by paradecode/models/kernels/__init__.py, which compiles it once per CPU.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define VW 8
+typedef __m256 vf;
+#define vzero() _mm256_setzero_ps()
+#define vset1(x) _mm256_set1_ps(x)
+#define vload(p) _mm256_loadu_ps(p)
+#define vstore(p, x) _mm256_storeu_ps(p, x)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vfnma(a, b, c) _mm256_fnmadd_ps(a, b, c)
+#define vmul(a, b) _mm256_mul_ps(a, b)
+#define vadd(a, b) _mm256_add_ps(a, b)
+#define vsub(a, b) _mm256_sub_ps(a, b)
+#define vdiv(a, b) _mm256_div_ps(a, b)
+#define vmax(a, b) _mm256_max_ps(a, b)
+#define vround(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vpow2i(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#endif
+
+#define SB 16   /* slots per score block; the key storage holds whole blocks */
+#define RB 4    /* query rows (heads of one kv group, same token) per register block */
+
+#ifdef VW
+/* exp for x <= 0 (a softmax after subtracting the max), Cephes-style: x = n ln2 + r, |r| <= ln2 / 2,
+ * a degree-6 polynomial for e^r, times 2^n; one fixed instruction sequence per lane */
+static inline vf vexp(vf x) {
+    x = vmax(x, vset1(-87.0f));
+    vf n = vround(vmul(x, vset1(1.44269504088896341f)));
+    vf r = vfnma(n, vset1(0.693359375f), x);
+    r = vfnma(n, vset1(-2.12194440e-4f), r);
+    vf p = vset1(1.9875691500e-4f);
+    p = vfma(p, r, vset1(1.3981999507e-3f));
+    p = vfma(p, r, vset1(8.3334519073e-3f));
+    p = vfma(p, r, vset1(4.1665795894e-2f));
+    p = vfma(p, r, vset1(1.6666665459e-1f));
+    p = vfma(p, r, vset1(5.0000001201e-1f));
+    p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
+    return vmul(p, vpow2i(n));
+}
+#endif
+
+#ifdef VW
+#define TV (SB / VW)   /* vectors per slot block */
+/* scores of ROWS query rows against the slots of [s0, s0 + SB): each lane one slot, d in order */
+static inline __attribute__((always_inline)) void score_block(const float *q, long qstride, const int ROWS,
+                                                              const float *K, long ldk, int D, int s0,
+                                                              float scale, float *sc, long ldsc) {
+    vf acc[RB][TV];
+    _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++)
+        _Pragma("GCC unroll 4") for (int j = 0; j < TV; j++) acc[r][j] = vzero();
+    for (int d = 0; d < D; d++) {
+        const float *kd = K + (long)d * ldk + s0;
+        _Pragma("GCC unroll 4") for (int j = 0; j < TV; j++) {
+            const vf k = vload(kd + j * VW);
+            _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) acc[r][j] = vfma(vset1(q[r * qstride + d]), k, acc[r][j]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++)
+        _Pragma("GCC unroll 4") for (int j = 0; j < TV; j++) vstore(sc + r * ldsc + s0 + j * VW, vmul(acc[r][j], vset1(scale)));
+}
+#endif
+
+/* scores of `rows` query rows (q + r*qstride) against slots [0, S) rounded up to whole blocks of SB:
+ * sc[r*ldsc + s]. Keys are stored transposed: K[d*ldk + s]. */
+static void scores(const float *q, long qstride, int rows, const float *K, long ldk, int D, int S,
+                   float scale, float *sc, long ldsc) {
+#ifdef VW
+    for (int s0 = 0; s0 < S; s0 += SB) {
+        switch (rows) {
+            case 1: score_block(q, qstride, 1, K, ldk, D, s0, scale, sc, ldsc); break;
+            case 2: score_block(q, qstride, 2, K, ldk, D, s0, scale, sc, ldsc); break;
+            case 3: score_block(q, qstride, 3, K, ldk, D, s0, scale, sc, ldsc); break;
+            default: score_block(q, qstride, 4, K, ldk, D, s0, scale, sc, ldsc); break;
+        }
+    }
+#else
+    for (int r = 0; r < rows; r++)
+        for (int s = 0; s < S; s++) {
+            float a = 0.0f;
+            for (int d = 0; d < D; d++) a = fmaf(q[r * qstride + d], K[(long)d * ldk + s], a);
+            sc[r * ldsc + s] = a * scale;
+        }
+#endif
+}
+
+/* e[s] = exp(sc[s] - m) for every s in [0, S) rounded up to SB (values at masked slots are unused) */
+static void exps(float *sc, int S, float m) {
+#ifdef VW
+    const vf vm = vset1(m);
+    for (int s0 = 0; s0 < S; s0 += VW) vstore(sc + s0, vexp(vsub(vload(sc + s0), vm)));
+#else
+    for (int s = 0; s < S; s++) sc[s] = expf(sc[s] - m);
+#endif
+}
+
+#ifdef VW
+/* o[0:NV*VW) = sum over the listed slots, in order, of e[s] * V[s][0:NV*VW), divided by den */
+static inline __attribute__((always_inline)) void weighted_chunk(const float *e, const int *slot, int n,
+                                                                 const float *V, long ldv, const int NV,
+                                                                 float den, float *o) {
+    vf acc[8];
+    _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) acc[j] = vzero();
+    for (int i = 0; i < n; i++) {
+        const int s = slot[i];
+        const vf w = vset1(e[s]);
+        const float *v = V + (long)s * ldv;
+        _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) acc[j] = vfma(w, vload(v + j * VW), acc[j]);
+    }
+    const vf vd = vset1(den);
+    _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) vstore(o + j * VW, vdiv(acc[j], vd));
+}
+#endif
+
+/* out[r] = sum over the listed slots of e[r][s] * V[s] / sum of e[r][s], slots in list order */
+static void weighted(const float *e, long lde, int rows, const int *slot, int n, const float *V, long ldv,
+                     int D, float *out, long ostride) {
+    for (int r = 0; r < rows; r++) {
+        const float *er = e + r * lde;
+        float *o = out + r * ostride;
+        float den = 0.0f;
+        for (int i = 0; i < n; i++) den += er[slot[i]];
+#ifdef VW
+        if (D % VW == 0) {
+            for (int d0 = 0; d0 < D; d0 += 8 * VW) {
+                const int nv = (D - d0) / VW < 8 ? (D - d0) / VW : 8;
+                switch (nv) {
+                    case 1: weighted_chunk(er, slot, n, V + d0, ldv, 1, den, o + d0); break;
+                    case 2: weighted_chunk(er, slot, n, V + d0, ldv, 2, den, o + d0); break;
+                    case 3: weighted_chunk(er, slot, n, V + d0, ldv, 3, den, o + d0); break;
+                    case 4: weighted_chunk(er, slot, n, V + d0, ldv, 4, den, o + d0); break;
+                    case 5: weighted_chunk(er, slot, n, V + d0, ldv, 5, den, o + d0); break;
+                    case 6: weighted_chunk(er, slot, n, V + d0, ldv, 6, den, o + d0); break;
+                    case 7: weighted_chunk(er, slot, n, V + d0, ldv, 7, den, o + d0); break;
+                    default: weighted_chunk(er, slot, n, V + d0, ldv, 8, den, o + d0); break;
+                }
+            }
+            continue;
+        }
+#endif
+        for (int d = 0; d < D; d++) o[d] = 0.0f;
+        for (int i = 0; i < n; i++) {
+            const int s = slot[i];
+            const float w = er[s];
+            const float *v = V + (long)s * ldv;
+            for (int d = 0; d < D; d++) o[d] = fmaf(w, v[d], o[d]);
+        }
+        for (int d = 0; d < D; d++) o[d] = o[d] / den;
+    }
+}
+
+/* Attention for B sequences, Hkv key/value heads of G query heads each, T new tokens.
+ *
+ * qk:    (B, T, Hq + Hkv, D) float32 contiguous: the rotated queries (head h = kv * G + g) then keys
+ * kt:    keys, transposed: element [b][kv][d][s] at kt[b*kb + kv*kh + d*ldk + s]
+ * v:     values [b][kv][s][d] at v[b*vb + kv*vh + s*ldv + d]
+ * allow: (B, T, S) uint8, 1 where token t may see slot s; NULL: every slot below S
+ * out:   (B, T, Hq, D) float32
+ * S:     slots in use; the storage must hold S rounded up to a multiple of 16 readable floats.
+ * Returns 0, or -1 when scratch memory could not be allocated. */
+int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, const float *v, long vb, long vh,
+              long ldv, const uint8_t *allow, float *out, int B, int T, int Hkv, int G, int D, int S,
+              float scale) {
+    const int Sp = (S + SB - 1) / SB * SB;
+    const int Hq = Hkv * G;
+    float *sc = (float *)malloc(sizeof(float) * RB * Sp);
+    int *slot = (int *)malloc(sizeof(int) * (S > 0 ? S : 1));
+    if (!sc || !slot) {
+        free(sc);
+        free(slot);
+        return -1;
+    }
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            int n = 0;
+            if (allow) {
+                const uint8_t *a = allow + ((long)b * T + t) * S;
+                for (int s = 0; s < S; s++)
+                    if (a[s]) slot[n++] = s;
+            } else {
+                for (int s = 0; s < S; s++) slot[n++] = s;
+            }
+            const float *qrow = qk + ((long)b * T + t) * (Hq + Hkv) * D;
+            float *orow = out + ((long)b * T + t) * Hq * D;
+            for (int kv = 0; kv < Hkv; kv++) {
+                const float *K = kt + b * kb + kv * kh;
+                const float *Vh = v + b * vb + kv * vh;
+                for (int g0 = 0; g0 < G; g0 += RB) {
+                    const int rows = G - g0 < RB ? G - g0 : RB;
+                    const int h = kv * G + g0;
+                    scores(qrow + (long)h * D, D, rows, K, ldk, D, S, scale, sc, Sp);
+                    for (int r = 0; r < rows; r++) {
+                        float m = -INFINITY;
+                        for (int i = 0; i < n; i++) m = sc[r * Sp + slot[i]] > m ? sc[r * Sp + slot[i]] : m;
+                        exps(sc + r * Sp, S, n ? m : 0.0f);
+                    }
+                    weighted(sc, Sp, rows, slot, n, Vh, ldv, D, orow + (long)h * D, D);
+                }
+            }
+        }
+    free(sc);
+    free(slot);
+    return 0;
+}
