@@ -1,4 +1,5 @@
-"""The compiled attention kernel (``models/kernels``): right answers, and bits independent of the call."""
+"""The compiled kernels (``models/kernels``): attention and the layer glue, right answers, and bits independent
+of the call."""
 
 from __future__ import annotations
 
@@ -16,18 +17,26 @@ from paradecode.models import kernels
 
 
 @pytest.fixture(scope="module", params=["native", "portable"])
-def fn(request):
-    """The kernel as the engine builds it, and its portable C path (what a CPU without AVX2 runs)."""
-    if request.param == "native":
-        f = kernels.attention_kernel()
-        if f is None:
-            pytest.fail(f"the attention kernel did not build: {kernels.FAILURE}")
-        return f
+def lib(request):
+    """The kernels as the engine builds them, and their portable C path (what a CPU without AVX2 runs)."""
+    native = kernels._load()
+    if native is None:
+        pytest.fail(f"the kernels did not build: {kernels.FAILURE}")
     import platform
 
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return kernels.attention_kernel()          # elsewhere the engine's own build is the portable path
-    return kernels.load_library(kernels.build(kernels.compiler(), ("-mno-avx2", "-mno-fma"))).pd_attend
+    if request.param == "native" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return native                              # off x86 the engine's own build is the portable path
+    return kernels.load_library(kernels.build(kernels.compiler(), ("-mno-avx2", "-mno-fma")))
+
+
+@pytest.fixture(scope="module")
+def fn(lib):
+    return lib.pd_attend
+
+
+@pytest.fixture(scope="module")
+def glue(lib):
+    return kernels.LayerGlue(lib)
 
 
 def _case(B, T, Hkv, G, D, S, slots, seed):
@@ -98,3 +107,116 @@ def test_kernels_can_be_turned_off():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False turned off by PARADECODE_KERNELS=0"
 
+
+def _bf16_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """bfloat16 results within one rounding step of the float64 reference."""
+    torch.testing.assert_close(got.double(), want.double(), atol=1e-6, rtol=2 ** -7)
+
+
+@settings(max_examples=25, deadline=None)
+@given(R=st.integers(1, 9), H=st.sampled_from([8, 13, 64, 576]), delta=st.sampled_from([None, "float32", "bfloat16"]),
+       out=st.sampled_from(["float32", "bfloat16"]), seed=st.integers(0, 1000))
+def test_add_rmsnorm_matches_llama_rmsnorm(glue, R, H, delta, out, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, H, generator=g) * 3
+    w = torch.randn(H, generator=g)
+    d = None if delta is None else torch.randn(R, H, generator=g).to(getattr(torch, delta))
+    want_x = x.double() + (0 if d is None else d.double())
+    want = w.double() * want_x * torch.rsqrt(want_x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    h = torch.empty(R, H, dtype=getattr(torch, out))
+    glue.add_rmsnorm(x, d, w, 1e-5, h)
+    torch.testing.assert_close(x.double(), want_x, atol=1e-6, rtol=1e-6)
+    if out == "float32":
+        torch.testing.assert_close(h.double(), want, atol=1e-5, rtol=1e-5)
+    else:
+        _bf16_close(h, want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(R=st.integers(1, 9), I=st.sampled_from([3, 8, 21, 1536]), kind=st.sampled_from(["float32", "bfloat16"]),
+       seed=st.integers(0, 1000))
+def test_silu_mul_matches_torch(glue, R, I, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    gu = (torch.randn(R, 2 * I, generator=g) * 6).to(getattr(torch, kind))
+    gu[0, 0] = 100.0                                   # e^-g underflows / overflows: still finite
+    if I > 1:
+        gu[0, 1] = -100.0
+    want = torch.nn.functional.silu(gu[:, :I].double()) * gu[:, I:].double()
+    out = torch.empty(R, I, dtype=gu.dtype)
+    glue.silu_mul(gu, out)
+    if kind == "float32":
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    else:
+        _bf16_close(out, want)
+
+
+def _rope_case(B, T, Hkv, G, D, L0, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    Hq = Hkv * G
+    qkv = torch.randn(B * T, (Hq + 2 * Hkv) * D, generator=g).to(getattr(torch, kind))
+    ang = torch.rand(B * T, D // 2, generator=g) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    kt = torch.randn(B, Hkv, D, 256, generator=g)
+    v = torch.randn(B, Hkv, 256, D, generator=g)
+    return qkv, cos.contiguous(), sin.contiguous(), kt, v
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 2), T=st.integers(1, 6), Hkv=st.integers(1, 3), G=st.sampled_from([1, 3]),
+       D=st.sampled_from([8, 64]), L0=st.integers(0, 40), kind=st.sampled_from(["float32", "bfloat16"]),
+       seed=st.integers(0, 1000))
+def test_rope_attend_matches_rope_then_attention(glue, B, T, Hkv, G, D, L0, kind, seed):
+    """RoPE (rotate_half, as transformers), the new keys and values written to slots L0.., causal attention."""
+    qkv, cos, sin, kt, v = _rope_case(B, T, Hkv, G, D, L0, kind, seed)
+    Hq, S = Hkv * G, L0 + T
+    x = qkv.double().view(B, T, Hq + 2 * Hkv, D)
+    c, s = cos.double().view(B, T, 1, D), sin.double().view(B, T, 1, D)
+    rot = torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1)
+    qk = x * c + rot * s                                                     # rotated q, k (and v: unused)
+    want_k, want_v = kt.clone().double(), v.clone().double()
+    want_k[..., L0:S] = qk[:, :, Hq:Hq + Hkv].permute(0, 2, 3, 1)
+    want_v[:, :, L0:S] = x[:, :, Hq + Hkv:].transpose(1, 2)
+    allow = torch.ones(B, T, S, dtype=torch.bool)
+    allow[:, :, L0:] = torch.ones(T, T, dtype=torch.bool).tril()
+    want = _reference(qk[:, :, :Hq + Hkv].float(), want_k.float(), want_v.float(), allow, G, S).reshape(B * T, Hq * D)
+    scratch, att = torch.empty(B * T, Hq + Hkv, D), torch.empty(B * T, Hq * D)
+    out = att if kind == "float32" else torch.empty(B * T + 3, Hq * D, dtype=torch.bfloat16)
+    glue.rope_attend(qkv, cos, sin, kt, v, allow, scratch, att, out, G, L0, 1 / math.sqrt(D))
+    torch.testing.assert_close(kt[..., L0:S].double(), want_k[..., L0:S], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v[:, :, L0:S].double(), want_v[:, :, L0:S], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(att.double(), want, atol=1e-4, rtol=1e-4)
+    if kind == "bfloat16":
+        assert torch.equal(out[:B * T], att.to(torch.bfloat16))              # the cast, rounded as torch rounds
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16"])
+def test_layer_glue_rows_do_not_depend_on_their_call(glue, kind):
+    """Each row of a 7-row call has the bits it gets alone (norm, SiLU) and a token's attention output has
+    the bits it gets when its block is fed one token at a time (RoPE, cache write, attention)."""
+    dt = getattr(torch, kind)
+    g = torch.Generator().manual_seed(3)
+    x, d, w = torch.randn(7, 576, generator=g), torch.randn(7, 576, generator=g).to(dt), torch.randn(576, generator=g)
+    whole = torch.empty(7, 576, dtype=dt)
+    xw = x.clone()
+    glue.add_rmsnorm(xw, d, w, 1e-5, whole)
+    gu = torch.randn(7, 2 * 1536, generator=g).to(dt)
+    mw = torch.empty(7, 1536, dtype=dt)
+    glue.silu_mul(gu, mw)
+    for r in range(7):
+        one, xr, mr = torch.empty(1, 576, dtype=dt), x[r:r + 1].clone(), torch.empty(1, 1536, dtype=dt)
+        glue.add_rmsnorm(xr, d[r:r + 1], w, 1e-5, one)
+        glue.silu_mul(gu[r:r + 1], mr)
+        assert torch.equal(one, whole[r:r + 1]) and torch.equal(xr, xw[r:r + 1]) and torch.equal(mr, mw[r:r + 1]), r
+    T, Hkv, G, D, L0 = 5, 3, 3, 64, 37
+    qkv, cos, sin, kt, v = _rope_case(1, T, Hkv, G, D, L0, kind, 4)
+    Hq = Hkv * G
+    att = torch.empty(T, Hq * D)
+    glue.rope_attend(qkv, cos, sin, kt, v, None if T == 1 else
+                     torch.cat([torch.ones(1, T, L0, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()[None]], -1),
+                     torch.empty(T, Hq + Hkv, D), att, att if kind == "float32" else torch.empty(T, Hq * D, dtype=dt),
+                     G, L0, 1 / math.sqrt(D))
+    for t in range(T):
+        one = torch.empty(1, Hq * D)
+        glue.rope_attend(qkv[t:t + 1], cos[t:t + 1], sin[t:t + 1], kt, v, None, torch.empty(1, Hq + Hkv, D), one,
+                         one if kind == "float32" else torch.empty(1, Hq * D, dtype=dt), G, L0 + t, 1 / math.sqrt(D))
+        assert torch.equal(one, att[t:t + 1]), t

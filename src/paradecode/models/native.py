@@ -260,6 +260,7 @@ class NativeLlama(CausalLM):
         if attention not in ("auto", "kernel", "torch"):
             raise UserError(f"unknown attention path {attention!r}", "choose auto, kernel or torch")
         self._attn_kernel = None if attention == "torch" else kernels.attention_kernel()
+        self._glue = None if self._attn_kernel is None else kernels.layer_glue()
         if attention == "kernel" and self._attn_kernel is None:
             raise UserError(f"the attention kernel is unavailable: {kernels.FAILURE}", "use attention='torch'")
         # every node of a token tree gets the logits its path would get fed alone, bit for bit
@@ -527,66 +528,57 @@ class NativeLlama(CausalLM):
 
     def _logits(self, x: torch.Tensor, logits_for, pad_rows: bool) -> torch.Tensor:
         """Final norm and LM head for the rows of x (B, T, H) that ``logits_for`` asks for."""
-        H = self.shape.hidden
         if logits_for is not None:
             x = x[:, logits_for]
-        B2, T2 = x.shape[:2]
-        x = x.reshape(B2 * T2, H)
+        return self._head(F.rms_norm(x, (self.shape.hidden,), self.norm, self.shape.eps).to(self.dtype), None,
+                          pad_rows)
+
+    def _head(self, h: torch.Tensor, logits_for, pad_rows: bool) -> torch.Tensor:
+        """LM head for the rows of the final norm's output h (B, T, H) that ``logits_for`` asks for."""
+        if logits_for is not None:
+            h = h[:, logits_for]
+        B2, T2, H = h.shape
+        h = h.reshape(B2 * T2, H)
         if pad_rows and B2 * T2 % MIN_ROWS:
-            x = torch.cat([x, x.new_zeros(_padded(B2 * T2) - B2 * T2, H)])
-        h = F.rms_norm(x, (H,), self.norm, self.shape.eps).to(self.dtype)
+            h = torch.cat([h, h.new_zeros(_padded(B2 * T2) - B2 * T2, H)])
         proj = _split_rows if pad_rows else linear
         return proj(h, self.lm_head)[:B2 * T2].float().view(B2, T2, -1)  # (B, T', V)
 
     def _forward_kernel(self, cache, input_ids, cos, sin, attn_mask, input_valid, logits_for, layers):
-        """A forward past the prefill with the compiled attention (:mod:`.kernels`): attention reads the
-        cache over exactly the visible slots, so no KV_CHUNK padding and no padded query rows."""
+        """A forward past the prefill with the compiled kernels (:mod:`.kernels`): attention reads the cache
+        over exactly the visible slots (no KV_CHUNK padding, no padded query rows), and what a layer does
+        between its four projections is three calls of ``layer.c`` instead of ~25 PyTorch ops."""
         s = self.shape
         B, T = input_ids.shape
         L0 = cache.length
-        S = L0 + T
         allow = self._allowed(cache, T, attn_mask, input_valid)            # (B, T, S) bool, or None
         Hq, Hkv, D, H = s.heads, s.kv_heads, s.head_dim, s.hidden
-        G = Hq // Hkv
         BT = B * T
         cdt = self.dtype
-        k_new, v_new = cache.k[..., L0:S], cache.v[:, :, :, L0:S]        # (L, B, Hkv, D, T), (L, B, Hkv, T, D)
         pad_rows = self._pad_rows
         R = _padded(BT) if pad_rows else BT
-        x = self._embed(input_ids).view(BT, H)                           # (BT, H) float32
-        if R > BT:
-            x = torch.cat([x, x.new_zeros(R - BT, H)])                   # (R, H), rows >= BT are padding
+        x = self._embed(input_ids).view(BT, H)                           # (BT, H) float32: the residual stream
         proj = _split_rows if pad_rows else linear
-        abuf = torch.zeros(R, Hq * D, dtype=cdt)                         # attention output, (R, Hq*D)
-        direct = cdt == torch.float32                                    # the kernel writes abuf itself
-        att = abuf[:BT] if direct else torch.empty(BT, Hq * D)
-        # the kernel's arguments, fixed for the call; per layer only the cache pointers move
-        fn = self._attn_kernel
-        k, v = cache.k, cache.v
-        ks, vs = k.stride(), v.stride()
-        kp, vp, kl, vl = k.data_ptr(), v.data_ptr(), ks[0] * 4, vs[0] * 4
-        ap = None if allow is None else allow.data_ptr()
-        op = att.data_ptr()
-        scale = 1.0 / math.sqrt(D)
-        for i in (self.layers_all if layers is None else layers):
-            h = F.rms_norm(x, (H,), self.ln1[i], s.eps).to(cdt)          # (R, H)
-            qkv = proj(h, self.wqkv[i], self.bqkv[i])
-            qkv = (qkv[:BT] if R > BT else qkv).float().view(B, T, Hq + 2 * Hkv, D)
-            qk = qkv[:, :, :Hq + Hkv]                                    # (B, T, Hq+Hkv, D)
-            qk = torch.addcmul(qk * cos, qk @ self.rot_half, sin)        # RoPE on q and k at once; contiguous
-            k_new[i].copy_(qk[:, :, Hq:].permute(0, 2, 3, 1))            # (B, Hkv, D, T)
-            v_new[i].copy_(qkv[:, :, Hq + Hkv:].transpose(1, 2))         # (B, Hkv, T, D)
-            if fn(qk.data_ptr(), kp + i * kl, ks[1], ks[2], ks[3], vp + i * vl, vs[1], vs[2], vs[3], ap, op,
-                  B, T, Hkv, G, D, S, scale):
-                raise MemoryError("the attention kernel could not allocate its scratch memory")
-            if not direct:
-                abuf[:BT].copy_(att)
-            x.add_(proj(abuf, self.wo[i]))
-            h = F.rms_norm(x, (H,), self.ln2[i], s.eps).to(cdt)
-            gate, up = proj(h, self.wgu[i]).chunk(2, dim=-1)             # (R, I) each
-            x.add_(proj(F.silu(gate) * up, self.wdown[i]))
-        cache._length = S
-        return self._logits(x[:BT].view(B, T, H), logits_for, pad_rows)
+        # the products' inputs have R rows; rows >= BT are zero padding, written once, skipped by the glue
+        h = torch.zeros(R, H, dtype=cdt)                                 # a norm's output
+        abuf = torch.zeros(R, Hq * D, dtype=cdt)                         # attention output
+        mlp = torch.zeros(R, s.intermediate, dtype=cdt)                  # silu(gate) * up
+        hv, mv = h[:BT], mlp[:BT]
+        qk = torch.empty(BT, Hq + Hkv, D)                                # rotated queries and keys (scratch)
+        att = abuf[:BT] if cdt == torch.float32 else torch.empty(BT, Hq * D)
+        cos, sin = cos.reshape(BT, D), sin.reshape(BT, D)                # (BT, D) each
+        glue, eps, G, scale = self._glue, s.eps, Hq // Hkv, 1.0 / math.sqrt(D)
+        order = self.layers_all if layers is None else tuple(layers)
+        norms = [self.ln1[i] for i in order[1:]] + [self.norm]           # the norm after each layer's MLP
+        glue.add_rmsnorm(x, None, self.ln1[order[0]] if order else self.norm, eps, hv)
+        for i, after in zip(order, norms):
+            qkv = proj(h, self.wqkv[i], self.bqkv[i])                    # (R, (Hq + 2 Hkv) D)
+            glue.rope_attend(qkv, cos, sin, cache.k[i], cache.v[i], allow, qk, att, abuf, G, L0, scale)
+            glue.add_rmsnorm(x, proj(abuf, self.wo[i]), self.ln2[i], eps, hv)
+            glue.silu_mul(proj(h, self.wgu[i]), mv)
+            glue.add_rmsnorm(x, proj(mlp, self.wdown[i]), after, eps, hv)
+        cache._length = L0 + T
+        return self._head(hv.view(B, T, H), logits_for, pad_rows)
 
     @staticmethod
     def _attend_blocked(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,

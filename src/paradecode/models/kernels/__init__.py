@@ -1,8 +1,12 @@
 """Small C kernels for the native engine, compiled once per machine and loaded with ctypes.
 
-One kernel so far: :func:`attend`, attention of a short block of new tokens against the KV cache
-whose every output row has the same bits whatever shares its call (``attention.c`` says how).
-The source is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) for the
+* :func:`attend` (``attention.c``): attention of a short block of new tokens against the KV cache,
+  whose every output row has the same bits whatever shares its call (``attention.c`` says how);
+* :class:`LayerGlue` (``layer.c``): what a decoder layer does between its four projections, in
+  three calls instead of ~25 PyTorch ops (residual add + RMSNorm + cast; RoPE + cache write +
+  attention + cast; SiLU-and-multiply + cast), every row again computed alone.
+
+The sources are compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) for the
 host CPU (``-march=native``; on x86 without AVX-512, so that every machine runs the AVX2 path) into ``<cache>/kernels/``, keyed by the source, the compiler and the CPU; a
 later process loads the library directly. Where no compiler works, :func:`attention_kernel`
 returns None and the engine keeps its PyTorch attention path (``docs/engine.md``).
@@ -25,7 +29,9 @@ import torch
 
 from ..loading import cache_root
 
-_SOURCE = Path(__file__).with_name("attention.c")
+_HERE = Path(__file__).parent
+_SOURCES = (_HERE / "attention.c", _HERE / "layer.c")
+_HEADERS = (_HERE / "simd.h",)
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None | bool = False      # False: not tried yet; None: unavailable
 FAILURE: str | None = None                    # why the kernel is unavailable, when it is
@@ -52,16 +58,16 @@ def _cpu_key() -> str:
 
 
 def build(cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
-    """Compile ``attention.c`` (once per source, compiler, CPU and flags) and return the library's path.
+    """Compile the kernels (once per source, compiler, CPU and flags) into one library and return its path.
     ``extra_flags`` go after the defaults (the tests build the portable path with ``-mno-avx2``)."""
-    src = _SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     flags = ["-O2", "-march=native", "-fPIC", "-shared", "-fno-fast-math"]
     if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386"):
         flags.append("-mno-avx512f")    # one vector path (AVX2 + FMA), the one tested here
     flags += extra_flags
     key = hashlib.sha1(src + version.encode() + _cpu_key().encode() + " ".join(flags).encode()).hexdigest()[:16]
-    out = cache_root() / "kernels" / f"attention-{key}.so"
+    out = cache_root() / "kernels" / f"paradecode-{key}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +75,7 @@ def build(cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
+        done = subprocess.run([cc, *flags, "-o", tmp, *map(str, _SOURCES), "-lm"], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
@@ -103,12 +109,17 @@ def _load() -> ctypes.CDLL | None:
 
 
 def load_library(path: Path) -> ctypes.CDLL:
-    """Load a built library and declare ``pd_attend``'s signature."""
+    """Load a built library and declare its functions' signatures."""
     lib = ctypes.CDLL(str(path))
-    f = lib.pd_attend
-    p, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    f.argtypes = [p, p, L, L, L, p, L, L, L, p, p, I, I, I, I, I, I, ctypes.c_float]
-    f.restype = I
+    p, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+    lib.pd_attend.argtypes = [p, p, L, L, L, p, L, L, L, p, p, I, I, I, I, I, I, F]
+    lib.pd_attend.restype = I
+    lib.pd_add_rmsnorm.argtypes = [p, p, I, L, L, I, p, F, p, I]
+    lib.pd_add_rmsnorm.restype = None
+    lib.pd_silu_mul.argtypes = [p, I, L, L, I, p]
+    lib.pd_silu_mul.restype = None
+    lib.pd_rope_attend.argtypes = [p, I, L, p, p, p, L, L, L, p, L, L, L, p, p, p, p, I, I, I, I, I, I, I, F]
+    lib.pd_rope_attend.restype = I
     return lib
 
 
@@ -137,3 +148,53 @@ def attend(fn, qk: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, allow: torch
     if rc != 0:
         raise MemoryError("the attention kernel could not allocate its scratch memory")
 
+
+_KIND = {torch.float32: 1, torch.bfloat16: 2}      # layer.c's activation types
+
+
+class LayerGlue:
+    """``layer.c``'s three calls on tensors. Activations are float32 or bfloat16 with unit column stride;
+    ``x`` and the outputs are contiguous. Every row is computed alone (its bits do not depend on the call)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._norm, self._silu, self._rope = lib.pd_add_rmsnorm, lib.pd_silu_mul, lib.pd_rope_attend
+
+    def add_rmsnorm(self, x: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float,
+                    out: torch.Tensor) -> None:
+        """``x += delta`` (in place; None: no add), then ``out = rmsnorm(x) * w``: x (R, H) float32, delta
+        (R, H), w (H,) float32, out (R, H) float32 or bfloat16."""
+        R, H = x.shape
+        if delta is None:
+            self._norm(x.data_ptr(), None, 0, 0, R, H, w.data_ptr(), eps, out.data_ptr(), _KIND[out.dtype])
+        else:
+            self._norm(x.data_ptr(), delta.data_ptr(), _KIND[delta.dtype], delta.stride(0), R, H, w.data_ptr(), eps,
+                       out.data_ptr(), _KIND[out.dtype])
+
+    def silu_mul(self, gu: torch.Tensor, out: torch.Tensor) -> None:
+        """``out = silu(gate) * up`` for gu (R, 2I) = [gate | up], out (R, I) of gu's dtype."""
+        R, I = out.shape
+        self._silu(gu.data_ptr(), _KIND[gu.dtype], gu.stride(0), R, I, out.data_ptr())
+
+    def rope_attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kt: torch.Tensor,
+                    v: torch.Tensor, allow: torch.Tensor | None, qk: torch.Tensor, att: torch.Tensor,
+                    out: torch.Tensor, G: int, L0: int, scale: float) -> None:
+        """One layer's attention for B sequences of T new tokens: RoPE on the queries and keys of qkv
+        (B*T, (Hq + 2 Hkv) * D) with cos, sin (B*T, D) float32, the keys and values into this layer's cache
+        kt (B, Hkv, D, slots), v (B, Hkv, slots, D) at slots L0.., attention as :func:`attend` with
+        ``allow`` (B, T, L0 + T) bool or None. Scratch: qk (B*T, Hq + Hkv, D) float32; the output goes to
+        att (B*T, Hq*D) float32 and, cast, to the first B*T rows of out (bfloat16; float32: out's rows are att)."""
+        B, Hkv, D = kt.shape[0], kt.shape[1], kt.shape[2]
+        T = qk.shape[0] // B
+        ks, vs = kt.stride(), v.stride()
+        rc = self._rope(qkv.data_ptr(), _KIND[qkv.dtype], qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
+                        kt.data_ptr(), ks[0], ks[1], ks[2], v.data_ptr(), vs[0], vs[1], vs[2],
+                        None if allow is None else allow.data_ptr(), qk.data_ptr(), att.data_ptr(), out.data_ptr(),
+                        _KIND[out.dtype], B, T, Hkv, G, D, L0, scale)
+        if rc != 0:
+            raise MemoryError("the attention kernel could not allocate its scratch memory")
+
+
+def layer_glue() -> LayerGlue | None:
+    """The compiled layer glue, or None where the kernels cannot be built (see ``FAILURE``)."""
+    lib = _load()
+    return None if lib is None else LayerGlue(lib)

@@ -23,46 +23,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define VW 8
-typedef __m256 vf;
-#define vzero() _mm256_setzero_ps()
-#define vset1(x) _mm256_set1_ps(x)
-#define vload(p) _mm256_loadu_ps(p)
-#define vstore(p, x) _mm256_storeu_ps(p, x)
-#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define vfnma(a, b, c) _mm256_fnmadd_ps(a, b, c)
-#define vmul(a, b) _mm256_mul_ps(a, b)
-#define vadd(a, b) _mm256_add_ps(a, b)
-#define vsub(a, b) _mm256_sub_ps(a, b)
-#define vdiv(a, b) _mm256_div_ps(a, b)
-#define vmax(a, b) _mm256_max_ps(a, b)
-#define vround(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define vpow2i(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
-#endif
+#include "simd.h"
 
 #define SB 16   /* slots per score block; the key storage holds whole blocks */
 #define RB 4    /* query rows (heads of one kv group, same token) per register block */
-
-#ifdef VW
-/* exp for x <= 0 (a softmax after subtracting the max), Cephes-style: x = n ln2 + r, |r| <= ln2 / 2,
- * a degree-6 polynomial for e^r, times 2^n; one fixed instruction sequence per lane */
-static inline vf vexp(vf x) {
-    x = vmax(x, vset1(-87.0f));
-    vf n = vround(vmul(x, vset1(1.44269504088896341f)));
-    vf r = vfnma(n, vset1(0.693359375f), x);
-    r = vfnma(n, vset1(-2.12194440e-4f), r);
-    vf p = vset1(1.9875691500e-4f);
-    p = vfma(p, r, vset1(1.3981999507e-3f));
-    p = vfma(p, r, vset1(8.3334519073e-3f));
-    p = vfma(p, r, vset1(4.1665795894e-2f));
-    p = vfma(p, r, vset1(1.6666665459e-1f));
-    p = vfma(p, r, vset1(5.0000001201e-1f));
-    p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
-    return vmul(p, vpow2i(n));
-}
-#endif
+#define PF 64   /* floats ahead in each key row that score_block prefetches (the rows are 4 KB+ apart) */
 
 #ifdef VW
 #define TV (SB / VW)   /* vectors per slot block */
@@ -75,6 +40,7 @@ static inline __attribute__((always_inline)) void score_block(const float *q, lo
         _Pragma("GCC unroll 4") for (int j = 0; j < TV; j++) acc[r][j] = vzero();
     for (int d = 0; d < D; d++) {
         const float *kd = K + (long)d * ldk + s0;
+        _mm_prefetch((const char *)(kd + PF), _MM_HINT_T0);
         _Pragma("GCC unroll 4") for (int j = 0; j < TV; j++) {
             const vf k = vload(kd + j * VW);
             _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) acc[r][j] = vfma(vset1(q[r * qstride + d]), k, acc[r][j]);
@@ -106,6 +72,18 @@ static void scores(const float *q, long qstride, int rows, const float *K, long 
             sc[r * ldsc + s] = a * scale;
         }
 #endif
+}
+
+/* the largest of sc[slot[i]] over the list: eight independent running maxima (a max does not depend on
+ * the order it is taken in), so no chain of n dependent compares */
+static float visible_max(const float *sc, const int *slot, int n) {
+    float m[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) m[j] = sc[slot[i + j]] > m[j] ? sc[slot[i + j]] : m[j];
+    for (; i < n; i++) m[0] = sc[slot[i]] > m[0] ? sc[slot[i]] : m[0];
+    for (int j = 1; j < 8; j++) m[0] = m[j] > m[0] ? m[j] : m[0];
+    return m[0];
 }
 
 /* e[s] = exp(sc[s] - m) for every s in [0, S) rounded up to SB (values at masked slots are unused) */
@@ -143,7 +121,14 @@ static void weighted(const float *e, long lde, int rows, const int *slot, int n,
         const float *er = e + r * lde;
         float *o = out + r * ostride;
         float den = 0.0f;
-        for (int i = 0; i < n; i++) den += er[slot[i]];
+        {   /* eight partial sums over the list (entry i into i % 8), added in a fixed order */
+            float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            int i = 0;
+            for (; i + 8 <= n; i += 8)
+                for (int j = 0; j < 8; j++) part[j] += er[slot[i + j]];
+            for (int j = 0; i < n; i++, j++) part[j] += er[slot[i]];
+            den = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+        }
 #ifdef VW
         if (D % VW == 0) {
             for (int d0 = 0; d0 < D; d0 += 8 * VW) {
@@ -214,8 +199,7 @@ int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, cons
                     const int h = kv * G + g0;
                     scores(qrow + (long)h * D, D, rows, K, ldk, D, S, scale, sc, Sp);
                     for (int r = 0; r < rows; r++) {
-                        float m = -INFINITY;
-                        for (int i = 0; i < n; i++) m = sc[r * Sp + slot[i]] > m ? sc[r * Sp + slot[i]] : m;
+                        const float m = visible_max(sc + r * Sp, slot, n);
                         exps(sc + r * Sp, S, n ? m : 0.0f);
                     }
                     weighted(sc, Sp, rows, slot, n, Vh, ldv, D, orow + (long)h * D, D);

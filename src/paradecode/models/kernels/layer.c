@@ -1,0 +1,186 @@
+/* The glue of a decoder layer between its four projections, for the native engine's decode path.
+ *
+ * A decode step of the default model does 121 matrix products and, between them, ~25 small tensor
+ * ops per layer (norms, dtype casts, RoPE, cache writes, slices, SiLU): each costs PyTorch a few
+ * microseconds of dispatch for a few kilobytes of work, ~6 ms of an 18 ms bfloat16 step. Here each
+ * stretch between two products is one call:
+ *
+ *   pd_add_rmsnorm   x += delta (a projection's output), then h = rmsnorm(x) * w, cast to h's type
+ *   pd_rope_attend   RoPE on the new queries and keys, keys and values into the cache, attention
+ *                    (attention.c), the output cast to the next projection's type
+ *   pd_silu_mul      m = silu(gate) * up, cast once
+ *
+ * Every row is computed alone by one fixed sequence of operations (sums in a fixed order, the
+ * same vector lanes whatever the row count), so a token's results do not depend on how many rows
+ * share the call: the position invariance the engine's greedy verification needs (engine.md).
+ * Activations are float32 (kind 1) or bfloat16 (kind 2, rounded to nearest even, as PyTorch casts).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"
+
+int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, const float *v, long vb, long vh,
+              long ldv, const uint8_t *allow, float *out, int B, int T, int Hkv, int G, int D, int S,
+              float scale);
+
+enum { KIND_F32 = 1, KIND_BF16 = 2 };
+
+static inline float bf2f(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf(float f) {        /* round to nearest even; NaN stays NaN (as torch: 0x7fc0) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float load(const void *p, int kind, long i) {
+    return kind == KIND_BF16 ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store(void *p, int kind, long i, float f) {
+    if (kind == KIND_BF16)
+        ((uint16_t *)p)[i] = f2bf(f);
+    else
+        ((float *)p)[i] = f;
+}
+
+/* dst[0:n) = p[off:off + n) as float32 */
+static void to_f32(const void *p, int kind, long off, int n, float *dst) {
+    if (kind == KIND_F32) {
+        memcpy(dst, (const float *)p + off, sizeof(float) * n);
+        return;
+    }
+    const uint16_t *s = (const uint16_t *)p + off;
+    int i = 0;
+#ifdef VW
+    for (; i + VW <= n; i += VW) vstore(dst + i, vload_bf16(s + i));
+#endif
+    for (; i < n; i++) dst[i] = bf2f(s[i]);
+}
+
+/* p[off:off + n) = src[0:n) cast to kind (the vector and the scalar cast round alike) */
+static void from_f32(void *p, int kind, long off, int n, const float *src) {
+    if (kind == KIND_F32) {
+        memcpy((float *)p + off, src, sizeof(float) * n);
+        return;
+    }
+    uint16_t *d = (uint16_t *)p + off;
+    int i = 0;
+#ifdef VW
+    for (; i + VW <= n; i += VW) vstore_bf16(d + i, vload(src + i));
+#endif
+    for (; i < n; i++) d[i] = f2bf(src[i]);
+}
+
+#define CH 512   /* columns per chunk of a row's float32 scratch */
+
+/* x (rows, H) float32, row stride H: x += delta (delta_kind 0: no delta; row stride ldd), then
+ * out[r] = w * (x[r] / sqrt(mean(x[r]^2) + eps)) in out_kind (row stride H): LlamaRMSNorm's formula.
+ * The sum of squares keeps 8 partial sums (element d into d % 8; the vector lanes are these sums),
+ * then adds them in order. */
+void pd_add_rmsnorm(float *x, const void *delta, int delta_kind, long ldd, long rows, int H, const float *w,
+                    float eps, void *out, int out_kind) {
+    float buf[CH];
+    for (long r = 0; r < rows; r++) {
+        float *xr = x + r * H;
+        if (delta_kind)
+            for (int c = 0; c < H; c += CH) {
+                const int n = H - c < CH ? H - c : CH;
+                to_f32(delta, delta_kind, r * ldd + c, n, buf);
+                for (int d = 0; d < n; d++) xr[c + d] += buf[d];
+            }
+        float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int d = 0;
+#if defined(VW) && VW == 8
+        vf acc = vzero();
+        for (; d + 8 <= H; d += 8) acc = vfma(vload(xr + d), vload(xr + d), acc);
+        vstore(part, acc);
+#else
+        for (; d + 8 <= H; d += 8)
+            for (int j = 0; j < 8; j++) part[j] = fmaf(xr[d + j], xr[d + j], part[j]);
+#endif
+        for (int j = 0; d < H; d++, j++) part[j] = fmaf(xr[d], xr[d], part[j]);
+        float ss = 0.0f;
+        for (int j = 0; j < 8; j++) ss += part[j];
+        const float inv = 1.0f / sqrtf(ss / (float)H + eps);
+        for (int c = 0; c < H; c += CH) {
+            const int n = H - c < CH ? H - c : CH;
+            for (int k = 0; k < n; k++) buf[k] = w[c + k] * (xr[c + k] * inv);
+            from_f32(out, out_kind, r * H + c, n, buf);
+        }
+    }
+}
+
+/* gu (rows, 2I), row stride ldg: gate then up. out (rows, I) = silu(gate) * up = gate / (1 + e^-gate) * up,
+ * in kind; e^-gate by the vector exp over whole groups of VW columns, expf for the rest. */
+void pd_silu_mul(const void *gu, int kind, long ldg, long rows, int I, void *out) {
+    float g[CH], u[CH];
+    for (long r = 0; r < rows; r++)
+        for (int c = 0; c < I; c += CH) {
+            const int n = I - c < CH ? I - c : CH;
+            to_f32(gu, kind, r * ldg + c, n, g);
+            to_f32(gu, kind, r * ldg + I + c, n, u);
+            int i = 0;
+#ifdef VW
+            for (; i + VW <= n; i += VW) {
+                const vf vg = vload(g + i);
+                const vf e = vexp(vmin(vsub(vzero(), vg), vset1(88.0f)));      /* e^-g, finite */
+                vstore(g + i, vmul(vdiv(vg, vadd(vset1(1.0f), e)), vload(u + i)));
+            }
+#endif
+            for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+            from_f32(out, kind, r * I + c, n, g);
+        }
+}
+
+/* One layer's attention for B sequences of T new tokens, Hkv key/value heads of G query heads each.
+ *
+ * qkv:     (B*T rows, row stride ldq) in qkv_kind: the projected queries (head h = kv * G + g), keys, values
+ * cos/sin: (B*T, D) float32, the RoPE tables at each token's position (attention scaling folded in)
+ * kt, v:   this layer's cache as pd_attend takes it; the new keys and values go to slots L0 .. L0 + T - 1
+ * allow:   (B, T, L0 + T) uint8 or NULL, as pd_attend
+ * qk:      scratch (B*T, Hq + Hkv, D) float32: the rotated queries and keys
+ * att:     (B*T, Hq*D) float32: the attention output; when out_kind is bfloat16 it is cast into out
+ * Returns pd_attend's code. */
+int pd_rope_attend(const void *qkv, int qkv_kind, long ldq, const float *cos, const float *sin, float *kt, long kb,
+                   long kh, long ldk, float *v, long vb, long vh, long ldv, const uint8_t *allow, float *qk,
+                   float *att, void *out, int out_kind, int B, int T, int Hkv, int G, int D, int L0, float scale) {
+    const int Hq = Hkv * G, h2 = D / 2;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            const long row = (long)b * T + t;
+            const float *c = cos + row * D, *s = sin + row * D;
+            float *dst = qk + row * (Hq + Hkv) * D;
+            for (int h = 0; h < Hq + Hkv; h++) {         /* rotate_half(x) = cat(-x2, x1) */
+                const long src = row * ldq + (long)h * D;
+                float *o = dst + (long)h * D;
+                for (int d = 0; d < h2; d++) {
+                    const float x1 = load(qkv, qkv_kind, src + d), x2 = load(qkv, qkv_kind, src + h2 + d);
+                    o[d] = x1 * c[d] + (-x2) * s[d];
+                    o[h2 + d] = x2 * c[h2 + d] + x1 * s[h2 + d];
+                }
+            }
+            for (int kv = 0; kv < Hkv; kv++) {
+                const float *kr = dst + (long)(Hq + kv) * D;
+                const long vsrc = row * ldq + (long)(Hq + Hkv + kv) * D;
+                float *K = kt + b * kb + kv * kh + L0 + t, *V = v + b * vb + kv * vh + (long)(L0 + t) * ldv;
+                for (int d = 0; d < D; d++) {
+                    K[(long)d * ldk] = kr[d];
+                    V[d] = load(qkv, qkv_kind, vsrc + d);
+                }
+            }
+        }
+    const int rc = pd_attend(qk, kt, kb, kh, ldk, v, vb, vh, ldv, allow, att, B, T, Hkv, G, D, L0 + T, scale);
+    if (rc == 0 && out_kind == KIND_BF16) from_f32(out, KIND_BF16, 0, B * T * Hq * D, att);
+    return rc;
+}
