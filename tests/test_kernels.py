@@ -220,3 +220,60 @@ def test_layer_glue_rows_do_not_depend_on_their_call(glue, kind):
         glue.rope_attend(qkv[t:t + 1], cos[t:t + 1], sin[t:t + 1], kt, v, None, torch.empty(1, Hq + Hkv, D), one,
                          one if kind == "float32" else torch.empty(1, Hq * D, dtype=dt), G, L0 + t, 1 / math.sqrt(D))
         assert torch.equal(one, att[t:t + 1]), t
+
+
+def _int4_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``int4.c``'s formula in float64: the weight's int4 codes (``int4_codes``) times each row's groups of 32
+    activations quantized to int8 (d = max |a| / 127 and round(a / d), in float32 as the kernel does)."""
+    from paradecode.models.quant import int4_codes
+
+    q, scale, zero = int4_codes(w)                                               # (N, K), (N, K/32) x 2
+    M, K = x.shape
+    a = x.float().view(M, K // 32, 32)
+    d = a.abs().amax(-1) / 127.0                                                 # (M, K/32) float32
+    qa = torch.where(d[..., None] > 0, torch.round(a / d[..., None].clamp(min=1e-38)), 0.0).clamp(-127, 127)
+    dots = torch.einsum("nbk,mbk->mnb", q.double().view(-1, K // 32, 32), qa.double())   # exact integers
+    idot = dots - 8 * qa.double().sum(-1)[:, None, :]
+    return (scale.double()[None] * d.double()[:, None, :] * idot + zero.double()[None] * a.double().sum(-1)[:, None, :]).sum(-1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(M=st.integers(1, 9), N=st.integers(1, 40), KB=st.integers(1, 6), kind=st.sampled_from(["float32", "bfloat16"]),
+       seed=st.integers(0, 1000))
+def test_int4_kernel_computes_its_formula(lib, M, N, KB, kind, seed):
+    from paradecode.models.quant import pack_int4_w4a8
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, 32 * KB, generator=g) * 0.1
+    x = (torch.randn(M, 32 * KB, generator=g) * 2).to(getattr(torch, kind))
+    if M > 1:
+        x[1, :32] = 0                                                            # an all-zero group: d = 0
+    y = kernels.int4_mm(x, pack_int4_w4a8(w), lib)
+    _bf16_close(y, _int4_reference(x, w))
+
+
+def test_int4_kernel_rows_and_paths_agree_bit_for_bit(lib, tmp_path):
+    """An output's bits depend on its row and channel only: alone or with 12 other rows, in plain C as with
+    AVX2, and (on a CPU with AVX-512 VNNI) on the AVX-512 path as on the AVX2 one. Close to the
+    bfloat16-activation product."""
+    from paradecode.models.quant import linear, pack_int4_w4a8, quantize_int4
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(600, 576, generator=g) * 0.05
+    x = torch.randn(13, 576, generator=g).to(torch.bfloat16)
+    packed = pack_int4_w4a8(w)
+    whole = kernels.int4_mm(x, packed, lib)
+    assert torch.equal(whole, kernels.int4_mm(x, packed))             # the portable C build too
+    for r in range(13):
+        assert torch.equal(kernels.int4_mm(x[r:r + 1], packed, lib), whole[r:r + 1]), r
+    code = ("import torch, sys; from paradecode.models import kernels; from paradecode.models.quant import pack_int4_w4a8;"
+            "g = torch.Generator().manual_seed(1); w = torch.randn(600, 576, generator=g) * 0.05;"
+            "x = torch.randn(13, 576, generator=g).to(torch.bfloat16);"
+            "torch.save(kernels.int4_mm(x, pack_int4_w4a8(w)), sys.argv[1])")
+    out = tmp_path / "avx2.pt"
+    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PARADECODE_NO_AVX512": "1"})
+    assert run.returncode == 0, run.stderr
+    assert torch.equal(torch.load(out), kernels.int4_mm(x, packed))
+    ref = linear(x, quantize_int4(w)).float()                                   # int4 x bfloat16 (PyTorch)
+    assert float((whole.float() - ref).abs().max()) < 0.02 * float(ref.abs().max())

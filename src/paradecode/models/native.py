@@ -7,7 +7,8 @@ config through transformers' own RoPE initialisers, so the frequencies are
 the ones transformers uses.
 
 Weight formats (``dtype``): ``float32``; ``bfloat16``; ``int8`` (weight-only,
-per output channel, bfloat16 activations, see :mod:`.quant`). Whatever the
+per output channel, bfloat16 activations, see :mod:`.quant`); ``int4`` (groups of 32;
+int8 activations with the compiled kernels of :mod:`.kernels`, bfloat16 without). Whatever the
 format, the residual stream, RoPE, the KV cache and attention run in float32:
 they are a small share of the work and keep the low-precision formats close
 to float32.
@@ -51,8 +52,8 @@ import torch.nn.functional as F
 
 from . import kernels
 from .base import CausalLM, KVCache, ModelInfo, causal_mask
-from .quant import (Int4Weight, Int8Weight, PackedBF16Weight, can_pack_bf16, linear, pack_bf16, quantize_int4,
-                    quantize_int8)
+from .quant import (Int4W4A8Weight, Int4Weight, Int8Weight, PackedBF16Weight, can_pack_bf16, linear, pack_bf16,
+                    pack_int4_w4a8, quantize_int4, quantize_int8)
 from ..errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -329,10 +330,12 @@ class NativeLlama(CausalLM):
         def vec(name: str, dtype: torch.dtype = dt) -> torch.Tensor:    # norms and biases: small
             return raw(name).to(dtype).contiguous()
 
-        quantize = {"int8": quantize_int8, "int4": quantize_int4}.get(self.format)
+        # int4 with the compiled kernels: int4 x int8 products (models/kernels/int4.c), else PyTorch's int4 x bfloat16
+        int4 = pack_int4_w4a8 if self._attn_kernel is not None else quantize_int4
+        quantize = {"int8": quantize_int8, "int4": int4}.get(self.format)
         pack = self.format == "bfloat16" and self.packed          # oneDNN's prepacked layout (see quant.py)
 
-        def mat(*names: str) -> torch.Tensor | PackedBF16Weight | Int8Weight | Int4Weight:
+        def mat(*names: str) -> torch.Tensor | PackedBF16Weight | Int8Weight | Int4Weight | Int4W4A8Weight:
             m = torch.cat([raw(n) for n in names]) if len(names) > 1 else raw(names[0])
             if quantize is None:
                 return pack_bf16(m) if pack else m.to(dt).contiguous()
@@ -398,7 +401,8 @@ class NativeLlama(CausalLM):
               *(b for b in self.bqkv if b is not None)]
         if held and self.embed is not self.lm_head:
             ts.append(self.embed)
-        return sum(t.nbytes() if isinstance(t, (PackedBF16Weight, Int8Weight, Int4Weight)) else t.numel() * t.element_size()
+        return sum(t.nbytes() if isinstance(t, (PackedBF16Weight, Int8Weight, Int4Weight, Int4W4A8Weight))
+                   else t.numel() * t.element_size()
                    for t in ts)
 
     def matrices(self, layers: Sequence[int] | None = None) -> list:

@@ -157,15 +157,71 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> Int4Weight:
                       torch.cat(sz, dim=1).contiguous(), N, group)
 
 
+W4A8_CHANNELS = 16  # output channels per packed group of the compiled int4 kernel
+W4A8_BLOCK = 320    # bytes per (channel group, input group): 256 of codes, 16 bfloat16 scales, 16 zeros
+
+
+@dataclass(frozen=True)
+class Int4W4A8Weight:
+    """The int4 format's (N, K) weight packed for the compiled kernel (``models/kernels/int4.c``):
+    the codes, scales and zeros of :func:`int4_codes` (the same as :class:`Int4Weight`'s), in runs of
+    320-byte blocks per group of 16 output channels. The kernel quantizes each row's groups of 32
+    activations to int8 (GGUF's Q8 blocks) and sums exact integer dot products: int4 x int8, where
+    PyTorch's kernel computes int4 x bfloat16."""
+
+    blocks: torch.Tensor          # (Np/16, K/32, 320) uint8
+    n: int                        # true number of output channels (Np: padded to a multiple of 16)
+    group: int = INT4_GROUP
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n, self.blocks.shape[1] * self.group))
+
+    @property
+    def padded(self) -> int:
+        return self.blocks.shape[0] * W4A8_CHANNELS
+
+    def nbytes(self) -> int:
+        return self.blocks.numel()
+
+
+def pack_int4_w4a8(w: torch.Tensor) -> Int4W4A8Weight:
+    """Quantize ``w`` (N, K) as :func:`quantize_int4` does and pack it for the compiled W4A8 kernel."""
+    N, K = w.shape
+    if K % INT4_GROUP:
+        raise ValueError(f"int4 needs the input size ({K}) to be a multiple of {INT4_GROUP}")
+    C, NB = W4A8_CHANNELS, K // INT4_GROUP
+    G = -(-N // C)
+    out = torch.empty(G, NB, W4A8_BLOCK, dtype=torch.uint8)
+    step = max(1, 4096 // C)
+    for g0 in range(0, G, step):          # channel groups in slices: float32 temporaries stay small
+        g1 = min(G, g0 + step)
+        block = w[g0 * C:g1 * C].float()
+        if block.shape[0] < (g1 - g0) * C:                                           # pad channels with zeros
+            block = torch.cat([block, block.new_zeros((g1 - g0) * C - block.shape[0], K)])
+        q, scale, zero = int4_codes(block)                    # (n, K) int32 0..15, (n, NB) bfloat16 twice
+        q = q.to(torch.uint8).view(g1 - g0, C, NB, 8, 4)      # [g, j, b, i, t]: input 32 b + 4 i + t
+        q = q.permute(0, 2, 3, 1, 4)                          # [g, b, i, j, t]
+        codes = (q[:, :, :4] | (q[:, :, 4:] << 4)).reshape(g1 - g0, NB, 16 * C)
+        sz = torch.stack([scale, zero]).view(2, g1 - g0, C, NB).permute(1, 3, 0, 2)   # [g, b, 2, j]
+        out[g0:g1, :, :16 * C] = codes
+        out[g0:g1, :, 16 * C:] = sz.contiguous().view(torch.uint8).reshape(g1 - g0, NB, 4 * C)
+    return Int4W4A8Weight(out, N)
+
+
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` that also takes a :class:`PackedBF16Weight`, :class:`Int8Weight` or :class:`Int4Weight`
-    (then ``x`` must be bfloat16)."""
+    """``F.linear`` that also takes a :class:`PackedBF16Weight`, :class:`Int8Weight`, :class:`Int4Weight`
+    or :class:`Int4W4A8Weight` (then ``x`` must be bfloat16)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
     if isinstance(w, PackedBF16Weight):
         return torch.ops.mkldnn._linear_pointwise(x, w.w, bias, "none", [], "")
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if isinstance(w, Int8Weight):
+    if isinstance(w, Int4W4A8Weight):
+        from . import kernels
+
+        y = kernels.int4_mm(x2, w)
+    elif isinstance(w, Int8Weight):
         y = torch.ops.aten._weight_int8pack_mm(x2, w.q, w.scale)                          # (M, N)
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w.packed, w.group, w.scale_zero)

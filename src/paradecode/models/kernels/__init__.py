@@ -2,6 +2,8 @@
 
 * :func:`attend` (``attention.c``): attention of a short block of new tokens against the KV cache,
   whose every output row has the same bits whatever shares its call (``attention.c`` says how);
+* :func:`int4_mm` (``int4.c``): products with the int4 format's weights and int8-quantized activations
+  (exact integer dot products), one read of the weights for every row of a call;
 * :class:`LayerGlue` (``layer.c``): what a decoder layer does between its four projections, in
   three calls instead of ~25 PyTorch ops (residual add + RMSNorm + cast; RoPE + cache write +
   attention + cast; SiLU-and-multiply + cast), every row again computed alone.
@@ -30,7 +32,7 @@ import torch
 from ..loading import cache_root
 
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "attention.c", _HERE / "layer.c")
+_SOURCES = (_HERE / "attention.c", _HERE / "layer.c", _HERE / "int4.c")
 _HEADERS = (_HERE / "simd.h",)
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None | bool = False      # False: not tried yet; None: unavailable
@@ -120,6 +122,8 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.pd_silu_mul.restype = None
     lib.pd_rope_attend.argtypes = [p, I, L, p, p, p, L, L, L, p, L, L, L, p, p, p, p, I, I, I, I, I, I, I, F]
     lib.pd_rope_attend.restype = I
+    lib.pd_int4_mm.argtypes = [p, I, L, I, I, p, I, p, I, L]
+    lib.pd_int4_mm.restype = I
     return lib
 
 
@@ -198,3 +202,17 @@ def layer_glue() -> LayerGlue | None:
     """The compiled layer glue, or None where the kernels cannot be built (see ``FAILURE``)."""
     lib = _load()
     return None if lib is None else LayerGlue(lib)
+
+
+def int4_mm(x: torch.Tensor, w, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``x`` (M, K) bfloat16 or float32 with unit column stride, times a
+    :class:`~paradecode.models.quant.Int4W4A8Weight`: (M, N) bfloat16. ``lib``: another build (tests)."""
+    lib = lib or _load()
+    if lib is None:
+        raise RuntimeError(f"the int4 kernel is unavailable: {FAILURE}")
+    M, K = x.shape
+    y = torch.empty(M, w.padded, dtype=torch.bfloat16)
+    if lib.pd_int4_mm(x.data_ptr(), _KIND[x.dtype], x.stride(0), M, K, w.blocks.data_ptr(), w.padded,
+                      y.data_ptr(), 2, y.stride(0)):
+        raise MemoryError("the int4 kernel could not allocate its scratch memory")
+    return y if w.padded == w.n else y[:, :w.n]

@@ -28,28 +28,13 @@ int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, cons
 
 enum { KIND_F32 = 1, KIND_BF16 = 2 };
 
-static inline float bf2f(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f2bf(float f) {        /* round to nearest even; NaN stays NaN (as torch: 0x7fc0) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 static inline float load(const void *p, int kind, long i) {
-    return kind == KIND_BF16 ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+    return kind == KIND_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 static inline void store(void *p, int kind, long i, float f) {
     if (kind == KIND_BF16)
-        ((uint16_t *)p)[i] = f2bf(f);
+        ((uint16_t *)p)[i] = f32_to_bf16(f);
     else
         ((float *)p)[i] = f;
 }
@@ -65,7 +50,7 @@ static void to_f32(const void *p, int kind, long off, int n, float *dst) {
 #ifdef VW
     for (; i + VW <= n; i += VW) vstore(dst + i, vload_bf16(s + i));
 #endif
-    for (; i < n; i++) dst[i] = bf2f(s[i]);
+    for (; i < n; i++) dst[i] = bf16_to_f32(s[i]);
 }
 
 /* p[off:off + n) = src[0:n) cast to kind (the vector and the scalar cast round alike) */
@@ -79,7 +64,7 @@ static void from_f32(void *p, int kind, long off, int n, const float *src) {
 #ifdef VW
     for (; i + VW <= n; i += VW) vstore_bf16(d + i, vload(src + i));
 #endif
-    for (; i < n; i++) d[i] = f2bf(src[i]);
+    for (; i < n; i++) d[i] = f32_to_bf16(src[i]);
 }
 
 #define CH 512   /* columns per chunk of a row's float32 scratch */

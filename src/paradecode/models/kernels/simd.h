@@ -4,6 +4,23 @@
 #define PD_SIMD_H
 
 #include <stdint.h>
+#include <string.h>
+
+/* one bfloat16 to float32, and back rounded to nearest even (NaN -> 0x7fc0), as PyTorch casts */
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>

@@ -1,0 +1,312 @@
+/* Products with int4 weights and int8 activations (the int4 format's matrices), for the native engine.
+ *
+ * Weights: 4-bit codes q in 0..15 per (output channel n, input k), with a bfloat16 scale and zero per
+ * channel and group of 32 inputs: w = (q - 8) * scale + zero (models/quant.py, GGUF's Q4_1 blocks).
+ * Activations: each row's group of 32 inputs is quantized to int8 as GGUF's Q8 blocks are:
+ * d = max |a| / 127, qa = round(a / d), plus the group's exact float sum.
+ *
+ *   y[m][n] = sum over groups b, in order, of   scale[n][b] * d[m][b] * (sum_k q * qa - 8 * sum_k qa)
+ *                                             + zero[n][b] * (sum_k a)
+ *
+ * The integer dot products are exact, whatever the instructions (AVX-VNNI's vpdpbusd, AVX2's
+ * vpmaddubsw + vpmaddwd, or plain C), and each output's float sum runs over the groups in one fixed
+ * order: an output's bits depend only on its row and its channel, not on how many rows share the call
+ * (position invariance), nor on the instruction set. A row costs one read of the weights; further rows
+ * of the same call reuse each channel group's weights from L1.
+ *
+ * Packed layout (quant.py: pack_int4_w4a8): channels in groups of 16, each group a run of 320-byte
+ * blocks, one per 32 inputs: 256 bytes of codes (4 vectors of 64 bytes; byte 4j + t of vector i holds
+ * channel j's codes for inputs 4i + t (low nibble) and 4(i + 4) + t (high nibble)), then 16 bfloat16
+ * scales and 16 bfloat16 zeros. AVX-512 VNNI runs a group per vector (chosen at run time where the CPU
+ * has it), AVX2 a half group, plain C one channel at a time: the same exact sums and float operations.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"
+
+#define QG 32           /* inputs per group */
+#define CG 16           /* output channels per packed group */
+#define BLOCK 320       /* bytes per (channel group, input group) */
+#define SCALES 256      /* offset of the scales in a block; the zeros follow at 288 */
+#define MR 4            /* rows per register block */
+
+/* one row's group of 32 inputs -> int8 codes, scale d, sum of codes, exact sum of the inputs
+ * (eight partial sums, k into k % 8, added in a fixed order: the vector path's lanes are the same sums) */
+__attribute__((unused)) static void quantize_group(const float *a, int8_t *q, float *d, int32_t *sq, float *sum) {
+    float amax = 0.0f, part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int k = 0; k < QG; k++) {
+        const float x = fabsf(a[k]);
+        amax = x > amax ? x : amax;
+        part[k % 8] += a[k];
+    }
+    *sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    const float dd = amax / 127.0f;
+    int32_t s = 0;
+    for (int k = 0; k < QG; k++) {
+        const int v = dd > 0.0f ? (int)nearbyintf(a[k] / dd) : 0;
+        q[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+        s += q[k];
+    }
+    *d = dd;
+    *sq = s;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* quantize_group's numbers with 8 lanes: lane j sums inputs j, j + 8, j + 16, j + 24 in that order */
+static void quantize_group_v(const float *a, int8_t *q, float *d, int32_t *sq, float *sum) {
+    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 v[4], mx = _mm256_setzero_ps(), acc = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(a + 8 * i);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], sign));
+        acc = _mm256_add_ps(acc, v[i]);
+    }
+    float m8[8], part[8];
+    _mm256_storeu_ps(m8, mx);
+    _mm256_storeu_ps(part, acc);
+    float amax = 0.0f;
+    for (int j = 0; j < 8; j++) amax = m8[j] > amax ? m8[j] : amax;
+    *sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    const float dd = amax / 127.0f;
+    int32_t iv[32], s = 0;
+    if (dd > 0.0f) {
+        const __m256 vd = _mm256_set1_ps(dd), lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
+        for (int i = 0; i < 4; i++) {
+            __m256 r = _mm256_round_ps(_mm256_div_ps(v[i], vd), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            r = _mm256_min_ps(_mm256_max_ps(r, nlim), lim);
+            _mm256_storeu_si256((__m256i *)(iv + 8 * i), _mm256_cvtps_epi32(r));
+        }
+    } else {
+        memset(iv, 0, sizeof iv);
+    }
+    for (int k = 0; k < QG; k++) {
+        q[k] = (int8_t)iv[k];
+        s += iv[k];
+    }
+    *d = dd;
+    *sq = s;
+}
+#define QUANTIZE_GROUP quantize_group_v
+#else
+#define QUANTIZE_GROUP quantize_group
+#endif
+
+static void quantize_rows(const void *x, int kind, long ldx, int M, int K, int8_t *qa, float *d, int32_t *sq,
+                          float *sum) {
+    float buf[QG];
+    const int NB = K / QG;
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < NB; b++) {
+            const long off = (long)m * ldx + (long)b * QG;
+            if (kind == 2)
+                for (int k = 0; k < QG; k++) buf[k] = bf16_to_f32(((const uint16_t *)x)[off + k]);
+            else
+                memcpy(buf, (const float *)x + off, sizeof buf);
+            const long g = (long)m * NB + b;
+            QUANTIZE_GROUP(buf, qa + g * QG, d + g, sq + g, sum + g);
+        }
+}
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#if defined(__AVXVNNI__)
+#define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#else   /* u8 x s8 pairs into int16 (at most 2 * 15 * 127: no saturation), then pairs into int32 */
+#define DPBUSD(acc, u, s) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+#endif
+
+static inline __m256 load8_bf16(const uint8_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* ROWS rows of one half (h: channels 8h .. 8h + 7) of a channel group: acc[r] = its outputs for row r */
+static inline __attribute__((always_inline)) void group_rows(const uint8_t *w, int NB, const int ROWS, int h,
+                                                             const int8_t *qa, const float *d, const int32_t *sq,
+                                                             const float *sum, __m256 *acc) {
+    const __m256i lo = _mm256_set1_epi8(0x0f);
+    _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    for (int b = 0; b < NB; b++) {
+        const uint8_t *blk = w + (long)b * BLOCK;
+        __m256i dot[MR][2];                 /* two independent chains per row (integer sums: exact) */
+        _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+        _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
+            const __m256i p = _mm256_loadu_si256((const __m256i *)(blk + 64 * i + 32 * h));
+            const __m256i u0 = _mm256_and_si256(p, lo), u1 = _mm256_and_si256(_mm256_srli_epi16(p, 4), lo);
+            _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) {
+                const int8_t *q = qa + ((long)r * NB + b) * QG;
+                int32_t a0, a1;
+                memcpy(&a0, q + 4 * i, 4);
+                memcpy(&a1, q + 4 * (i + 4), 4);
+                dot[r][0] = DPBUSD(dot[r][0], u0, _mm256_set1_epi32(a0));
+                dot[r][1] = DPBUSD(dot[r][1], u1, _mm256_set1_epi32(a1));
+            }
+        }
+        const __m256 sc = load8_bf16(blk + SCALES + 16 * h), ze = load8_bf16(blk + SCALES + 32 + 16 * h);
+        _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) {
+            const long g = (long)r * NB + b;
+            const __m256i idot = _mm256_sub_epi32(_mm256_add_epi32(dot[r][0], dot[r][1]), _mm256_set1_epi32(8 * sq[g]));
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_set1_ps(d[g])), _mm256_cvtepi32_ps(idot), acc[r]);
+            acc[r] = _mm256_fmadd_ps(ze, _mm256_set1_ps(sum[g]), acc[r]);
+        }
+    }
+}
+#endif
+
+#if defined(__AVX2__) && defined(__x86_64__) && defined(__GNUC__)   /* an upgrade of the AVX2 build */
+#define HAVE_512 1
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+/* a whole channel group per vector: what group_rows does for one half, for all 16 channels */
+T512 static inline __attribute__((always_inline)) void group_rows_512(const uint8_t *w, int NB, const int ROWS,
+                                                                      const int8_t *qa, const float *d,
+                                                                      const int32_t *sq, const float *sum,
+                                                                      __m512 *acc) {
+    const __m512i lo = _mm512_set1_epi8(0x0f);
+    _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int b = 0; b < NB; b++) {
+        const uint8_t *blk = w + (long)b * BLOCK;
+        __m512i dot[MR][4];                 /* four independent chains per row (integer sums: exact) */
+        _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
+            const __m512i p = _mm512_loadu_si512((const void *)(blk + 64 * i));
+            const __m512i u0 = _mm512_and_si512(p, lo), u1 = _mm512_and_si512(_mm512_srli_epi16(p, 4), lo);
+            _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) {
+                const int8_t *q = qa + ((long)r * NB + b) * QG;
+                int32_t a0, a1;
+                memcpy(&a0, q + 4 * i, 4);
+                memcpy(&a1, q + 4 * (i + 4), 4);
+                dot[r][i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, _mm512_set1_epi32(a0));
+                dot[r][i] = _mm512_dpbusd_epi32(dot[r][i], u1, _mm512_set1_epi32(a1));
+            }
+        }
+        const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(blk + SCALES))), 16));
+        const __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(blk + SCALES + 32))), 16));
+        _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) {
+            const long g = (long)r * NB + b;
+            const __m512i sum4 = _mm512_add_epi32(_mm512_add_epi32(dot[r][0], dot[r][1]),
+                                                  _mm512_add_epi32(dot[r][2], dot[r][3]));
+            const __m512i idot = _mm512_sub_epi32(sum4, _mm512_set1_epi32(8 * sq[g]));
+            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(sc, _mm512_set1_ps(d[g])), _mm512_cvtepi32_ps(idot), acc[r]);
+            acc[r] = _mm512_fmadd_ps(ze, _mm512_set1_ps(sum[g]), acc[r]);
+        }
+    }
+}
+
+T512 static void group_512(const uint8_t *wg, int NB, int rows, const int8_t *q, const float *d, const int32_t *sq,
+                           const float *sum, float *out) {
+    __m512 acc[MR];
+    switch (rows) {
+        case 1: group_rows_512(wg, NB, 1, q, d, sq, sum, acc); break;
+        case 2: group_rows_512(wg, NB, 2, q, d, sq, sum, acc); break;
+        case 3: group_rows_512(wg, NB, 3, q, d, sq, sum, acc); break;
+        default: group_rows_512(wg, NB, 4, q, d, sq, sum, acc); break;
+    }
+    for (int r = 0; r < rows; r++) _mm512_storeu_ps(out + r * CG, acc[r]);
+}
+
+static int use_512(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vnni") && getenv("PARADECODE_NO_AVX512") == NULL;
+    }
+    return known;
+}
+#endif
+
+/* the same sums in plain C (the vector paths' bits: exact integer dots, the same float operations) */
+__attribute__((unused)) static void group_rows_c(const uint8_t *w, int NB, int rows, const int8_t *qa, const float *d, const int32_t *sq,
+                         const float *sum, float *acc) {
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < CG; j++) acc[r * CG + j] = 0.0f;
+    for (int b = 0; b < NB; b++) {
+        const uint8_t *blk = w + (long)b * BLOCK;
+        for (int r = 0; r < rows; r++) {
+            const long g = (long)r * NB + b;
+            const int8_t *q = qa + g * QG;
+            for (int j = 0; j < CG; j++) {
+                int32_t dot = 0;
+                for (int i = 0; i < 4; i++)
+                    for (int t = 0; t < 4; t++) {
+                        const uint8_t byte = blk[64 * i + 4 * j + t];
+                        dot += (int32_t)(byte & 0x0f) * q[4 * i + t] + (int32_t)(byte >> 4) * q[4 * (i + 4) + t];
+                    }
+                uint16_t sb, zb;
+                memcpy(&sb, blk + SCALES + 2 * j, 2);
+                memcpy(&zb, blk + SCALES + 32 + 2 * j, 2);
+                acc[r * CG + j] = fmaf(bf16_to_f32(sb) * d[g], (float)(dot - 8 * sq[g]), acc[r * CG + j]);
+                acc[r * CG + j] = fmaf(bf16_to_f32(zb), sum[g], acc[r * CG + j]);
+            }
+        }
+    }
+}
+
+/* y (M, N) in y_kind (row stride ldy) = x (M, K) in x_kind (row stride ldx) times the packed weight of
+ * N channels (N a multiple of 16: the packing pads) and K inputs (a multiple of 32).
+ * Returns 0, or -1 when scratch memory could not be allocated. */
+int pd_int4_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t *w, int N, void *y, int y_kind,
+               long ldy) {
+    const int NB = K / QG;
+    int8_t *qa = (int8_t *)malloc((size_t)M * K + 1);
+    float *d = (float *)malloc(sizeof(float) * ((size_t)M * NB + 1));
+    int32_t *sq = (int32_t *)malloc(sizeof(int32_t) * ((size_t)M * NB + 1));
+    float *sum = (float *)malloc(sizeof(float) * ((size_t)M * NB + 1));
+    if (!qa || !d || !sq || !sum) {
+        free(qa);
+        free(d);
+        free(sq);
+        free(sum);
+        return -1;
+    }
+    quantize_rows(x, x_kind, ldx, M, K, qa, d, sq, sum);
+#ifdef HAVE_512
+    const int fast = use_512();
+#endif
+    for (int c = 0; c < N / CG; c++) {
+        const uint8_t *wg = w + (long)c * NB * BLOCK;
+        for (int m0 = 0; m0 < M; m0 += MR) {
+            const int rows = M - m0 < MR ? M - m0 : MR;
+            const int8_t *q = qa + (long)m0 * K;
+            const long g0 = (long)m0 * NB;
+            float out[MR * CG];
+#ifdef HAVE_512
+            if (fast) {
+                group_512(wg, NB, rows, q, d + g0, sq + g0, sum + g0, out);
+            } else
+#endif
+            {
+#if defined(__AVX2__)
+                for (int h = 0; h < 2; h++) {
+                    __m256 acc[MR];
+                    switch (rows) {
+                        case 1: group_rows(wg, NB, 1, h, q, d + g0, sq + g0, sum + g0, acc); break;
+                        case 2: group_rows(wg, NB, 2, h, q, d + g0, sq + g0, sum + g0, acc); break;
+                        case 3: group_rows(wg, NB, 3, h, q, d + g0, sq + g0, sum + g0, acc); break;
+                        default: group_rows(wg, NB, 4, h, q, d + g0, sq + g0, sum + g0, acc); break;
+                    }
+                    for (int r = 0; r < rows; r++) _mm256_storeu_ps(out + r * CG + 8 * h, acc[r]);
+                }
+#else
+                group_rows_c(wg, NB, rows, q, d + g0, sq + g0, sum + g0, out);
+#endif
+            }
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < CG; j++) {
+                    const long at = (long)(m0 + r) * ldy + (long)c * CG + j;
+                    if (y_kind == 2)
+                        ((uint16_t *)y)[at] = f32_to_bf16(out[r * CG + j]);
+                    else
+                        ((float *)y)[at] = out[r * CG + j];
+                }
+        }
+    }
+    free(qa);
+    free(d);
+    free(sq);
+    free(sum);
+    return 0;
+}
