@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from scipy.stats import chisquare
 
 import paradecode as pd
+import paradecode.decoding.speculative as spec_mod
 import paradecode.decoding.verify as verify_mod
 from paradecode.decoding.sink import TokenSink
 from paradecode.decoding.speculative import BackOff, Drafter, speculative_decode
@@ -153,6 +154,32 @@ def test_stops_at_eos_and_near_capacity(tiny):
     truth = plain(tiny, long_prompt, gen)
     sink = run(tiny, OracleTreeDrafter(truth, len(long_prompt), tiny.vocab_size, 2, 3, 8, 1.0), long_prompt, gen)
     assert sink.tokens == truth
+
+
+def test_backoff_probes_are_short():
+    """A probe carries at most ``probe_nodes`` (a padded call's free rows); a probe accepted whole restores
+    the full budget."""
+    b = BackOff(8, first_wait=2, min_accept=0.5, alpha=0.5, ema=0.2, cost_aware=False, probe_nodes=3)
+    assert [b.allow() for _ in range(1)] == [3]            # struggling from the start: a short probe
+    b.update(3, 0)                                         # failed: wait, then probe short again
+    assert [b.allow() for _ in range(5)] == [0, 0, 0, 0, 3]
+    b.update(3, 3)                                         # accepted whole: ema 1.55, the full budget
+    assert b.allow() == 8
+
+
+def test_the_decode_loop_probes_with_probe_nodes(tiny, monkeypatch):
+    """``speculative_decode``'s own back-off probes with PROBE_NODES nodes."""
+    made = []
+
+    class Recorded(BackOff):
+        def __post_init__(self):
+            super().__post_init__()
+            made.append(self)
+
+    monkeypatch.setattr(spec_mod, "BackOff", Recorded)
+    prompt, gen = [5, 6, 7], GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    assert run(tiny, SecondBranchDrafter(plain(tiny, prompt, gen), 3, 2), prompt, gen).tokens
+    assert len(made) == 1 and made[0].probe_nodes == spec_mod.PROBE_NODES < made[0].max_nodes
 
 
 def test_backoff_policy():

@@ -86,6 +86,9 @@ class Drafter(ABC):
         return 0
 
 
+PROBE_NODES = 3     # nodes a back-off probe carries in the decode loop (see BackOff)
+
+
 @dataclass
 class BackOff:
     """Adaptive draft budget, so a drafter whose drafts keep failing costs ~nothing.
@@ -99,7 +102,10 @@ class BackOff:
     * ``ema >= 2 * min_accept``: the full budget, ``max_nodes``;
     * ``min_accept <= ema < 2 * min_accept``: half of it (shrink);
     * ``ema < min_accept``: ``wait`` plain steps with an empty draft, then one
-      probe with the full budget. A probe that fails doubles the wait (up to
+      probe of at most ``probe_nodes`` nodes (the decode loop uses
+      ``PROBE_NODES``: a call of 1 + 3 tokens fills the 4 rows that the native
+      engine's float32/bfloat16 products pad every call to, so it costs about a
+      plain step). A probe that fails doubles the wait (up to
       ``max_wait``), and waits at least long enough that the time it lost is
       at most ``probe_overhead`` of the plain steps before the next probe
       (costly drafters probe rarely); one that succeeds lifts ``ema`` and drafting resumes
@@ -135,6 +141,7 @@ class BackOff:
     draft_avg: tuple[float, float] | None = None
     margin: float = 0.9                # draft only while it costs at most this share of plain per token
     probe_overhead: float = 0.04       # failed probes may cost at most this share of the plain steps between them
+    probe_nodes: int | None = None     # nodes a probe may carry (None: max_nodes)
     wait: int = field(init=False, default=0)
     plain_steps: int = field(init=False, default=0)
     _next_wait: int = field(init=False, default=0)
@@ -158,7 +165,7 @@ class BackOff:
             self.wait -= 1
             self.plain_steps += 1
             return 0
-        return self.max_nodes                                        # probe
+        return self.max_nodes if self.probe_nodes is None else min(self.max_nodes, self.probe_nodes)   # probe
 
     @property
     def plain_cost(self) -> float | None:
@@ -247,7 +254,7 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
     """Generate into ``sink`` with ``drafter`` proposing and the target verifying (batch 1)."""
     stats = sink.stats
     if not isinstance(backoff, BackOff):
-        backoff = BackOff(drafter.max_nodes, enabled=bool(backoff))
+        backoff = BackOff(drafter.max_nodes, enabled=bool(backoff), probe_nodes=PROBE_NODES)
     capacity = min(model.max_context, len(prompt_ids) + gen.max_new_tokens + backoff.max_nodes + 1)
     generator = None if gen.greedy else gen.generator()
     stats.prompt_tokens = len(prompt_ids)

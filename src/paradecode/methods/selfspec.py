@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..decoding.sink import TokenSink
-from ..decoding.speculative import BackOff, speculative_decode
+from ..decoding.speculative import PROBE_NODES, BackOff, speculative_decode
 from ..drafters.chain import ChainDraftOptions, SharedCacheDrafter
 from ..drafters.layer_skip import SkipSearch, calibrate, skip_count
 from ..errors import UserError
@@ -119,6 +119,7 @@ class SelfSpec(Method):
         # what the back-off learned on this model is kept like the calibration: a skip set whose drafts
         # do not pay on this machine then costs one lesson, not one per request
         learned = _LEARNED.setdefault(model, {})
-        backoff = BackOff(drafter.max_nodes, enabled=self.config.backoff).restore(learned.get(self.config))
+        backoff = BackOff(drafter.max_nodes, enabled=self.config.backoff,
+                          probe_nodes=PROBE_NODES).restore(learned.get(self.config))
         speculative_decode(model, drafter, prompt_ids, gen, sink, backoff=backoff)
         learned[self.config] = backoff.snapshot()
