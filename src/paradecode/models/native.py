@@ -249,9 +249,10 @@ class NativeLlama(CausalLM):
         same token's logits in a multi-token call, so greedy verification can
         disagree with plain decoding at near-exact ties. ``packed`` (bfloat16 only; default: whenever
         oneDNN runs bfloat16 natively here) keeps the projections in oneDNN's prepacked layout.
-        ``attention``: ``"kernel"`` (the compiled attention of :mod:`.kernels`: every row's bits independent
-        of its call, token trees included), ``"torch"`` (PyTorch matmuls over whole KV_CHUNK chunks: chains
-        only), or ``"auto"`` (the kernel where it can be built)."""
+        ``attention``: ``"kernel"`` (the compiled kernels of :mod:`.kernels`: attention with every row's bits
+        independent of its call, token trees included, the layer glue, and int4 x int8 products for the int4
+        format), ``"torch"`` (PyTorch throughout: attention as matmuls over whole KV_CHUNK chunks, exact for
+        chains only; int4 x bfloat16 products), or ``"auto"`` (the kernels where they can be built)."""
         arch = (getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UserError(f"architecture {arch} is not supported by the native backend",

@@ -9,9 +9,11 @@
   attention + cast; SiLU-and-multiply + cast), every row again computed alone.
 
 The sources are compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) for the
-host CPU (``-march=native``; on x86 without AVX-512, so that every machine runs the AVX2 path) into ``<cache>/kernels/``, keyed by the source, the compiler and the CPU; a
-later process loads the library directly. Where no compiler works, :func:`attention_kernel`
-returns None and the engine keeps its PyTorch attention path (``docs/engine.md``).
+host CPU (``-march=native``; on x86 without AVX-512, so that every machine runs the AVX2 path; the
+int4 kernel adds an AVX-512 VNNI path of its own, chosen at run time, with the AVX2 path's bits) into
+``<cache>/kernels/``, keyed by the source, the compiler and the CPU; a later process loads the library
+directly. Where no compiler works, :func:`attention_kernel` returns None and the engine keeps its
+PyTorch paths (attention, layer ops, int4 x bfloat16 products; ``docs/engine.md``).
 ``PARADECODE_KERNELS=0`` turns the kernels off.
 """
 
