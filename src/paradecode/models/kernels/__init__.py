@@ -92,6 +92,8 @@ def build(cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
 
 def _load() -> ctypes.CDLL | None:
     global _LIB, FAILURE
+    if _LIB is not False:                  # known: no lock on the hot path (every int4 product asks)
+        return _LIB
     with _LOCK:
         if _LIB is not False:
             return _LIB

@@ -100,11 +100,7 @@ static void quantize_rows(const void *x, int kind, long ldx, int M, int K, int8_
     const int NB = K / QG;
     for (int m = 0; m < M; m++)
         for (int b = 0; b < NB; b++) {
-            const long off = (long)m * ldx + (long)b * QG;
-            if (kind == 2)
-                for (int k = 0; k < QG; k++) buf[k] = bf16_to_f32(((const uint16_t *)x)[off + k]);
-            else
-                memcpy(buf, (const float *)x + off, sizeof buf);
+            to_f32(x, kind, (long)m * ldx + (long)b * QG, QG, buf);
             const long g = (long)m * NB + b;
             QUANTIZE_GROUP(buf, qa + g * QG, d + g, sq + g, sum + g);
         }
@@ -294,14 +290,7 @@ int pd_int4_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t 
                 group_rows_c(wg, NB, rows, q, d + g0, sq + g0, sum + g0, out);
 #endif
             }
-            for (int r = 0; r < rows; r++)
-                for (int j = 0; j < CG; j++) {
-                    const long at = (long)(m0 + r) * ldy + (long)c * CG + j;
-                    if (y_kind == 2)
-                        ((uint16_t *)y)[at] = f32_to_bf16(out[r * CG + j]);
-                    else
-                        ((float *)y)[at] = out[r * CG + j];
-                }
+            for (int r = 0; r < rows; r++) from_f32(y, y_kind, (long)(m0 + r) * ldy + (long)c * CG, CG, out + r * CG);
         }
     }
     free(qa);

@@ -26,8 +26,6 @@ int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, cons
               long ldv, const uint8_t *allow, float *out, int B, int T, int Hkv, int G, int D, int S,
               float scale);
 
-enum { KIND_F32 = 1, KIND_BF16 = 2 };
-
 static inline float load(const void *p, int kind, long i) {
     return kind == KIND_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
@@ -37,34 +35,6 @@ static inline void store(void *p, int kind, long i, float f) {
         ((uint16_t *)p)[i] = f32_to_bf16(f);
     else
         ((float *)p)[i] = f;
-}
-
-/* dst[0:n) = p[off:off + n) as float32 */
-static void to_f32(const void *p, int kind, long off, int n, float *dst) {
-    if (kind == KIND_F32) {
-        memcpy(dst, (const float *)p + off, sizeof(float) * n);
-        return;
-    }
-    const uint16_t *s = (const uint16_t *)p + off;
-    int i = 0;
-#ifdef VW
-    for (; i + VW <= n; i += VW) vstore(dst + i, vload_bf16(s + i));
-#endif
-    for (; i < n; i++) dst[i] = bf16_to_f32(s[i]);
-}
-
-/* p[off:off + n) = src[0:n) cast to kind (the vector and the scalar cast round alike) */
-static void from_f32(void *p, int kind, long off, int n, const float *src) {
-    if (kind == KIND_F32) {
-        memcpy((float *)p + off, src, sizeof(float) * n);
-        return;
-    }
-    uint16_t *d = (uint16_t *)p + off;
-    int i = 0;
-#ifdef VW
-    for (; i + VW <= n; i += VW) vstore_bf16(d + i, vload(src + i));
-#endif
-    for (; i < n; i++) d[i] = f32_to_bf16(src[i]);
 }
 
 #define CH 512   /* columns per chunk of a row's float32 scratch */

@@ -76,4 +76,35 @@ static inline void vstore_bf16(uint16_t *p, vf x) {
 }
 #endif
 
+/* activation types of the kernels' arguments */
+enum { KIND_F32 = 1, KIND_BF16 = 2 };
+
+/* dst[0:n) = p[off:off + n) as float32 */
+static inline void to_f32(const void *p, int kind, long off, int n, float *dst) {
+    if (kind == KIND_F32) {
+        memcpy(dst, (const float *)p + off, sizeof(float) * n);
+        return;
+    }
+    const uint16_t *s = (const uint16_t *)p + off;
+    int i = 0;
+#ifdef VW
+    for (; i + VW <= n; i += VW) vstore(dst + i, vload_bf16(s + i));
+#endif
+    for (; i < n; i++) dst[i] = bf16_to_f32(s[i]);
+}
+
+/* p[off:off + n) = src[0:n) cast to kind (the vector and the scalar cast round alike) */
+static inline void from_f32(void *p, int kind, long off, int n, const float *src) {
+    if (kind == KIND_F32) {
+        memcpy((float *)p + off, src, sizeof(float) * n);
+        return;
+    }
+    uint16_t *d = (uint16_t *)p + off;
+    int i = 0;
+#ifdef VW
+    for (; i + VW <= n; i += VW) vstore_bf16(d + i, vload(src + i));
+#endif
+    for (; i < n; i++) d[i] = f32_to_bf16(src[i]);
+}
+
 #endif
