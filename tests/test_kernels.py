@@ -277,3 +277,67 @@ def test_int4_kernel_rows_and_paths_agree_bit_for_bit(lib, tmp_path):
     assert torch.equal(torch.load(out), kernels.int4_mm(x, packed))
     ref = linear(x, quantize_int4(w)).float()                                   # int4 x bfloat16 (PyTorch)
     assert float((whole.float() - ref).abs().max()) < 0.02 * float(ref.abs().max())
+
+
+@settings(max_examples=20, deadline=None)
+@given(M=st.integers(1, 19), N=st.integers(1, 70), K=st.integers(1, 90), seed=st.integers(0, 1000))
+def test_f32_kernel_matches_the_product(lib, M, N, K, seed):
+    """Any shape (partial panels, odd panel counts, row blocks of every size): close to the float64 product."""
+    from paradecode.models.quant import pack_f32
+
+    g = torch.Generator().manual_seed(seed)
+    w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
+    y = kernels.f32_mm(x, pack_f32(w), lib)
+    ref = x.double() @ w.double().T
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    assert float((y.double() - ref).abs().max()) <= 1e-5 * K * max(1.0, float(ref.abs().max()))
+
+
+def _f32_chain_reference(x: torch.Tensor, w: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """``f32.c``'s sums in float32 steps: per block of 64 inputs, acc = fma(x[k], w[k], acc) in input order, the
+    blocks' sums then added in order. A fused multiply-add rounds once: the float64 product of two floats is
+    exact, and rounding the float64 sum of it and a float32 to float32 agrees with one rounding except at
+    double-rounding ties, which random data does not hit."""
+    total = None
+    for k0 in range(0, x.shape[1], block):
+        acc = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float64)
+        for k in range(k0, min(k0 + block, x.shape[1])):
+            acc = (acc + x[:, k:k + 1].double() * w[:, k].double()[None]).float().double()
+        total = acc.float() if total is None else total + acc.float()
+    return total
+
+
+def test_f32_kernel_rows_and_paths_agree_bit_for_bit(lib, tmp_path):
+    """An output's bits depend on its row and channel only: alone or with 18 other rows, in plain C as with
+    AVX2, and (on a CPU with AVX-512) on the AVX-512 path as on the AVX2 one; they are the bits of the kernel's
+    block sums of fused multiply-adds."""
+    from paradecode.models.quant import pack_f32
+
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(600, 576, generator=g) * 0.05, torch.randn(19, 576, generator=g)
+    packed = pack_f32(w)
+    whole = kernels.f32_mm(x, packed, lib)
+    assert torch.equal(whole, kernels.f32_mm(x, packed))               # the portable C build too
+    for r in range(19):
+        assert torch.equal(kernels.f32_mm(x[r:r + 1], packed, lib), whole[r:r + 1]), r
+    assert torch.equal(whole[:3, :40], _f32_chain_reference(x[:3], w[:40]))
+    code = ("import torch, sys; from paradecode.models import kernels; from paradecode.models.quant import pack_f32;"
+            "g = torch.Generator().manual_seed(2); w = torch.randn(600, 576, generator=g) * 0.05;"
+            "x = torch.randn(19, 576, generator=g); torch.save(kernels.f32_mm(x, pack_f32(w)), sys.argv[1])")
+    out = tmp_path / "avx2.pt"
+    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PARADECODE_NO_AVX512": "1"})
+    assert run.returncode == 0, run.stderr
+    assert torch.equal(torch.load(out), whole)
+
+
+def test_f32_panels_hold_the_matrix():
+    """The packing only reorders: the plain matrix and its rows (the embedding lookup) come back exactly."""
+    from paradecode.models.quant import pack_f32
+
+    w = torch.randn(37, 24)
+    packed = pack_f32(w)
+    assert packed.shape == (37, 24) and packed.padded == 48
+    assert torch.equal(packed.dequantize(), w)
+    ids = torch.tensor([[0, 36, 17], [16, 15, 1]])
+    assert torch.equal(packed.rows(ids), w[ids])

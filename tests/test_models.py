@@ -371,12 +371,19 @@ def test_row_block_probes_run_in_the_first_call_not_in_a_later_block(tiny_llama_
     timed inside the first drafted step they made the cost-aware back-off give up drafting for a request."""
     import paradecode.models.native as native
 
-    _, nat = tiny_llama_pair
+    _, f32 = tiny_llama_pair
     monkeypatch.setattr(native, "_MAX_ROWS", {})
+    nat = f32.twin("bfloat16")                        # padded BLAS products (float32 has its own kernel)
+    assert nat._pad_rows
     nat._probed_threads = 0
     nat.forward(nat.new_cache(1, 16), _ids(1, nat.vocab_size, seed=3))   # a single-token call
     shapes = {key[3] for key in native._MAX_ROWS}
     assert shapes == {tuple(w.shape) for w in (nat.wqkv[0], nat.wo[0], nat.wgu[0], nat.wdown[0], nat.lm_head)}
+    if f32.panels:                                    # the float32 kernel's rows need no padding: no probes
+        monkeypatch.setattr(native, "_MAX_ROWS", {})
+        f32._probed_threads = 0
+        f32.forward(f32.new_cache(1, 16), _ids(1, f32.vocab_size, seed=3))
+        assert not native._MAX_ROWS
 
 
 @pytest.mark.parametrize("prompt_len", [7, 168])
@@ -397,6 +404,7 @@ def test_prompt_prefill_runs_whole_with_causal_flash_attention(tiny_llama_pair, 
     assert len(calls) == nat.shape.layers and not splits
     step = _ids(3, nat.vocab_size, seed=6)
     got_step = nat.forward(c_nat, step)
-    assert len(calls) == nat.shape.layers and splits                   # later calls keep the chunked path
+    # later calls keep the invariant path: padded row blocks, or the float32 kernel (invariant unpadded)
+    assert len(calls) == nat.shape.layers and bool(splits) == nat._pad_rows
     assert (got - hf.forward(c_hf, ids)).abs().max() < TOL
     assert (got_step - hf.forward(c_hf, step)).abs().max() < TOL

@@ -52,8 +52,8 @@ import torch.nn.functional as F
 
 from . import kernels
 from .base import CausalLM, KVCache, ModelInfo, causal_mask
-from .quant import (Int4W4A8Weight, Int4Weight, Int8Weight, PackedBF16Weight, can_pack_bf16, linear, pack_bf16,
-                    pack_int4_w4a8, quantize_int4, quantize_int8)
+from .quant import (F32PanelWeight, Int4W4A8Weight, Int4Weight, Int8Weight, PackedBF16Weight, can_pack_bf16, linear,
+                    pack_bf16, pack_f32, pack_int4_w4a8, quantize_int4, quantize_int8)
 from ..errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -272,7 +272,9 @@ class NativeLlama(CausalLM):
         self.quantized = dtype in ("int8", "int4")
         self.invariant = invariant
         self.packed = can_pack_bf16() if packed is None else bool(packed and can_pack_bf16())
-        self._pad_rows = invariant and not self.quantized   # see MIN_ROWS
+        # float32 with the kernels: the compiled float32 products (kernels/f32.c), invariant by construction
+        self.panels = dtype == "float32" and self._attn_kernel is not None
+        self._pad_rows = invariant and not self.quantized and not self.panels   # see MIN_ROWS
         self._probed_threads = 0                            # thread count the row-block probes ran for
         c = hf_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -336,8 +338,10 @@ class NativeLlama(CausalLM):
         quantize = {"int8": quantize_int8, "int4": int4}.get(self.format)
         pack = self.format == "bfloat16" and self.packed          # oneDNN's prepacked layout (see quant.py)
 
-        def mat(*names: str) -> torch.Tensor | PackedBF16Weight | Int8Weight | Int4Weight | Int4W4A8Weight:
+        def mat(*names: str) -> torch.Tensor | PackedBF16Weight | Int8Weight | Int4Weight | Int4W4A8Weight | F32PanelWeight:
             m = torch.cat([raw(n) for n in names]) if len(names) > 1 else raw(names[0])
+            if self.panels:
+                return pack_f32(m)
             if quantize is None:
                 return pack_bf16(m) if pack else m.to(dt).contiguous()
             if self.format == "int4" and m.shape[1] % 32:
@@ -367,7 +371,7 @@ class NativeLlama(CausalLM):
             self.wdown.append(mat(p + "mlp.down_proj.weight"))
             self.ln1.append(vec(p + "input_layernorm.weight", torch.float32))
             self.ln2.append(vec(p + "post_attention_layernorm.weight", torch.float32))
-            if self.quantized or pack:
+            if self.quantized or pack or self.panels:
                 release_free_memory()   # quantizing or packing leaves freed temporaries in the heap
 
     def twin(self, dtype: str) -> "NativeLlama":
@@ -402,7 +406,7 @@ class NativeLlama(CausalLM):
               *(b for b in self.bqkv if b is not None)]
         if held and self.embed is not self.lm_head:
             ts.append(self.embed)
-        return sum(t.nbytes() if isinstance(t, (PackedBF16Weight, Int8Weight, Int4Weight, Int4W4A8Weight))
+        return sum(t.nbytes() if isinstance(t, (PackedBF16Weight, Int8Weight, Int4Weight, Int4W4A8Weight, F32PanelWeight))
                    else t.numel() * t.element_size()
                    for t in ts)
 
@@ -419,7 +423,7 @@ class NativeLlama(CausalLM):
         return StaticKVCache(self.shape, batch_size, cap)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.embed, Int8Weight):
+        if isinstance(self.embed, (Int8Weight, F32PanelWeight)):
             return self.embed.rows(ids)                                  # (B, T, H) float32
         return F.embedding(ids, self.embed).float()
 

@@ -209,18 +209,65 @@ def pack_int4_w4a8(w: torch.Tensor) -> Int4W4A8Weight:
     return Int4W4A8Weight(out, N)
 
 
+F32_CHANNELS = 16   # output channels per panel of the compiled float32 kernel
+
+
+@dataclass(frozen=True)
+class F32PanelWeight:
+    """A float32 (N, K) weight in the compiled float32 kernel's layout (``models/kernels/f32.c``): output
+    channels in panels of 16 (N padded with zero channels), each panel K vectors of its 16 channels'
+    weights for one input. The same values as the plain matrix; only the order in memory changes."""
+
+    panels: torch.Tensor          # (Np/16, K, 16) float32
+    n: int                        # true number of output channels
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n, self.panels.shape[1]))
+
+    @property
+    def padded(self) -> int:
+        return self.panels.shape[0] * F32_CHANNELS
+
+    def nbytes(self) -> int:
+        return self.panels.numel() * 4
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (any shape) of the plain matrix: an embedding lookup without a second copy."""
+        return self.panels[ids // F32_CHANNELS, :, ids % F32_CHANNELS]            # (*ids, K)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.panels.transpose(1, 2).reshape(-1, self.panels.shape[1])[:self.n].to(dtype)   # (N, K)
+
+
+def pack_f32(w: torch.Tensor) -> F32PanelWeight:
+    """``w`` (N, K) as float32 panels for the compiled float32 kernel."""
+    N, K = w.shape
+    Np = -(-N // F32_CHANNELS) * F32_CHANNELS
+    panels = torch.zeros(Np // F32_CHANNELS, K, F32_CHANNELS)
+    step = 4096 // F32_CHANNELS
+    for g0 in range(0, Np // F32_CHANNELS, step):      # in slices: float32 temporaries stay small
+        block = w[g0 * F32_CHANNELS:(g0 + step) * F32_CHANNELS].float()
+        n = block.shape[0] // F32_CHANNELS * F32_CHANNELS
+        g1 = g0 + n // F32_CHANNELS
+        panels[g0:g1] = block[:n].view(-1, F32_CHANNELS, K).transpose(1, 2)
+        if n < block.shape[0]:                                                   # a last, partial panel
+            panels[g1, :, :block.shape[0] - n] = block[n:].T
+    return F32PanelWeight(panels, N)
+
+
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` that also takes a :class:`PackedBF16Weight`, :class:`Int8Weight`, :class:`Int4Weight`
-    or :class:`Int4W4A8Weight` (then ``x`` must be bfloat16)."""
+    or :class:`Int4W4A8Weight` (then ``x`` must be bfloat16), or an :class:`F32PanelWeight` (float32 ``x``)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
     if isinstance(w, PackedBF16Weight):
         return torch.ops.mkldnn._linear_pointwise(x, w.w, bias, "none", [], "")
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if isinstance(w, Int4W4A8Weight):
+    if isinstance(w, (Int4W4A8Weight, F32PanelWeight)):
         from . import kernels
 
-        y = kernels.int4_mm(x2, w)
+        y = kernels.int4_mm(x2, w) if isinstance(w, Int4W4A8Weight) else kernels.f32_mm(x2, w)
     elif isinstance(w, Int8Weight):
         y = torch.ops.aten._weight_int8pack_mm(x2, w.q, w.scale)                          # (M, N)
     else:

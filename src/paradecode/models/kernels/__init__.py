@@ -4,16 +4,19 @@
   whose every output row has the same bits whatever shares its call (``attention.c`` says how);
 * :func:`int4_mm` (``int4.c``): products with the int4 format's weights and int8-quantized activations
   (exact integer dot products), one read of the weights for every row of a call;
+* :func:`f32_mm` (``f32.c``): products with the float32 format's weights, every output one chain of
+  fused multiply-adds in input order (bits independent of the call and of the instruction set), the
+  weights streamed once per call;
 * :class:`LayerGlue` (``layer.c``): what a decoder layer does between its four projections, in
   three calls instead of ~25 PyTorch ops (residual add + RMSNorm + cast; RoPE + cache write +
   attention + cast; SiLU-and-multiply + cast), every row again computed alone.
 
 The sources are compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) for the
 host CPU (``-march=native``; on x86 without AVX-512, so that every machine runs the AVX2 path; the
-int4 kernel adds an AVX-512 VNNI path of its own, chosen at run time, with the AVX2 path's bits) into
+int4 and float32 kernels add AVX-512 paths of their own, chosen at run time, with the AVX2 paths' bits) into
 ``<cache>/kernels/``, keyed by the source, the compiler and the CPU; a later process loads the library
 directly. Where no compiler works, :func:`attention_kernel` returns None and the engine keeps its
-PyTorch paths (attention, layer ops, int4 x bfloat16 products; ``docs/engine.md``).
+PyTorch paths (attention, layer ops, int4 x bfloat16 products, MKL's float32 GEMM; ``docs/engine.md``).
 ``PARADECODE_KERNELS=0`` turns the kernels off.
 """
 
@@ -34,7 +37,7 @@ import torch
 from ..loading import cache_root
 
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "attention.c", _HERE / "layer.c", _HERE / "int4.c")
+_SOURCES = (_HERE / "attention.c", _HERE / "layer.c", _HERE / "int4.c", _HERE / "f32.c")
 _HEADERS = (_HERE / "simd.h",)
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None | bool = False      # False: not tried yet; None: unavailable
@@ -128,6 +131,8 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.pd_rope_attend.restype = I
     lib.pd_int4_mm.argtypes = [p, I, L, I, I, p, I, p, I, L]
     lib.pd_int4_mm.restype = I
+    lib.pd_f32_mm.argtypes = [p, L, I, I, p, I, p, L]
+    lib.pd_f32_mm.restype = None
     return lib
 
 
@@ -219,4 +224,18 @@ def int4_mm(x: torch.Tensor, w, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     if lib.pd_int4_mm(x.data_ptr(), _KIND[x.dtype], x.stride(0), M, K, w.blocks.data_ptr(), w.padded,
                       y.data_ptr(), 2, y.stride(0)):
         raise MemoryError("the int4 kernel could not allocate its scratch memory")
+    return y if w.padded == w.n else y[:, :w.n]
+
+
+def f32_mm(x: torch.Tensor, w, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``x`` (M, K) float32 with unit column stride, times a :class:`~paradecode.models.quant.F32PanelWeight`:
+    (M, N) float32. ``lib``: another build (tests)."""
+    lib = lib or _load()
+    if lib is None:
+        raise RuntimeError(f"the float32 kernel is unavailable: {FAILURE}")
+    M, K = x.shape
+    if x.dtype != torch.float32 or x.stride(1) != 1:
+        raise ValueError("f32_mm takes float32 rows with unit column stride")
+    y = torch.empty(M, w.padded)
+    lib.pd_f32_mm(x.data_ptr(), x.stride(0), M, K, w.panels.data_ptr(), w.padded, y.data_ptr(), y.stride(0))
     return y if w.padded == w.n else y[:, :w.n]
