@@ -341,3 +341,26 @@ def test_f32_panels_hold_the_matrix():
     assert torch.equal(packed.dequantize(), w)
     ids = torch.tensor([[0, 36, 17], [16, 15, 1]])
     assert torch.equal(packed.rows(ids), w[ids])
+
+
+def test_products_have_the_same_bits_on_any_thread_count():
+    """The int4 and float32 products deal output channels out to threads; each output is computed by one
+    thread the same way, so 1, 2 or 3 threads give the same bits."""
+    from paradecode.models.quant import pack_f32, pack_int4_w4a8
+
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(1000, 576, generator=g) * 0.05, torch.randn(5, 576, generator=g)
+    f32, int4 = pack_f32(w), pack_int4_w4a8(w)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            outs.append((kernels.f32_mm(x, f32), kernels.int4_mm(x, int4)))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in outs[1:]:
+        assert torch.equal(a, outs[0][0]) and torch.equal(b, outs[0][1])
+    version = subprocess.run([kernels.compiler(), "--version"], capture_output=True, text=True).stdout
+    if "Free Software Foundation" in version:                       # GCC has OpenMP: the build must use it
+        assert kernels.threaded()

@@ -15,7 +15,10 @@ The sources are compiled with the system C compiler (``$CC``, else ``cc``/``gcc`
 host CPU (``-march=native``; on x86 without AVX-512, so that every machine runs the AVX2 path; the
 int4 and float32 kernels add AVX-512 paths of their own, chosen at run time, with the AVX2 paths' bits) into
 ``<cache>/kernels/``, keyed by the source, the compiler and the CPU; a later process loads the library
-directly. Where no compiler works, :func:`attention_kernel` returns None and the engine keeps its
+directly. With OpenMP (``-fopenmp``, where the compiler has it) the int4 and float32 products deal
+their output channels out to PyTorch's thread count (``torch.get_num_threads()``, the CLI's
+``--threads``) on the OpenMP runtime PyTorch itself loaded; each output is still computed by one
+thread, the same way, so the bits do not depend on the thread count. Where no compiler works, :func:`attention_kernel` returns None and the engine keeps its
 PyTorch paths (attention, layer ops, int4 x bfloat16 products, MKL's float32 GEMM; ``docs/engine.md``).
 ``PARADECODE_KERNELS=0`` turns the kernels off.
 """
@@ -82,8 +85,13 @@ def build(cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, "-o", tmp, *map(str, _SOURCES), "-lm"], capture_output=True, text=True,
-                              timeout=120)
+        # OpenMP (the products' threads) where the compiler has it: the library then needs libgomp.so.1,
+        # which PyTorch has loaded already, so the process keeps one OpenMP runtime and thread pool
+        for omp in (["-fopenmp"], []):
+            done = subprocess.run([cc, *flags, *omp, "-o", tmp, *map(str, _SOURCES), "-lm"], capture_output=True,
+                                  text=True, timeout=120)
+            if done.returncode == 0:
+                break
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
         os.replace(tmp, out)
@@ -129,11 +137,19 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.pd_silu_mul.restype = None
     lib.pd_rope_attend.argtypes = [p, I, L, p, p, p, L, L, L, p, L, L, L, p, p, p, p, I, I, I, I, I, I, I, F]
     lib.pd_rope_attend.restype = I
-    lib.pd_int4_mm.argtypes = [p, I, L, I, I, p, I, p, I, L]
+    lib.pd_int4_mm.argtypes = [p, I, L, I, I, p, I, p, I, L, I]
     lib.pd_int4_mm.restype = I
-    lib.pd_f32_mm.argtypes = [p, L, I, I, p, I, p, L]
+    lib.pd_f32_mm.argtypes = [p, L, I, I, p, I, p, L, I]
     lib.pd_f32_mm.restype = None
+    lib.pd_openmp.argtypes = []
+    lib.pd_openmp.restype = I
     return lib
+
+
+def threaded() -> bool:
+    """Whether the products can use several threads (the kernels were built with OpenMP)."""
+    lib = _load()
+    return lib is not None and bool(lib.pd_openmp())
 
 
 def compiler() -> str | None:
@@ -222,7 +238,7 @@ def int4_mm(x: torch.Tensor, w, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     M, K = x.shape
     y = torch.empty(M, w.padded, dtype=torch.bfloat16)
     if lib.pd_int4_mm(x.data_ptr(), _KIND[x.dtype], x.stride(0), M, K, w.blocks.data_ptr(), w.padded,
-                      y.data_ptr(), 2, y.stride(0)):
+                      y.data_ptr(), 2, y.stride(0), torch.get_num_threads()):
         raise MemoryError("the int4 kernel could not allocate its scratch memory")
     return y if w.padded == w.n else y[:, :w.n]
 
@@ -237,5 +253,6 @@ def f32_mm(x: torch.Tensor, w, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     if x.dtype != torch.float32 or x.stride(1) != 1:
         raise ValueError("f32_mm takes float32 rows with unit column stride")
     y = torch.empty(M, w.padded)
-    lib.pd_f32_mm(x.data_ptr(), x.stride(0), M, K, w.panels.data_ptr(), w.padded, y.data_ptr(), y.stride(0))
+    lib.pd_f32_mm(x.data_ptr(), x.stride(0), M, K, w.panels.data_ptr(), w.padded, y.data_ptr(), y.stride(0),
+                  torch.get_num_threads())
     return y if w.padded == w.n else y[:, :w.n]

@@ -140,13 +140,17 @@ static int use_512(void) {
 #endif
 
 /* y (M, N) float32 (row stride ldy) = x (M, K) float32 (row stride ldx) times the packed weight of
- * N channels (N a multiple of 16: the packing pads). */
-void pd_f32_mm(const float *x, long ldx, int M, int K, const float *w, int N, float *y, long ldy) {
+ * N channels (N a multiple of 16: the packing pads), on up to nt threads (panels dealt out: each output
+ * is computed by one thread, the same way whatever the thread count). */
+void pd_f32_mm(const float *x, long ldx, int M, int K, const float *w, int N, float *y, long ldy, int nt) {
     const int P = N / CG;
     const long panel = (long)K * CG;
+    nt = PD_THREADS(nt, (long)N * K);
+    (void)nt;
 #ifdef HAVE_512
     if (use_512()) {
         /* panels outer, row blocks inner: a pair of panels (2 x 16 x K floats) stays in L2 for every row block */
+        PD_PARALLEL_FOR(nt)
         for (int c = 0; c < P; c += 2) {
             const float *w0 = w + c * panel, *w1 = c + 1 < P ? w0 + panel : NULL;
             for (int m0 = 0; m0 < M; m0 += MR) {
@@ -157,8 +161,9 @@ void pd_f32_mm(const float *x, long ldx, int M, int K, const float *w, int N, fl
         return;
     }
 #endif
-    float out[64 * CG];
+    PD_PARALLEL_FOR(nt)
     for (int c = 0; c < P; c++) {
+        float out[64 * CG];
         for (int m0 = 0; m0 < M; m0 += 64) {
             const int rows = M - m0 < 64 ? M - m0 : 64;
 #if defined(__AVX2__) && defined(__FMA__)
@@ -169,4 +174,13 @@ void pd_f32_mm(const float *x, long ldx, int M, int K, const float *w, int N, fl
             for (int r = 0; r < rows; r++) memcpy(y + (m0 + r) * ldy + (long)c * CG, out + r * CG, sizeof(float) * CG);
         }
     }
+}
+
+/* 1 when the library was built with OpenMP (the products then use up to nt threads) */
+int pd_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }

@@ -242,10 +242,11 @@ __attribute__((unused)) static void group_rows_c(const uint8_t *w, int NB, int r
 }
 
 /* y (M, N) in y_kind (row stride ldy) = x (M, K) in x_kind (row stride ldx) times the packed weight of
- * N channels (N a multiple of 16: the packing pads) and K inputs (a multiple of 32).
+ * N channels (N a multiple of 16: the packing pads) and K inputs (a multiple of 32), the channel groups
+ * on up to nt threads (simd.h: PD_PARALLEL_FOR).
  * Returns 0, or -1 when scratch memory could not be allocated. */
 int pd_int4_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t *w, int N, void *y, int y_kind,
-               long ldy) {
+               long ldy, int nt) {
     const int NB = K / QG;
     int8_t *qa = (int8_t *)malloc((size_t)M * K + 1);
     float *d = (float *)malloc(sizeof(float) * ((size_t)M * NB + 1));
@@ -262,6 +263,9 @@ int pd_int4_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t 
 #ifdef HAVE_512
     const int fast = use_512();
 #endif
+    nt = PD_THREADS(nt, (long)N * K);
+    (void)nt;
+    PD_PARALLEL_FOR(nt)
     for (int c = 0; c < N / CG; c++) {
         const uint8_t *wg = w + (long)c * NB * BLOCK;
         for (int m0 = 0; m0 < M; m0 += MR) {

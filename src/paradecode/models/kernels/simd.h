@@ -76,6 +76,19 @@ static inline void vstore_bf16(uint16_t *p, vf x) {
 }
 #endif
 
+/* Threads: the products deal their output channel groups out to an OpenMP team (libgomp, the runtime
+ * PyTorch itself runs on and loads first, so the process keeps one thread pool) of at most nt threads,
+ * or fewer for small matrices, whose time would go to waking threads. Every output is computed by one
+ * thread with the same code, so its bits do not depend on the thread count. Built without OpenMP, the
+ * loops run on the calling thread. */
+#define PD_MIN_WORK_PER_THREAD (1L << 16)     /* weights per thread below which more threads do not pay */
+#define PD_THREADS(nt, work) ((nt) > 1 && (work) / (nt) >= PD_MIN_WORK_PER_THREAD ? (nt) : 1)
+#ifdef _OPENMP
+#define PD_PARALLEL_FOR(nt) _Pragma("omp parallel for num_threads(nt) schedule(static) if(nt > 1)")
+#else
+#define PD_PARALLEL_FOR(nt)
+#endif
+
 /* activation types of the kernels' arguments */
 enum { KIND_F32 = 1, KIND_BF16 = 2 };
 
