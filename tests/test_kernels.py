@@ -331,6 +331,62 @@ def test_f32_kernel_rows_and_paths_agree_bit_for_bit(lib, tmp_path):
     assert torch.equal(torch.load(out), whole)
 
 
+@settings(max_examples=20, deadline=None)
+@given(M=st.integers(1, 19), N=st.integers(1, 70), K=st.integers(1, 90), kind=st.sampled_from(["float32", "bfloat16"]),
+       seed=st.integers(0, 1000))
+def test_i8_kernel_matches_the_product(lib, M, N, K, kind, seed):
+    """int8 panels: scale * (x times the int8 values), close to float64, out in float32 or in x's dtype."""
+    from paradecode.models.quant import pack_int8_panels, quantize_int8
+
+    g = torch.Generator().manual_seed(seed)
+    w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g).to(getattr(torch, kind))
+    q = quantize_int8(w)
+    ref = x.double() @ q.dequantize().double().T
+    y = kernels.i8_mm(x, pack_int8_panels(q), torch.float32, lib)
+    assert y.shape == (M, N) and float((y.double() - ref).abs().max()) <= 1e-5 * K * max(1.0, float(ref.abs().max()))
+    yb = kernels.i8_mm(x, pack_int8_panels(q), torch.bfloat16, lib)
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb, y.to(torch.bfloat16))     # one rounding of the same sums
+
+
+def test_i8_kernel_rows_and_paths_agree_bit_for_bit(lib, tmp_path):
+    """As for float32: an output's bits depend on its row and channel only, on every path; they are the
+    float32 kernel's sums of the int8 values (converted exactly) times the channel's scale."""
+    from paradecode.models.quant import pack_f32, pack_int8_panels, quantize_int8
+
+    g = torch.Generator().manual_seed(4)
+    w, x = torch.randn(600, 576, generator=g) * 0.05, torch.randn(19, 576, generator=g).to(torch.bfloat16)
+    q = quantize_int8(w)
+    packed = pack_int8_panels(q, float_out=True)
+    whole = kernels.i8_mm(x, packed, torch.float32, lib)
+    assert torch.equal(whole, kernels.i8_mm(x, packed, torch.float32))          # the portable C build too
+    for r in range(19):
+        assert torch.equal(kernels.i8_mm(x[r:r + 1], packed, torch.float32, lib), whole[r:r + 1]), r
+    sums = kernels.f32_mm(x.float(), pack_f32(q.q.float()), lib)
+    assert torch.equal(whole, sums * q.scale.float())
+    code = ("import torch, sys; from paradecode.models import kernels;"
+            "from paradecode.models.quant import pack_int8_panels, quantize_int8;"
+            "g = torch.Generator().manual_seed(4); w = torch.randn(600, 576, generator=g) * 0.05;"
+            "x = torch.randn(19, 576, generator=g).to(torch.bfloat16);"
+            "torch.save(kernels.i8_mm(x, pack_int8_panels(quantize_int8(w)), torch.float32), sys.argv[1])")
+    out = tmp_path / "avx2.pt"
+    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PARADECODE_NO_AVX512": "1"})
+    assert run.returncode == 0, run.stderr
+    assert torch.equal(torch.load(out), whole)
+
+
+def test_int8_panels_hold_the_quantized_matrix():
+    """The packing only reorders the int8 values; rows (the embedding lookup) equal the Int8Weight's."""
+    from paradecode.models.quant import pack_int8_panels, quantize_int8
+
+    q = quantize_int8(torch.randn(37, 24))
+    packed = pack_int8_panels(q)
+    assert packed.shape == (37, 24) and packed.padded == 48
+    assert torch.equal(packed.dequantize(), q.dequantize())
+    ids = torch.tensor([[0, 36, 17], [16, 15, 1]])
+    assert torch.equal(packed.rows(ids), q.rows(ids))
+
+
 def test_f32_panels_hold_the_matrix():
     """The packing only reorders: the plain matrix and its rows (the embedding lookup) come back exactly."""
     from paradecode.models.quant import pack_f32
@@ -344,23 +400,23 @@ def test_f32_panels_hold_the_matrix():
 
 
 def test_products_have_the_same_bits_on_any_thread_count():
-    """The int4 and float32 products deal output channels out to threads; each output is computed by one
+    """The int4 and panel products deal output channels out to threads; each output is computed by one
     thread the same way, so 1, 2 or 3 threads give the same bits."""
-    from paradecode.models.quant import pack_f32, pack_int4_w4a8
+    from paradecode.models.quant import pack_f32, pack_int4_w4a8, pack_int8_panels, quantize_int8
 
     g = torch.Generator().manual_seed(3)
     w, x = torch.randn(1000, 576, generator=g) * 0.05, torch.randn(5, 576, generator=g)
-    f32, int4 = pack_f32(w), pack_int4_w4a8(w)
+    f32, int4, int8 = pack_f32(w), pack_int4_w4a8(w), pack_int8_panels(quantize_int8(w))
     before = torch.get_num_threads()
     try:
         outs = []
         for nt in (1, 2, 3):
             torch.set_num_threads(nt)
-            outs.append((kernels.f32_mm(x, f32), kernels.int4_mm(x, int4)))
+            outs.append((kernels.f32_mm(x, f32), kernels.int4_mm(x, int4), kernels.i8_mm(x, int8, torch.float32)))
     finally:
         torch.set_num_threads(before)
-    for a, b in outs[1:]:
-        assert torch.equal(a, outs[0][0]) and torch.equal(b, outs[0][1])
+    for got in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, outs[0]))
     version = subprocess.run([kernels.compiler(), "--version"], capture_output=True, text=True).stdout
     if "Free Software Foundation" in version:                       # GCC has OpenMP: the build must use it
         assert kernels.threaded()

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from . import kernels
 from .base import CausalLM, KVCache, ModelInfo, causal_mask
 from .quant import (F32PanelWeight, Int4W4A8Weight, Int4Weight, Int8Weight, PackedBF16Weight, can_pack_bf16, linear,
-                    pack_bf16, pack_f32, pack_int4_w4a8, quantize_int4, quantize_int8)
+                    pack_bf16, pack_f32, pack_int4_w4a8, pack_int8_panels, quantize_int4, quantize_int8, Int8PanelWeight)
 from ..errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -334,8 +334,12 @@ class NativeLlama(CausalLM):
             return raw(name).to(dtype).contiguous()
 
         # int4 with the compiled kernels: int4 x int8 products (models/kernels/int4.c), else PyTorch's int4 x bfloat16
-        int4 = pack_int4_w4a8 if self._attn_kernel is not None else quantize_int4
-        quantize = {"int8": quantize_int8, "int4": int4}.get(self.format)
+        compiled = self._attn_kernel is not None
+        int4 = pack_int4_w4a8 if compiled else quantize_int4
+        # int8 with the kernels: the panel kernel (kernels/panels.c), else PyTorch's int8 x bfloat16 kernel
+        int8 = (lambda m, head=False: pack_int8_panels(quantize_int8(m), float_out=head)) if compiled else \
+            (lambda m, head=False: quantize_int8(m))
+        quantize = {"int8": int8, "int4": int4}.get(self.format)
         pack = self.format == "bfloat16" and self.packed          # oneDNN's prepacked layout (see quant.py)
 
         def mat(*names: str) -> torch.Tensor | PackedBF16Weight | Int8Weight | Int4Weight | Int4W4A8Weight | F32PanelWeight:
@@ -354,7 +358,7 @@ class NativeLlama(CausalLM):
         # higher precision): an int4 head costs +7% perplexity on the default model, an int8 one +0.02%
         # and the int8 kernel reads it faster than bfloat16 for a single row; an embedding row is only
         # looked up, so bfloat16 costs memory, not time
-        self.lm_head = quantize_int8(raw(head)) if self.format == "int4" else mat(head)   # (V, H)
+        self.lm_head = int8(raw(head), head=True) if self.quantized else mat(head)   # (V, H)
         # (a prepacked head has no rows to look up: the embedding keeps a plain copy)
         self.embed = (raw("model.embed_tokens.weight").to(dt).contiguous() if self.format == "int4" or pack else
                       self.lm_head if head == "model.embed_tokens.weight" else
@@ -406,7 +410,8 @@ class NativeLlama(CausalLM):
               *(b for b in self.bqkv if b is not None)]
         if held and self.embed is not self.lm_head:
             ts.append(self.embed)
-        return sum(t.nbytes() if isinstance(t, (PackedBF16Weight, Int8Weight, Int4Weight, Int4W4A8Weight, F32PanelWeight))
+        return sum(t.nbytes() if isinstance(t, (PackedBF16Weight, Int8Weight, Int4Weight, Int4W4A8Weight, F32PanelWeight,
+                                                Int8PanelWeight))
                    else t.numel() * t.element_size()
                    for t in ts)
 
@@ -423,7 +428,7 @@ class NativeLlama(CausalLM):
         return StaticKVCache(self.shape, batch_size, cap)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.embed, (Int8Weight, F32PanelWeight)):
+        if isinstance(self.embed, (Int8Weight, F32PanelWeight, Int8PanelWeight)):
             return self.embed.rows(ids)                                  # (B, T, H) float32
         return F.embedding(ids, self.embed).float()
 

@@ -240,34 +240,85 @@ class F32PanelWeight:
         return self.panels.transpose(1, 2).reshape(-1, self.panels.shape[1])[:self.n].to(dtype)   # (N, K)
 
 
-def pack_f32(w: torch.Tensor) -> F32PanelWeight:
-    """``w`` (N, K) as float32 panels for the compiled float32 kernel."""
+def _panels(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``w`` (N, K) reordered into (Np/16, K, 16) panels of ``dtype`` (zero channels pad N)."""
     N, K = w.shape
     Np = -(-N // F32_CHANNELS) * F32_CHANNELS
-    panels = torch.zeros(Np // F32_CHANNELS, K, F32_CHANNELS)
+    panels = torch.zeros(Np // F32_CHANNELS, K, F32_CHANNELS, dtype=dtype)
     step = 4096 // F32_CHANNELS
     for g0 in range(0, Np // F32_CHANNELS, step):      # in slices: float32 temporaries stay small
-        block = w[g0 * F32_CHANNELS:(g0 + step) * F32_CHANNELS].float()
+        block = w[g0 * F32_CHANNELS:(g0 + step) * F32_CHANNELS].to(dtype)
         n = block.shape[0] // F32_CHANNELS * F32_CHANNELS
         g1 = g0 + n // F32_CHANNELS
         panels[g0:g1] = block[:n].view(-1, F32_CHANNELS, K).transpose(1, 2)
         if n < block.shape[0]:                                                   # a last, partial panel
             panels[g1, :, :block.shape[0] - n] = block[n:].T
-    return F32PanelWeight(panels, N)
+    return panels
+
+
+def pack_f32(w: torch.Tensor) -> F32PanelWeight:
+    """``w`` (N, K) as float32 panels for the compiled panel kernel."""
+    return F32PanelWeight(_panels(w, torch.float32), w.shape[0])
+
+
+@dataclass(frozen=True)
+class Int8PanelWeight:
+    """An :class:`Int8Weight` in the compiled panel kernel's layout (``models/kernels/panels.c``): the same
+    int8 values in 16-channel panels, the bfloat16 scales held as float32 (the same values). The kernel
+    sums float32 products of the activations and the int8 values, then multiplies by the scale;
+    ``float_out``: float32 outputs (an LM head's logits), else the activations' dtype."""
+
+    panels: torch.Tensor          # (Np/16, K, 16) int8
+    scale: torch.Tensor           # (Np,) float32 (zero for padding channels)
+    n: int
+    float_out: bool = False
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n, self.panels.shape[1]))
+
+    @property
+    def padded(self) -> int:
+        return self.panels.shape[0] * F32_CHANNELS
+
+    def nbytes(self) -> int:
+        return self.panels.numel() + self.scale.numel() * 4
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows ``ids`` (any shape) as float32: an embedding lookup."""
+        return self.panels[ids // F32_CHANNELS, :, ids % F32_CHANNELS].float() * self.scale[ids].unsqueeze(-1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = self.panels.transpose(1, 2).reshape(-1, self.panels.shape[1])[:self.n]
+        return (q.float() * self.scale[:self.n, None]).to(dtype)
+
+
+def pack_int8_panels(w: Int8Weight, float_out: bool = False) -> Int8PanelWeight:
+    """An :class:`Int8Weight` (from :func:`quantize_int8`) in panels for the compiled panel kernel."""
+    panels = _panels(w.q, torch.int8)
+    scale = torch.zeros(panels.shape[0] * F32_CHANNELS)
+    scale[:w.q.shape[0]] = w.scale.float()
+    return Int8PanelWeight(panels, scale, w.q.shape[0], float_out)
 
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` that also takes a :class:`PackedBF16Weight`, :class:`Int8Weight`, :class:`Int4Weight`
-    or :class:`Int4W4A8Weight` (then ``x`` must be bfloat16), or an :class:`F32PanelWeight` (float32 ``x``)."""
+    or :class:`Int4W4A8Weight` (then ``x`` must be bfloat16), or an :class:`F32PanelWeight` or
+    :class:`Int8PanelWeight` (the compiled panel kernel)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
     if isinstance(w, PackedBF16Weight):
         return torch.ops.mkldnn._linear_pointwise(x, w.w, bias, "none", [], "")
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if isinstance(w, (Int4W4A8Weight, F32PanelWeight)):
+    if isinstance(w, (Int4W4A8Weight, F32PanelWeight, Int8PanelWeight)):
         from . import kernels
 
-        y = kernels.int4_mm(x2, w) if isinstance(w, Int4W4A8Weight) else kernels.f32_mm(x2, w)
+        if isinstance(w, Int4W4A8Weight):
+            y = kernels.int4_mm(x2, w)
+        elif isinstance(w, F32PanelWeight):
+            y = kernels.f32_mm(x2, w)
+        else:
+            y = kernels.i8_mm(x2, w, torch.float32 if w.float_out else x2.dtype)
     elif isinstance(w, Int8Weight):
         y = torch.ops.aten._weight_int8pack_mm(x2, w.q, w.scale)                          # (M, N)
     else:

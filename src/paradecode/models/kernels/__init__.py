@@ -4,18 +4,19 @@
   whose every output row has the same bits whatever shares its call (``attention.c`` says how);
 * :func:`int4_mm` (``int4.c``): products with the int4 format's weights and int8-quantized activations
   (exact integer dot products), one read of the weights for every row of a call;
-* :func:`f32_mm` (``f32.c``): products with the float32 format's weights, every output one chain of
-  fused multiply-adds in input order (bits independent of the call and of the instruction set), the
-  weights streamed once per call;
+* :func:`f32_mm`, :func:`i8_mm` (``panels.c``): products with the float32 format's weights and with
+  int8 weights and per-channel scales (the int8 format's, the int4 format's LM head), every output
+  the same block sums of fused multiply-adds (bits independent of the call and of the instruction
+  set), the weights streamed once per call;
 * :class:`LayerGlue` (``layer.c``): what a decoder layer does between its four projections, in
   three calls instead of ~25 PyTorch ops (residual add + RMSNorm + cast; RoPE + cache write +
   attention + cast; SiLU-and-multiply + cast), every row again computed alone.
 
 The sources are compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) for the
 host CPU (``-march=native``; on x86 without AVX-512, so that every machine runs the AVX2 path; the
-int4 and float32 kernels add AVX-512 paths of their own, chosen at run time, with the AVX2 paths' bits) into
+int4 and panel kernels add AVX-512 paths of their own, chosen at run time, with the AVX2 paths' bits) into
 ``<cache>/kernels/``, keyed by the source, the compiler and the CPU; a later process loads the library
-directly. With OpenMP (``-fopenmp``, where the compiler has it) the int4 and float32 products deal
+directly. With OpenMP (``-fopenmp``, where the compiler has it) the int4 and panel products deal
 their output channels out to PyTorch's thread count (``torch.get_num_threads()``, the CLI's
 ``--threads``) on the OpenMP runtime PyTorch itself loaded; each output is still computed by one
 thread, the same way, so the bits do not depend on the thread count. Where no compiler works, :func:`attention_kernel` returns None and the engine keeps its
@@ -40,7 +41,7 @@ import torch
 from ..loading import cache_root
 
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "attention.c", _HERE / "layer.c", _HERE / "int4.c", _HERE / "f32.c")
+_SOURCES = (_HERE / "attention.c", _HERE / "layer.c", _HERE / "int4.c", _HERE / "panels.c")
 _HEADERS = (_HERE / "simd.h",)
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None | bool = False      # False: not tried yet; None: unavailable
@@ -139,8 +140,10 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.pd_rope_attend.restype = I
     lib.pd_int4_mm.argtypes = [p, I, L, I, I, p, I, p, I, L, I]
     lib.pd_int4_mm.restype = I
-    lib.pd_f32_mm.argtypes = [p, L, I, I, p, I, p, L, I]
-    lib.pd_f32_mm.restype = None
+    lib.pd_f32_mm.argtypes = [p, I, L, I, I, p, I, p, I, L, I]
+    lib.pd_f32_mm.restype = I
+    lib.pd_i8_mm.argtypes = [p, I, L, I, I, p, p, I, p, I, L, I]
+    lib.pd_i8_mm.restype = I
     lib.pd_openmp.argtypes = []
     lib.pd_openmp.restype = I
     return lib
@@ -244,15 +247,29 @@ def int4_mm(x: torch.Tensor, w, lib: ctypes.CDLL | None = None) -> torch.Tensor:
 
 
 def f32_mm(x: torch.Tensor, w, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """``x`` (M, K) float32 with unit column stride, times a :class:`~paradecode.models.quant.F32PanelWeight`:
-    (M, N) float32. ``lib``: another build (tests)."""
+    """``x`` (M, K) float32 or bfloat16 with unit column stride, times a
+    :class:`~paradecode.models.quant.F32PanelWeight`: (M, N) float32. ``lib``: another build (tests)."""
+    return _panel_mm(x, w, torch.float32, lib)
+
+
+def i8_mm(x: torch.Tensor, w, out_dtype: torch.dtype, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``x`` (M, K) float32 or bfloat16 with unit column stride, times a
+    :class:`~paradecode.models.quant.Int8PanelWeight`: (M, N) in ``out_dtype`` (float32 or bfloat16)."""
+    return _panel_mm(x, w, out_dtype, lib)
+
+
+def _panel_mm(x: torch.Tensor, w, out_dtype: torch.dtype, lib: ctypes.CDLL | None) -> torch.Tensor:
     lib = lib or _load()
     if lib is None:
-        raise RuntimeError(f"the float32 kernel is unavailable: {FAILURE}")
+        raise RuntimeError(f"the panel kernels are unavailable: {FAILURE}")
     M, K = x.shape
-    if x.dtype != torch.float32 or x.stride(1) != 1:
-        raise ValueError("f32_mm takes float32 rows with unit column stride")
-    y = torch.empty(M, w.padded)
-    lib.pd_f32_mm(x.data_ptr(), x.stride(0), M, K, w.panels.data_ptr(), w.padded, y.data_ptr(), y.stride(0),
-                  torch.get_num_threads())
+    if x.stride(1) != 1:
+        raise ValueError("the panel kernels take rows with unit column stride")
+    y = torch.empty(M, w.padded, dtype=out_dtype)
+    args = (x.data_ptr(), _KIND[x.dtype], x.stride(0), M, K, w.panels.data_ptr())
+    tail = (w.padded, y.data_ptr(), _KIND[out_dtype], y.stride(0), torch.get_num_threads())
+    rc = lib.pd_f32_mm(*args, *tail) if w.panels.dtype == torch.float32 else \
+        lib.pd_i8_mm(*args, w.scale.data_ptr(), *tail)
+    if rc:
+        raise MemoryError("the panel kernel could not allocate its scratch memory")
     return y if w.padded == w.n else y[:, :w.n]
