@@ -363,3 +363,46 @@ def test_backoff_resumes_what_it_learned():
     good.update(0, 0, seconds=0.010)
     good.update(8, 8, seconds=0.020)
     assert BackOff(8).restore(good.snapshot()).allow() == 8
+
+
+def _sized(max_nodes: int, calls: list[tuple[int, list[int]]], seconds_per_token: float, base: float) -> BackOff:
+    """A policy that saw a plain step (``base`` s) and full-budget drafted calls of (nodes proposed, proposal
+    positions of the accepted nodes), each costing ``base + seconds_per_token * nodes``."""
+    b = BackOff(max_nodes, alpha=1.0, explore_every=1000)
+    b.allow()
+    b.update(0, 0, seconds=base)
+    for n, path in calls:
+        b.update(n, len(path), seconds=base + seconds_per_token * n, budget=max_nodes, path=path)
+    return b
+
+
+def test_sizing_picks_the_budget_with_the_most_tokens_per_second():
+    """Drafts accepted 0-2 nodes deep, calls costing more per node: a short budget; drafts accepted whole and
+    calls nearly free per node: the cap. What a smaller budget would have kept is the accepted nodes among
+    the first b proposed (positions), so a tree whose accepted path runs through late nodes keeps the cap."""
+    shallow = [(15, [0]), (15, []), (15, [0, 1]), (15, [0]), (15, [])] * 2
+    assert _sized(15, shallow, seconds_per_token=0.002, base=0.010).allow() == 3
+    deep = [(15, list(range(15)))] * 6
+    assert _sized(15, deep, seconds_per_token=0.0002, base=0.010).allow() == 15
+    late = [(15, [0, 9, 14])] * 6                          # a tree: the accepted path reaches nodes 9 and 14
+    assert _sized(15, late, seconds_per_token=0.0005, base=0.010).allow() == 15
+    # calls that cost nothing per node: the larger budget pays only through its tokens, and ties go short
+    assert _sized(15, [(15, [0])] * 6, seconds_per_token=0.0, base=0.010).allow() == 3
+
+
+def test_sizing_explores_the_cap_and_learns_only_from_what_a_call_could_show():
+    """Every explore_every-th drafted call uses the cap; calls verified with a small budget tell nothing about
+    larger ones; without proposal positions the cap is used as before."""
+    b = BackOff(15, alpha=1.0, explore_every=4)
+    b.allow()
+    b.update(0, 0, seconds=0.010)
+    for _ in range(6):                                     # only budget-3 calls seen: nothing known above 3
+        b.update(3, 1, seconds=0.012, budget=3, path=[0])
+    sizes = [b.allow() for _ in range(8)]
+    assert sizes.count(15) == 2 and set(sizes) == {3, 15}  # the cap is tried every 4th call
+    plain = BackOff(15, alpha=1.0)
+    plain.allow()
+    plain.update(0, 0, seconds=0.010)
+    for _ in range(6):
+        plain.update(15, 1, seconds=0.012)                 # no positions given
+    assert plain.allow() == 15

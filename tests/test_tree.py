@@ -144,3 +144,19 @@ def test_tree_nodes_get_their_chains_logits_bit_for_bit(tiny_kernel_models, fmt,
         chain = model.forward(cache, torch.tensor([[root] + path]))[0]      # (len(path)+1, V)
         assert torch.equal(tree[i + 1], chain[-1]), (fmt, i, float((tree[i + 1] - chain[-1]).abs().max()))
         assert torch.equal(tree[0], chain[0])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 100), min_size=1, max_size=20).flatmap(
+    lambda toks: st.tuples(st.just(toks), st.tuples(*[st.integers(-1, i - 1) for i in range(len(toks))]))))
+def test_preorder_order_maps_preorder_positions_to_proposal_positions(tree):
+    """``preorder_order(parents)[i]`` is the proposal position of the node ``preorder()`` puts at i (the loop's
+    sizing learns from the accepted nodes' proposal positions)."""
+    from paradecode.decoding.tree import preorder_order
+
+    tokens, parents = tree
+    d = Draft(list(tokens), list(parents))
+    order, pre = preorder_order(d.parents), d.preorder()
+    assert sorted(order) == list(range(len(d)))
+    assert pre.tokens == [d.tokens[j] for j in order]
+    assert all(pre.parents[i] == -1 or order[pre.parents[i]] == d.parents[order[i]] for i in range(len(d)))

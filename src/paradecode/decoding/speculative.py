@@ -29,6 +29,8 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
+from bisect import bisect_left
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +40,7 @@ from ..models.base import CausalLM
 from ..sampling import GenerationConfig, next_token
 from ..stats import DecodeStats
 from .sink import TokenSink
-from .tree import Draft, tree_attention_mask, tree_positions
+from .tree import Draft, preorder_order, tree_attention_mask, tree_positions
 from .verify import Verdict, verify
 
 
@@ -87,6 +89,7 @@ class Drafter(ABC):
 
 
 PROBE_NODES = 3     # nodes a back-off probe carries in the decode loop (see BackOff)
+SIZES = (3, 7, 11, 15, 23, 31, 47, 63)   # draft budgets the sizing weighs (1 + b rows: whole blocks of 4)
 
 
 @dataclass
@@ -126,6 +129,25 @@ class BackOff:
     must save at least ``1 - margin`` of the plain cost per token, so a
     drafter at break-even, which only adds timing noise, steps aside. The first
     step is a plain one, so the plain cost is known early.
+
+    Sizing (``sizing``, on by default): while drafting pays, the budget is the
+    one of :data:`SIZES` (up to the cap) with the most tokens per second
+    expected from the last ``window`` drafted calls, instead of always the cap.
+    A call costs more the more tokens it carries (on this CPU a 16-token call
+    ~2x a 1-token one), while most drafts are accepted only a few tokens deep.
+    For a call verified with budget ``B``, what a budget ``b <= B`` would have
+    given is known exactly: the nodes it keeps are the first ``b`` the drafter
+    proposed, so its accepted length is the number of accepted nodes among
+    them (the loop passes their proposal positions), and its cost is the
+    measured time of a call of ``min(b, nodes proposed) + 1`` tokens (moving
+    averages per block of 4 tokens, interpolated between the sizes seen).
+    Every ``explore_every``-th drafted call uses the cap, so longer drafts keep
+    being measured; probes are recorded too (they tell about their own small
+    budget). Once it has an estimate, the cost-aware test above compares the
+    best budget's expected seconds per token with plain steps, not the average
+    of the budgets used: drafting that pays only when short is kept, short.
+    Without proposal positions (``update(..., path=None)``) the cap is used, as
+    before.
     """
 
     max_nodes: int
@@ -142,13 +164,23 @@ class BackOff:
     margin: float = 0.9                # draft only while it costs at most this share of plain per token
     probe_overhead: float = 0.04       # failed probes may cost at most this share of the plain steps between them
     probe_nodes: int | None = None     # nodes a probe may carry (None: max_nodes)
+    sizing: bool = True
+    window: int = 32                   # drafted calls the sizing learns from
+    explore_every: int = 8             # every n-th drafted call uses the cap
     wait: int = field(init=False, default=0)
     plain_steps: int = field(init=False, default=0)
     _next_wait: int = field(init=False, default=0)
     _spacing: int = field(init=False, default=0)     # plain steps set after the last failed draft
+    # sizing: (budget, nodes proposed, proposal positions of the accepted nodes) of recent drafted calls,
+    # and moving averages of a step's seconds per size (tokens in the call, in blocks of 4)
+    _records: deque = field(init=False, default=None)
+    _seconds: dict = field(init=False, default_factory=dict)
+    _drafted: int = field(init=False, default=0)
+    _estimate: tuple | None = field(init=False, default=None)    # _best(max_nodes), refreshed by update()
 
     def __post_init__(self) -> None:
         self._next_wait = self.first_wait
+        self._records = deque(maxlen=self.window)
 
     def allow(self) -> int:
         """Nodes the next call may carry (0 = a plain step: skip drafting)."""
@@ -159,13 +191,70 @@ class BackOff:
             return 0                                                 # measure a plain step first
         if not self._struggling():
             if self._costs_known() or self.ema >= 2 * self.min_accept:
-                return self.max_nodes
-            return max(1, self.max_nodes // 2)
+                return self._size(self.max_nodes)
+            return self._size(max(1, self.max_nodes // 2))
         if self.wait > 0:
             self.wait -= 1
             self.plain_steps += 1
             return 0
         return self.max_nodes if self.probe_nodes is None else min(self.max_nodes, self.probe_nodes)   # probe
+
+    def _size(self, cap: int) -> int:
+        """The budget up to ``cap`` with the most tokens per second expected (see the class docstring)."""
+        self._drafted += 1
+        if not self.sizing or self._drafted % self.explore_every == 0:
+            return cap
+        best = self._estimate if cap == self.max_nodes else self._best(cap)
+        return cap if best is None else best[0]
+
+    def _best(self, cap: int) -> tuple[int, float] | None:
+        """(budget, expected tokens per second) of the best budget up to ``cap``, from the recent calls that
+        could show it; None before 4 such calls, or without the call costs it needs."""
+        if len(self._records) < 4:
+            return None
+        best = None
+        seconds: dict[int, float | None] = {}
+        for b in sorted({x for x in SIZES if x < cap} | {cap}):
+            tokens, total, seen = 0, 0.0, 0
+            for budget, n, path in self._records:
+                if budget < b:
+                    continue
+                key = min(b, n) + 1
+                if key not in seconds:
+                    seconds[key] = self._call_seconds(key)
+                if seconds[key] is None:
+                    break
+                seen += 1
+                tokens += 1 + bisect_left(path, b)        # path positions increase: nodes kept by b
+                total += seconds[key]
+            else:
+                if seen >= 4 and total > 0:
+                    rate = tokens / total
+                    if best is None or rate > best[1] * 1.02:       # a larger budget must pay clearly
+                        best = (b, rate)
+        return best
+
+    @staticmethod
+    def _bucket(tokens: int) -> int:
+        return tokens if tokens <= 1 else -(-tokens // 4) * 4
+
+    def _call_seconds(self, tokens: int) -> float | None:
+        """Expected seconds of a step whose call carries ``tokens`` tokens: the moving average of its block
+        of 4, else interpolated between the nearest sizes measured (linear beyond the largest)."""
+        key = self._bucket(tokens)
+        if key in self._seconds:
+            return self._seconds[key]
+        known = sorted(self._seconds)
+        below = [k for k in known if k < key]
+        above = [k for k in known if k > key]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            return self._seconds[lo] + (self._seconds[hi] - self._seconds[lo]) * (key - lo) / (hi - lo)
+        if len(below) >= 2:
+            lo, hi = below[-2], below[-1]
+            slope = max(0.0, (self._seconds[hi] - self._seconds[lo]) / (hi - lo))
+            return self._seconds[hi] + slope * (key - hi)
+        return None
 
     @property
     def plain_cost(self) -> float | None:
@@ -200,17 +289,30 @@ class BackOff:
 
     def _struggling(self) -> bool:
         if self._costs_known():                  # time per token decides; acceptance is only a proxy for it
-            return self.draft_cost > self.margin * self.plain_cost
+            # with sizing, what the best budget is expected to cost, rather than what the budgets used did
+            cost = self.draft_cost if self._estimate is None else 1.0 / self._estimate[1]
+            return cost > self.margin * self.plain_cost
         return self.ema < self.min_accept
 
-    def update(self, proposed: int, accepted: int, seconds: float | None = None) -> None:
+    def update(self, proposed: int, accepted: int, seconds: float | None = None, *,
+               budget: int | None = None, path: list[int] | None = None) -> None:
         """Learn from a call that carried ``proposed`` draft nodes, ``accepted`` of them kept.
 
         ``seconds``: wall time of the whole step (drafting, verification,
-        bookkeeping); ``None`` leaves the cost estimates alone.
+        bookkeeping); ``None`` leaves the cost estimates alone. ``budget`` and
+        ``path`` (the accepted nodes' positions in the drafter's proposal, which
+        a budget keeps a prefix of) feed the sizing.
         """
         if not self.enabled:
             return
+        if seconds is not None:
+            key = self._bucket(proposed + 1)
+            old = self._seconds.get(key)
+            self._seconds[key] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+        if self.sizing and proposed and budget is not None and path is not None:
+            self._records.append((budget, proposed, tuple(path)))
+        if self.sizing and self.cost_aware:
+            self._estimate = self._best(self.max_nodes)
         probing = self._struggling()
         if seconds is not None and self.cost_aware:
             step = (seconds, float(accepted + 1))
@@ -250,11 +352,12 @@ def _mix(old: tuple[float, float] | None, new: tuple[float, float], alpha: float
 
 
 def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int], gen: GenerationConfig,
-                       sink: TokenSink, backoff: BackOff | bool = True) -> None:
-    """Generate into ``sink`` with ``drafter`` proposing and the target verifying (batch 1)."""
+                       sink: TokenSink, backoff: BackOff | bool = True, sizing: bool = True) -> None:
+    """Generate into ``sink`` with ``drafter`` proposing and the target verifying (batch 1). ``sizing``: see
+    :class:`BackOff` (applies when ``backoff`` is a bool)."""
     stats = sink.stats
     if not isinstance(backoff, BackOff):
-        backoff = BackOff(drafter.max_nodes, enabled=bool(backoff), probe_nodes=PROBE_NODES)
+        backoff = BackOff(drafter.max_nodes, enabled=bool(backoff), probe_nodes=PROBE_NODES, sizing=sizing)
     capacity = min(model.max_context, len(prompt_ids) + gen.max_new_tokens + backoff.max_nodes + 1)
     generator = None if gen.greedy else gen.generator()
     stats.prompt_tokens = len(prompt_ids)
@@ -270,6 +373,7 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
     carry: list[int] = []                         # tentative tokens from the last call (Verdict.carry)
     carried = 0
     exact_tree = model.exact_tree_logits   # every node's logits usable (verify())
+    budgets: dict[int, int] = {}
 
     while not sink.done:
         start = cache.length                      # the root (context[-1]) goes to slot `start`
@@ -278,6 +382,8 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
             break
         t_step = time.perf_counter()
         budget = min(backoff.allow(), room)
+        if budget:
+            budgets[budget] = budgets.get(budget, 0) + 1
         with stats.timing("draft"):
             draft = Draft.empty()
             if budget > 0:
@@ -285,7 +391,9 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
                 draft = head.then(drafter.propose(context + head.tokens, budget - len(head))) \
                     if budget > len(head) else head
                 carried += len(head)
-            draft = draft.truncate(budget, max_depth=sink.remaining - 1).preorder()   # see verify()
+            draft = draft.truncate(budget, max_depth=sink.remaining - 1)
+            proposal = preorder_order(draft.parents)      # position in the proposal of each verified node
+            draft = draft.preorder()                                                # see verify()
         stats.draft_tokens += len(draft)
 
         with stats.timing("verify"):
@@ -305,10 +413,13 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
             break
         with stats.timing("draft"):
             drafter.observe(context, verdict, logits)
-        backoff.update(len(draft), verdict.num_accepted, time.perf_counter() - t_step)
+        backoff.update(len(draft), verdict.num_accepted, time.perf_counter() - t_step, budget=budget,
+                       path=[proposal[i] for i in verdict.accepted_nodes])
 
     stats.extra["drafter_memory_bytes"] = drafter.memory_bytes()
     stats.extra["backoff_plain_steps"] = backoff.plain_steps
+    if budgets:
+        stats.extra["draft_budgets"] = dict(sorted(budgets.items()))     # budget -> drafted calls given it
     if carried:
         stats.extra["carried_tokens"] = carried
     if backoff.plain_cost is not None and backoff.draft_cost is not None:

@@ -93,15 +93,7 @@ class Draft:
         >>> d.tokens, d.parents
         ([1, 3, 2, 4], [-1, 0, -1, 2])
         """
-        kids: dict[int, list[int]] = {}
-        for i, p in enumerate(self.parents):
-            kids.setdefault(p, []).append(i)
-        order: list[int] = []
-        stack = list(reversed(kids.get(-1, [])))
-        while stack:
-            i = stack.pop()
-            order.append(i)
-            stack.extend(reversed(kids.get(i, [])))
+        order = preorder_order(self.parents)
         if order == list(range(len(self))):
             return self
         new_index = {old: new for new, old in enumerate(order)}
@@ -151,6 +143,25 @@ class Draft:
         parents = [-1 if self.parents[i] == -1 else new_index[self.parents[i]] for i in keep]
         q = None if self.q is None else self.q[keep]
         return Draft([self.tokens[i] for i in keep], parents, q)
+
+
+def preorder_order(parents: list[int]) -> list[int]:
+    """The nodes of a tree in depth-first pre-order, each node's children in draft order:
+    ``preorder_order(d.parents)[i]`` is the node of ``d`` that ``d.preorder()`` puts at position i.
+
+    >>> preorder_order([-1, -1, 0, 1])
+    [0, 2, 1, 3]
+    """
+    kids: dict[int, list[int]] = {}
+    for i, p in enumerate(parents):
+        kids.setdefault(p, []).append(i)
+    order: list[int] = []
+    stack = list(reversed(kids.get(-1, [])))
+    while stack:
+        i = stack.pop()
+        order.append(i)
+        stack.extend(reversed(kids.get(i, [])))
+    return order
 
 
 def node_depths(parents: list[int]) -> list[int]:

@@ -62,6 +62,7 @@ class ChainDraftOptions:
                                               "falls below this (0 disables)")
     backoff: bool = option(True, "fall back to plain steps while drafts are rejected or cost more per token "
                                  "than plain decoding")
+    size_drafts: bool = option(True, "pick each call's draft budget for the most tokens per second expected from recent calls (with backoff)")
 
     def validate(self) -> None:
         check(self.min_draft_tokens >= 1, "min_draft_tokens", f"must be ≥ 1, got {self.min_draft_tokens}",

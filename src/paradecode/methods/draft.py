@@ -118,4 +118,4 @@ class DraftModel(Method):
         draft = resolve_draft_model(self.config, model)
         check_same_vocabulary(model, draft)
         speculative_decode(model, ModelDrafter(self.config, draft), prompt_ids, gen, sink,
-                           backoff=self.config.backoff)
+                           backoff=self.config.backoff, sizing=self.config.size_drafts)

@@ -117,6 +117,7 @@ class NgramConfig:
     depth: int = option(6, "tokens per branch (draft depth)")
     backoff: bool = option(True, "fall back to plain steps while drafts are rejected or cost more per "
                                  "token than plain decoding")
+    size_drafts: bool = option(True, "pick each call's draft budget for the most tokens per second expected from recent calls (with backoff)")
 
     def validate(self) -> None:
         check(self.min_order >= 1, "min_order", f"must be at least 1, got {self.min_order}", "use min_order=1")
@@ -137,4 +138,4 @@ class AdaptiveNgram(Method):
     def decode(self, model, prompt_ids, gen, sink):
         c = self.config
         drafter = NgramDrafter(c.min_order, c.max_order, c.num_branches, c.depth)
-        speculative_decode(model, drafter, prompt_ids, gen, sink, backoff=c.backoff)
+        speculative_decode(model, drafter, prompt_ids, gen, sink, backoff=c.backoff, sizing=c.size_drafts)

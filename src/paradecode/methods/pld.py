@@ -63,6 +63,7 @@ class PLDConfig:
     num_draft_tokens: int = option(10, "tokens copied after the match (draft length)")
     backoff: bool = option(True, "fall back to plain steps while drafts are rejected or cost more per "
                                  "token than plain decoding")
+    size_drafts: bool = option(True, "pick each call's draft budget for the most tokens per second expected from recent calls (with backoff)")
 
     def validate(self) -> None:
         check(self.min_ngram >= 1, "min_ngram", f"must be at least 1, got {self.min_ngram}", "use min_ngram=1")
@@ -81,4 +82,4 @@ class PromptLookup(Method):
     def decode(self, model, prompt_ids, gen, sink):
         c = self.config
         drafter = PromptLookupDrafter(c.max_ngram, c.min_ngram, c.num_draft_tokens)
-        speculative_decode(model, drafter, prompt_ids, gen, sink, backoff=c.backoff)
+        speculative_decode(model, drafter, prompt_ids, gen, sink, backoff=c.backoff, sizing=c.size_drafts)

@@ -142,4 +142,4 @@ class QuantSpec(Method):
                             "load the model in a wider format (--dtype bfloat16 or float32) or pick another method")
         twin = twin_of(fmt)
         speculative_decode(model, TwinDrafter(self.config, twin), prompt_ids, gen, sink,
-                           backoff=self.config.backoff)
+                           backoff=self.config.backoff, sizing=self.config.size_drafts)

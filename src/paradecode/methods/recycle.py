@@ -134,6 +134,7 @@ class RecycleConfig:
     max_depth: int = option(6, "deepest level of the draft tree template")
     backoff: bool = option(True, "fall back to plain steps while drafts are rejected or cost more per "
                                  "token than plain decoding")
+    size_drafts: bool = option(True, "pick each call's draft budget for the most tokens per second expected from recent calls (with backoff)")
 
     def validate(self) -> None:
         check_range(self.topk, 1, 32, "topk", 8)
@@ -151,4 +152,4 @@ class TokenRecycling(Method):
     def decode(self, model, prompt_ids, gen, sink):
         c = self.config
         drafter = RecyclingDrafter(c.topk, c.tree_nodes, c.max_depth)
-        speculative_decode(model, drafter, prompt_ids, gen, sink, backoff=c.backoff)
+        speculative_decode(model, drafter, prompt_ids, gen, sink, backoff=c.backoff, sizing=c.size_drafts)

@@ -120,6 +120,6 @@ class SelfSpec(Method):
         # do not pay on this machine then costs one lesson, not one per request
         learned = _LEARNED.setdefault(model, {})
         backoff = BackOff(drafter.max_nodes, enabled=self.config.backoff,
-                          probe_nodes=PROBE_NODES).restore(learned.get(self.config))
+                          probe_nodes=PROBE_NODES, sizing=self.config.size_drafts).restore(learned.get(self.config))
         speculative_decode(model, drafter, prompt_ids, gen, sink, backoff=backoff)
         learned[self.config] = backoff.snapshot()
