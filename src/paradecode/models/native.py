@@ -336,13 +336,17 @@ class NativeLlama(CausalLM):
         # int4 with the compiled kernels: int4 x int8 products (models/kernels/int4.c), else PyTorch's int4 x bfloat16
         compiled = self._attn_kernel is not None
         int4 = pack_int4_w4a8 if compiled else quantize_int4
-        # int8 with the kernels: the panel kernel (kernels/panels.c), else PyTorch's int8 x bfloat16 kernel
-        int8 = (lambda m, head=False: pack_int8_panels(quantize_int8(m), float_out=head)) if compiled else \
-            (lambda m, head=False: quantize_int8(m))
+
+        def int8(m: torch.Tensor, head: bool = False) -> Int8Weight | Int8PanelWeight:
+            """With the kernels the panel kernel (kernels/panels.c; float32 logits from a head), else
+            PyTorch's int8 x bfloat16 kernel."""
+            q = quantize_int8(m)
+            return pack_int8_panels(q, float_out=head) if compiled else q
+
         quantize = {"int8": int8, "int4": int4}.get(self.format)
         pack = self.format == "bfloat16" and self.packed          # oneDNN's prepacked layout (see quant.py)
 
-        def mat(*names: str) -> torch.Tensor | PackedBF16Weight | Int8Weight | Int4Weight | Int4W4A8Weight | F32PanelWeight:
+        def mat(*names: str):      # a tensor or one of quant.py's weight classes
             m = torch.cat([raw(n) for n in names]) if len(names) > 1 else raw(names[0])
             if self.panels:
                 return pack_f32(m)
@@ -356,7 +360,7 @@ class NativeLlama(CausalLM):
         head = "lm_head.weight" if "lm_head.weight" in w and not s.tie_embeddings else "model.embed_tokens.weight"
         # int4 keeps the LM head in int8 and the embedding in bfloat16 (GGUF files, too, keep them at
         # higher precision): an int4 head costs +7% perplexity on the default model, an int8 one +0.02%
-        # and the int8 kernel reads it faster than bfloat16 for a single row; an embedding row is only
+        # and an int8 kernel reads it faster than bfloat16 for a single row; an embedding row is only
         # looked up, so bfloat16 costs memory, not time
         self.lm_head = int8(raw(head), head=True) if self.quantized else mat(head)   # (V, H)
         # (a prepacked head has no rows to look up: the embedding keeps a plain copy)

@@ -9,6 +9,12 @@ bfloat16 for blocks of 16 rows and more (see ``docs/engine.md``).
 Activations stay bfloat16, so this is "W8A16": rounding error comes from the
 weights only. The scale is rounded to bfloat16 *before* the weights are
 quantized against it, so the kernel's scale is the one the rounding assumed.
+
+The module also holds the other weight layouts of the native engine: oneDNN's
+prepacked bfloat16 (:class:`PackedBF16Weight`), int4 for PyTorch's kernel
+(:class:`Int4Weight`) and for the compiled one (:class:`Int4W4A8Weight`), and
+the compiled panel kernel's float32 and int8 panels (:class:`F32PanelWeight`,
+:class:`Int8PanelWeight`, which the int8 format uses where the kernels build).
 """
 
 from __future__ import annotations
