@@ -420,3 +420,25 @@ def test_products_have_the_same_bits_on_any_thread_count():
     version = subprocess.run([kernels.compiler(), "--version"], capture_output=True, text=True).stdout
     if "Free Software Foundation" in version:                       # GCC has OpenMP: the build must use it
         assert kernels.threaded()
+
+
+def test_attention_has_the_same_bits_on_any_thread_count(fn):
+    """Attention deals (token, kv head) pairs out to threads, each computed alone: 1, 2 or 3 threads agree."""
+    g = torch.Generator().manual_seed(5)
+    B, T, Hkv, G, D, S = 2, 3, 3, 3, 64, 300
+    qk = torch.randn(B, T, Hkv * G + Hkv, D, generator=g)
+    slots = -(-S // 64) * 64
+    kt = torch.randn(B, Hkv, D, slots, generator=g)
+    v = torch.randn(B, Hkv, slots, D, generator=g)
+    allow = torch.rand(B, T, S, generator=g) < 0.8
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            out = torch.empty(B, T, Hkv * G, D)
+            kernels.attend(fn, qk, kt, v, allow, out, G, 0.125, S)
+            outs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

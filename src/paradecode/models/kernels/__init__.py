@@ -17,7 +17,7 @@ host CPU (``-march=native``; on x86 without AVX-512, so that every machine runs 
 int4 and panel kernels add AVX-512 paths of their own, chosen at run time, with the AVX2 paths' bits) into
 ``<cache>/kernels/``, keyed by the source, the compiler and the CPU; a later process loads the library
 directly. With OpenMP (``-fopenmp``, where the compiler has it) the int4 and panel products deal
-their output channels out to PyTorch's thread count (``torch.get_num_threads()``, the CLI's
+their output channels (attention: its (token, kv head) pairs) out to PyTorch's thread count (``torch.get_num_threads()``, the CLI's
 ``--threads``) on the OpenMP runtime PyTorch itself loaded; each output is still computed by one
 thread, the same way, so the bits do not depend on the thread count. Where no compiler works, :func:`attention_kernel` returns None and the engine keeps its
 PyTorch paths (attention, layer ops, int4 x bfloat16 products, MKL's float32 GEMM; ``docs/engine.md``).
@@ -130,13 +130,13 @@ def load_library(path: Path) -> ctypes.CDLL:
     """Load a built library and declare its functions' signatures."""
     lib = ctypes.CDLL(str(path))
     p, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-    lib.pd_attend.argtypes = [p, p, L, L, L, p, L, L, L, p, p, I, I, I, I, I, I, F]
+    lib.pd_attend.argtypes = [p, p, L, L, L, p, L, L, L, p, p, I, I, I, I, I, I, F, I]
     lib.pd_attend.restype = I
     lib.pd_add_rmsnorm.argtypes = [p, p, I, L, L, I, p, F, p, I]
     lib.pd_add_rmsnorm.restype = None
     lib.pd_silu_mul.argtypes = [p, I, L, L, I, p]
     lib.pd_silu_mul.restype = None
-    lib.pd_rope_attend.argtypes = [p, I, L, p, p, p, L, L, L, p, L, L, L, p, p, p, p, I, I, I, I, I, I, I, F]
+    lib.pd_rope_attend.argtypes = [p, I, L, p, p, p, L, L, L, p, L, L, L, p, p, p, p, I, I, I, I, I, I, I, F, I]
     lib.pd_rope_attend.restype = I
     lib.pd_int4_mm.argtypes = [p, I, L, I, I, p, I, p, I, L, I]
     lib.pd_int4_mm.restype = I
@@ -176,7 +176,8 @@ def attend(fn, qk: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, allow: torch
     Hkv = kt.shape[1]
     ks, vs = kt.stride(), v.stride()
     rc = fn(qk.data_ptr(), kt.data_ptr(), ks[0], ks[1], ks[2], v.data_ptr(), vs[0], vs[1], vs[2],
-            None if allow is None else allow.data_ptr(), out.data_ptr(), B, T, Hkv, G, D, S, scale)
+            None if allow is None else allow.data_ptr(), out.data_ptr(), B, T, Hkv, G, D, S, scale,
+            torch.get_num_threads())
     if rc != 0:
         raise MemoryError("the attention kernel could not allocate its scratch memory")
 
@@ -221,7 +222,7 @@ class LayerGlue:
         rc = self._rope(qkv.data_ptr(), _KIND[qkv.dtype], qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
                         kt.data_ptr(), ks[0], ks[1], ks[2], v.data_ptr(), vs[0], vs[1], vs[2],
                         None if allow is None else allow.data_ptr(), qk.data_ptr(), att.data_ptr(), out.data_ptr(),
-                        _KIND[out.dtype], B, T, Hkv, G, D, L0, scale)
+                        _KIND[out.dtype], B, T, Hkv, G, D, L0, scale, torch.get_num_threads())
         if rc != 0:
             raise MemoryError("the attention kernel could not allocate its scratch memory")
 

@@ -169,29 +169,37 @@ static void weighted(const float *e, long lde, int rows, const int *slot, int n,
  * Returns 0, or -1 when scratch memory could not be allocated. */
 int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, const float *v, long vb, long vh,
               long ldv, const uint8_t *allow, float *out, int B, int T, int Hkv, int G, int D, int S,
-              float scale) {
+              float scale, int nt) {
     const int Sp = (S + SB - 1) / SB * SB;
     const int Hq = Hkv * G;
-    float *sc = (float *)malloc(sizeof(float) * RB * Sp);
-    int *slot = (int *)malloc(sizeof(int) * (S > 0 ? S : 1));
-    if (!sc || !slot) {
-        free(sc);
-        free(slot);
-        return -1;
-    }
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) {
-            int n = 0;
-            if (allow) {
-                const uint8_t *a = allow + ((long)b * T + t) * S;
-                for (int s = 0; s < S; s++)
-                    if (a[s]) slot[n++] = s;
-            } else {
-                for (int s = 0; s < S; s++) slot[n++] = s;
-            }
-            const float *qrow = qk + ((long)b * T + t) * (Hq + Hkv) * D;
-            float *orow = out + ((long)b * T + t) * Hq * D;
-            for (int kv = 0; kv < Hkv; kv++) {
+    const long items = (long)B * T * Hkv;          /* one (token, kv head) each: dealt out to threads */
+    nt = PD_THREADS(nt, items * (long)S * D * (G + 1) * 4);
+    (void)nt;
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if(nt > 1) reduction(|:failed)
+#endif
+    {
+        float *sc = (float *)malloc(sizeof(float) * RB * Sp);
+        int *slot = (int *)malloc(sizeof(int) * (S > 0 ? S : 1));
+        if (!sc || !slot) {
+            failed = 1;
+        } else {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (long it = 0; it < items; it++) {
+                const int b = (int)(it / ((long)T * Hkv)), t = (int)(it / Hkv % T), kv = (int)(it % Hkv);
+                int n = 0;
+                if (allow) {
+                    const uint8_t *a = allow + ((long)b * T + t) * S;
+                    for (int s = 0; s < S; s++)
+                        if (a[s]) slot[n++] = s;
+                } else {
+                    for (int s = 0; s < S; s++) slot[n++] = s;
+                }
+                const float *qrow = qk + ((long)b * T + t) * (Hq + Hkv) * D;
+                float *orow = out + ((long)b * T + t) * Hq * D;
                 const float *K = kt + b * kb + kv * kh;
                 const float *Vh = v + b * vb + kv * vh;
                 for (int g0 = 0; g0 < G; g0 += RB) {
@@ -206,7 +214,8 @@ int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, cons
                 }
             }
         }
-    free(sc);
-    free(slot);
-    return 0;
+        free(sc);
+        free(slot);
+    }
+    return failed ? -1 : 0;
 }

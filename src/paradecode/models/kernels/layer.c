@@ -24,7 +24,7 @@
 
 int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, const float *v, long vb, long vh,
               long ldv, const uint8_t *allow, float *out, int B, int T, int Hkv, int G, int D, int S,
-              float scale);
+              float scale, int nt);
 
 static inline float load(const void *p, int kind, long i) {
     return kind == KIND_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
@@ -109,7 +109,8 @@ void pd_silu_mul(const void *gu, int kind, long ldg, long rows, int I, void *out
  * Returns pd_attend's code. */
 int pd_rope_attend(const void *qkv, int qkv_kind, long ldq, const float *cos, const float *sin, float *kt, long kb,
                    long kh, long ldk, float *v, long vb, long vh, long ldv, const uint8_t *allow, float *qk,
-                   float *att, void *out, int out_kind, int B, int T, int Hkv, int G, int D, int L0, float scale) {
+                   float *att, void *out, int out_kind, int B, int T, int Hkv, int G, int D, int L0, float scale,
+                   int nt) {
     const int Hq = Hkv * G, h2 = D / 2;
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
@@ -135,7 +136,7 @@ int pd_rope_attend(const void *qkv, int qkv_kind, long ldq, const float *cos, co
                 }
             }
         }
-    const int rc = pd_attend(qk, kt, kb, kh, ldk, v, vb, vh, ldv, allow, att, B, T, Hkv, G, D, L0 + T, scale);
+    const int rc = pd_attend(qk, kt, kb, kh, ldk, v, vb, vh, ldv, allow, att, B, T, Hkv, G, D, L0 + T, scale, nt);
     if (rc == 0 && out_kind == KIND_BF16) from_f32(out, KIND_BF16, 0, B * T * Hq * D, att);
     return rc;
 }
