@@ -393,7 +393,7 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
                 carried += len(head)
             draft = draft.truncate(budget, max_depth=sink.remaining - 1)
             proposal = preorder_order(draft.parents)      # position in the proposal of each verified node
-            draft = draft.preorder()                                                # see verify()
+            draft = draft.select(proposal)                # in pre-order: see verify()
         stats.draft_tokens += len(draft)
 
         with stats.timing("verify"):

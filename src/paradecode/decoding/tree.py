@@ -93,13 +93,17 @@ class Draft:
         >>> d.tokens, d.parents
         ([1, 3, 2, 4], [-1, 0, -1, 2])
         """
-        order = preorder_order(self.parents)
-        if order == list(range(len(self))):
+        return self.select(preorder_order(self.parents))
+
+    def select(self, nodes: list[int]) -> "Draft":
+        """The draft of ``nodes``, in that order, parent indices renumbered; every kept node's parent must be
+        kept and listed before it (a prefix of the draft order, a pre-order)."""
+        if nodes == list(range(len(self))):
             return self
-        new_index = {old: new for new, old in enumerate(order)}
-        parents = [-1 if self.parents[i] == -1 else new_index[self.parents[i]] for i in order]
-        q = None if self.q is None else self.q[order]
-        return Draft([self.tokens[i] for i in order], parents, q)
+        new_index = {old: new for new, old in enumerate(nodes)}
+        parents = [-1 if self.parents[i] == -1 else new_index[self.parents[i]] for i in nodes]
+        q = None if self.q is None else self.q[nodes]
+        return Draft([self.tokens[i] for i in nodes], parents, q)
 
     def then(self, below: "Draft") -> "Draft":
         """This draft followed by ``below``: ``below``'s top-level nodes become children of this draft's last node.
@@ -137,12 +141,7 @@ class Draft:
         """
         depths = node_depths(self.parents)
         keep = [i for i in range(len(self)) if max_depth is None or depths[i] <= max_depth][:max(0, max_nodes)]
-        if len(keep) == len(self):
-            return self
-        new_index = {old: new for new, old in enumerate(keep)}
-        parents = [-1 if self.parents[i] == -1 else new_index[self.parents[i]] for i in keep]
-        q = None if self.q is None else self.q[keep]
-        return Draft([self.tokens[i] for i in keep], parents, q)
+        return self.select(keep)
 
 
 def preorder_order(parents: list[int]) -> list[int]:
