@@ -222,6 +222,17 @@ def test_layer_glue_rows_do_not_depend_on_their_call(glue, kind):
         assert torch.equal(one, att[t:t + 1]), t
 
 
+def _without_avx512(tmp_path, code: str) -> torch.Tensor:
+    """``y`` as ``code`` computes it in a fresh process with the kernels' AVX-512 paths turned off
+    (``PARADECODE_NO_AVX512=1``; ``torch`` and ``kernels`` are imported for it)."""
+    out = tmp_path / "avx2.pt"
+    script = f"import sys, torch; from paradecode.models import kernels; {code}; torch.save(y, sys.argv[1])"
+    run = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PARADECODE_NO_AVX512": "1"})
+    assert run.returncode == 0, run.stderr
+    return torch.load(out)
+
+
 def _int4_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``int4.c``'s formula in float64: the weight's int4 codes (``int4_codes``) times each row's groups of 32
     activations quantized to int8 (d = max |a| / 127 and round(a / d), in float32 as the kernel does)."""
@@ -266,15 +277,10 @@ def test_int4_kernel_rows_and_paths_agree_bit_for_bit(lib, tmp_path):
     assert torch.equal(whole, kernels.int4_mm(x, packed))             # the portable C build too
     for r in range(13):
         assert torch.equal(kernels.int4_mm(x[r:r + 1], packed, lib), whole[r:r + 1]), r
-    code = ("import torch, sys; from paradecode.models import kernels; from paradecode.models.quant import pack_int4_w4a8;"
-            "g = torch.Generator().manual_seed(1); w = torch.randn(600, 576, generator=g) * 0.05;"
-            "x = torch.randn(13, 576, generator=g).to(torch.bfloat16);"
-            "torch.save(kernels.int4_mm(x, pack_int4_w4a8(w)), sys.argv[1])")
-    out = tmp_path / "avx2.pt"
-    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PARADECODE_NO_AVX512": "1"})
-    assert run.returncode == 0, run.stderr
-    assert torch.equal(torch.load(out), kernels.int4_mm(x, packed))
+    avx2 = _without_avx512(tmp_path, "from paradecode.models.quant import pack_int4_w4a8;"
+                           "g = torch.Generator().manual_seed(1); w = torch.randn(600, 576, generator=g) * 0.05;"
+                           "x = torch.randn(13, 576, generator=g).to(torch.bfloat16); y = kernels.int4_mm(x, pack_int4_w4a8(w))")
+    assert torch.equal(avx2, kernels.int4_mm(x, packed))
     ref = linear(x, quantize_int4(w)).float()                                   # int4 x bfloat16 (PyTorch)
     assert float((whole.float() - ref).abs().max()) < 0.02 * float(ref.abs().max())
 
@@ -321,14 +327,10 @@ def test_f32_kernel_rows_and_paths_agree_bit_for_bit(lib, tmp_path):
     for r in range(19):
         assert torch.equal(kernels.f32_mm(x[r:r + 1], packed, lib), whole[r:r + 1]), r
     assert torch.equal(whole[:3, :40], _f32_chain_reference(x[:3], w[:40]))
-    code = ("import torch, sys; from paradecode.models import kernels; from paradecode.models.quant import pack_f32;"
-            "g = torch.Generator().manual_seed(2); w = torch.randn(600, 576, generator=g) * 0.05;"
-            "x = torch.randn(19, 576, generator=g); torch.save(kernels.f32_mm(x, pack_f32(w)), sys.argv[1])")
-    out = tmp_path / "avx2.pt"
-    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PARADECODE_NO_AVX512": "1"})
-    assert run.returncode == 0, run.stderr
-    assert torch.equal(torch.load(out), whole)
+    avx2 = _without_avx512(tmp_path, "from paradecode.models.quant import pack_f32;"
+                           "g = torch.Generator().manual_seed(2); w = torch.randn(600, 576, generator=g) * 0.05;"
+                           "x = torch.randn(19, 576, generator=g); y = kernels.f32_mm(x, pack_f32(w))")
+    assert torch.equal(avx2, whole)
 
 
 @settings(max_examples=20, deadline=None)
@@ -363,16 +365,11 @@ def test_i8_kernel_rows_and_paths_agree_bit_for_bit(lib, tmp_path):
         assert torch.equal(kernels.i8_mm(x[r:r + 1], packed, torch.float32, lib), whole[r:r + 1]), r
     sums = kernels.f32_mm(x.float(), pack_f32(q.q.float()), lib)
     assert torch.equal(whole, sums * q.scale.float())
-    code = ("import torch, sys; from paradecode.models import kernels;"
-            "from paradecode.models.quant import pack_int8_panels, quantize_int8;"
-            "g = torch.Generator().manual_seed(4); w = torch.randn(600, 576, generator=g) * 0.05;"
-            "x = torch.randn(19, 576, generator=g).to(torch.bfloat16);"
-            "torch.save(kernels.i8_mm(x, pack_int8_panels(quantize_int8(w)), torch.float32), sys.argv[1])")
-    out = tmp_path / "avx2.pt"
-    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PARADECODE_NO_AVX512": "1"})
-    assert run.returncode == 0, run.stderr
-    assert torch.equal(torch.load(out), whole)
+    avx2 = _without_avx512(tmp_path, "from paradecode.models.quant import pack_int8_panels, quantize_int8;"
+                           "g = torch.Generator().manual_seed(4); w = torch.randn(600, 576, generator=g) * 0.05;"
+                           "x = torch.randn(19, 576, generator=g).to(torch.bfloat16);"
+                           "y = kernels.i8_mm(x, pack_int8_panels(quantize_int8(w)), torch.float32)")
+    assert torch.equal(avx2, whole)
 
 
 def test_int8_panels_hold_the_quantized_matrix():

@@ -52,8 +52,8 @@ import torch.nn.functional as F
 
 from . import kernels
 from .base import CausalLM, KVCache, ModelInfo, causal_mask
-from .quant import (F32PanelWeight, Int4W4A8Weight, Int4Weight, Int8Weight, PackedBF16Weight, can_pack_bf16, linear,
-                    pack_bf16, pack_f32, pack_int4_w4a8, pack_int8_panels, quantize_int4, quantize_int8, Int8PanelWeight)
+from .quant import (Int4W4A8Weight, Int4Weight, Int8PanelWeight, Int8Weight, PackedBF16Weight, PanelWeight, can_pack_bf16,
+                    linear, pack_bf16, pack_f32, pack_int4_w4a8, pack_int8_panels, quantize_int4, quantize_int8)
 from ..errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -414,8 +414,7 @@ class NativeLlama(CausalLM):
               *(b for b in self.bqkv if b is not None)]
         if held and self.embed is not self.lm_head:
             ts.append(self.embed)
-        return sum(t.nbytes() if isinstance(t, (PackedBF16Weight, Int8Weight, Int4Weight, Int4W4A8Weight, F32PanelWeight,
-                                                Int8PanelWeight))
+        return sum(t.nbytes() if isinstance(t, (PackedBF16Weight, Int8Weight, Int4Weight, Int4W4A8Weight, PanelWeight))
                    else t.numel() * t.element_size()
                    for t in ts)
 
@@ -432,7 +431,7 @@ class NativeLlama(CausalLM):
         return StaticKVCache(self.shape, batch_size, cap)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.embed, (Int8Weight, F32PanelWeight, Int8PanelWeight)):
+        if isinstance(self.embed, (Int8Weight, PanelWeight)):
             return self.embed.rows(ids)                                  # (B, T, H) float32
         return F.embedding(ids, self.embed).float()
 

@@ -13,13 +13,14 @@ quantized against it, so the kernel's scale is the one the rounding assumed.
 The module also holds the other weight layouts of the native engine: oneDNN's
 prepacked bfloat16 (:class:`PackedBF16Weight`), int4 for PyTorch's kernel
 (:class:`Int4Weight`) and for the compiled one (:class:`Int4W4A8Weight`), and
-the compiled panel kernel's float32 and int8 panels (:class:`F32PanelWeight`,
-:class:`Int8PanelWeight`, which the int8 format uses where the kernels build).
+the compiled panel kernel's float32 and int8 panels (:class:`PanelWeight`:
+:class:`F32PanelWeight`, :class:`Int8PanelWeight`, which the int8 format uses where
+the kernels build).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -219,12 +220,12 @@ F32_CHANNELS = 16   # output channels per panel of the compiled float32 kernel
 
 
 @dataclass(frozen=True)
-class F32PanelWeight:
-    """A float32 (N, K) weight in the compiled float32 kernel's layout (``models/kernels/f32.c``): output
-    channels in panels of 16 (N padded with zero channels), each panel K vectors of its 16 channels'
-    weights for one input. The same values as the plain matrix; only the order in memory changes."""
+class PanelWeight:
+    """A (N, K) weight in the compiled panel kernel's layout (``models/kernels/panels.c``): output channels in
+    panels of 16 (N padded with zero channels), each panel K vectors of its 16 channels' weights for one
+    input. Only the order in memory differs from the plain matrix."""
 
-    panels: torch.Tensor          # (Np/16, K, 16) float32
+    panels: torch.Tensor          # (Np/16, K, 16)
     n: int                        # true number of output channels
 
     @property
@@ -235,15 +236,26 @@ class F32PanelWeight:
     def padded(self) -> int:
         return self.panels.shape[0] * F32_CHANNELS
 
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.panels[ids // F32_CHANNELS, :, ids % F32_CHANNELS]            # (*ids, K)
+
+    def _matrix(self) -> torch.Tensor:
+        return self.panels.transpose(1, 2).reshape(-1, self.panels.shape[1])[:self.n]   # (N, K)
+
+
+@dataclass(frozen=True)
+class F32PanelWeight(PanelWeight):
+    """A float32 :class:`PanelWeight`: the same values as the plain matrix."""
+
     def nbytes(self) -> int:
         return self.panels.numel() * 4
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` (any shape) of the plain matrix: an embedding lookup without a second copy."""
-        return self.panels[ids // F32_CHANNELS, :, ids % F32_CHANNELS]            # (*ids, K)
+        return self._rows(ids)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.panels.transpose(1, 2).reshape(-1, self.panels.shape[1])[:self.n].to(dtype)   # (N, K)
+        return self._matrix().to(dtype)
 
 
 def _panels(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -268,35 +280,24 @@ def pack_f32(w: torch.Tensor) -> F32PanelWeight:
 
 
 @dataclass(frozen=True)
-class Int8PanelWeight:
-    """An :class:`Int8Weight` in the compiled panel kernel's layout (``models/kernels/panels.c``): the same
-    int8 values in 16-channel panels, the bfloat16 scales held as float32 (the same values). The kernel
-    sums float32 products of the activations and the int8 values, then multiplies by the scale;
-    ``float_out``: float32 outputs (an LM head's logits), else the activations' dtype."""
+class Int8PanelWeight(PanelWeight):
+    """An :class:`Int8Weight` as a :class:`PanelWeight`: the same int8 values, the bfloat16 scales held as
+    float32 (the same values). The kernel sums float32 products of the activations and the int8 values,
+    then multiplies by the scale; ``float_out``: float32 outputs (an LM head's logits), else the
+    activations' dtype."""
 
-    panels: torch.Tensor          # (Np/16, K, 16) int8
-    scale: torch.Tensor           # (Np,) float32 (zero for padding channels)
-    n: int
-    float_out: bool = False
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.n, self.panels.shape[1]))
-
-    @property
-    def padded(self) -> int:
-        return self.panels.shape[0] * F32_CHANNELS
+    scale: torch.Tensor = field(kw_only=True)    # (Np,) float32 (zero for padding channels)
+    float_out: bool = field(kw_only=True, default=False)
 
     def nbytes(self) -> int:
         return self.panels.numel() + self.scale.numel() * 4
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows ``ids`` (any shape) as float32: an embedding lookup."""
-        return self.panels[ids // F32_CHANNELS, :, ids % F32_CHANNELS].float() * self.scale[ids].unsqueeze(-1)
+        return self._rows(ids).float() * self.scale[ids].unsqueeze(-1)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        q = self.panels.transpose(1, 2).reshape(-1, self.panels.shape[1])[:self.n]
-        return (q.float() * self.scale[:self.n, None]).to(dtype)
+        return (self._matrix().float() * self.scale[:self.n, None]).to(dtype)
 
 
 def pack_int8_panels(w: Int8Weight, float_out: bool = False) -> Int8PanelWeight:
@@ -304,7 +305,7 @@ def pack_int8_panels(w: Int8Weight, float_out: bool = False) -> Int8PanelWeight:
     panels = _panels(w.q, torch.int8)
     scale = torch.zeros(panels.shape[0] * F32_CHANNELS)
     scale[:w.q.shape[0]] = w.scale.float()
-    return Int8PanelWeight(panels, scale, w.q.shape[0], float_out)
+    return Int8PanelWeight(panels, w.q.shape[0], scale=scale, float_out=float_out)
 
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -316,7 +317,7 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
     if isinstance(w, PackedBF16Weight):
         return torch.ops.mkldnn._linear_pointwise(x, w.w, bias, "none", [], "")
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if isinstance(w, (Int4W4A8Weight, F32PanelWeight, Int8PanelWeight)):
+    if isinstance(w, (Int4W4A8Weight, PanelWeight)):
         from . import kernels
 
         if isinstance(w, Int4W4A8Weight):
