@@ -201,9 +201,16 @@ static void finish(const float *sums, long lds, int rows, int n, const float *sc
 static int panel_mm(const void *x, int x_kind, long ldx, int M, int K, const void *w, const int W8,
                     const float *scale, int N, void *y, int y_kind, long ldy, int nt) {
     const int P = N / CG;
-    float *xf = (float *)malloc(sizeof(float) * ((size_t)M * K + 1));
-    if (!xf) return -1;
-    for (int m = 0; m < M; m++) to_f32(x, x_kind, (long)m * ldx, K, xf + (long)m * K);
+    float *scratch = NULL;           /* bfloat16 rows converted once; float32 rows are read in place */
+    const float *xf = (const float *)x;
+    long ldf = ldx;
+    if (x_kind != KIND_F32) {
+        scratch = (float *)malloc(sizeof(float) * ((size_t)M * K + 1));
+        if (!scratch) return -1;
+        for (int m = 0; m < M; m++) to_f32(x, x_kind, (long)m * ldx, K, scratch + (long)m * K);
+        xf = scratch;
+        ldf = K;
+    }
     nt = PD_THREADS(nt, (long)N * K);
     (void)nt;
 #ifdef HAVE_512
@@ -215,11 +222,11 @@ static int panel_mm(const void *x, int x_kind, long ldx, int M, int K, const voi
             float sums[MR * 2 * CG];
             for (int m0 = 0; m0 < M; m0 += MR) {
                 const int rows = M - m0 < MR ? M - m0 : MR;
-                panels_512(w0, w1, W8, K, rows, xf + (long)m0 * K, K, sums, 2 * CG);
+                panels_512(w0, w1, W8, K, rows, xf + m0 * ldf, ldf, sums, 2 * CG);
                 finish(sums, 2 * CG, rows, w1 ? 2 * CG : CG, scale, c, y, y_kind, ldy, m0);
             }
         }
-        free(xf);
+        free(scratch);
         return 0;
     }
 #endif
@@ -229,14 +236,14 @@ static int panel_mm(const void *x, int x_kind, long ldx, int M, int K, const voi
         for (int m0 = 0; m0 < M; m0 += 64) {
             const int rows = M - m0 < 64 ? M - m0 : 64;
 #if defined(__AVX2__) && defined(__FMA__)
-            panel_avx2(panel_at(w, W8, c, K), W8, K, rows, xf + (long)m0 * K, K, sums);
+            panel_avx2(panel_at(w, W8, c, K), W8, K, rows, xf + m0 * ldf, ldf, sums);
 #else
-            panel_c(panel_at(w, W8, c, K), W8, K, rows, xf + (long)m0 * K, K, sums);
+            panel_c(panel_at(w, W8, c, K), W8, K, rows, xf + m0 * ldf, ldf, sums);
 #endif
             finish(sums, CG, rows, CG, scale, c, y, y_kind, ldy, m0);
         }
     }
-    free(xf);
+    free(scratch);
     return 0;
 }
 
