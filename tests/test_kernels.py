@@ -222,13 +222,13 @@ def test_layer_glue_rows_do_not_depend_on_their_call(glue, kind):
         assert torch.equal(one, att[t:t + 1]), t
 
 
-def _without_avx512(tmp_path, code: str) -> torch.Tensor:
-    """``y`` as ``code`` computes it in a fresh process with the kernels' AVX-512 paths turned off
-    (``PARADECODE_NO_AVX512=1``; ``torch`` and ``kernels`` are imported for it)."""
-    out = tmp_path / "avx2.pt"
+def _without_avx512(tmp_path, code: str, switch: str = "PARADECODE_NO_AVX512") -> torch.Tensor:
+    """``y`` as ``code`` computes it in a fresh process with the kernels' AVX-512 paths (``switch``:
+    ``PARADECODE_NO_AMX``: the AMX path only) turned off (``torch`` and ``kernels`` are imported for it)."""
+    out = tmp_path / f"{switch}.pt"
     script = f"import sys, torch; from paradecode.models import kernels; {code}; torch.save(y, sys.argv[1])"
     run = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PARADECODE_NO_AVX512": "1"})
+                         env={**os.environ, switch: "1"})
     assert run.returncode == 0, run.stderr
     return torch.load(out)
 
@@ -384,6 +384,74 @@ def test_int8_panels_hold_the_quantized_matrix():
     assert torch.equal(packed.rows(ids), q.rows(ids))
 
 
+def _i15_reference(x: torch.Tensor, q) -> torch.Tensor:
+    """``int8.c``'s formula in float64: each row scaled to integers round(x / d), d = max |x| / 16319 (in float32
+    as the kernel computes it), times the int8 values, times d and the channel's scale."""
+    xf = x.float()
+    d = xf.abs().amax(1, keepdim=True) / 16319.0                                 # (M, 1) float32
+    qx = torch.where(d > 0, torch.round(xf / d.clamp(min=1e-38)), 0.0).clamp(-16319, 16319)
+    return (qx.double() @ q.q.double().T) * (q.scale.float()[None] * d).double()
+
+
+@settings(max_examples=25, deadline=None)
+@given(M=st.integers(1, 20), N=st.integers(1, 70), K4=st.integers(1, 40), kind=st.sampled_from(["float32", "bfloat16"]),
+       seed=st.integers(0, 1000))
+def test_i15_kernel_computes_its_formula(lib, M, N, K4, kind, seed):
+    """The int8 kernel (any shape: partial panels, tile steps and row blocks of every size, an all-zero row):
+    its formula's value, rounded once to float32; bfloat16 outputs are that value rounded again."""
+    from paradecode.models.quant import pack_int8_i15, quantize_int8
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, 4 * K4, generator=g) * 0.1
+    x = (torch.randn(M, 4 * K4, generator=g) * 3).to(getattr(torch, kind))
+    if M > 1:
+        x[1] = 0
+    q = quantize_int8(w)
+    y = kernels.i8_i15_mm(x, pack_int8_i15(q, float_out=True), torch.float32, lib)
+    ref = _i15_reference(x, q)
+    assert y.shape == (M, N) and float((y.double() - ref).abs().max()) <= 1e-6 * max(1e-3, float(ref.abs().max()))
+    yb = kernels.i8_i15_mm(x, pack_int8_i15(q), torch.bfloat16, lib)
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb, y.to(torch.bfloat16))
+
+
+def test_i15_kernel_rows_and_paths_agree_bit_for_bit(lib, tmp_path):
+    """An output's bits depend on its row and channel only: alone, in blocks below and above the AMX
+    threshold, in plain C as with AVX2, with AVX-512 VNNI as on AMX tiles (where the CPU has them). Close to
+    the product with the bfloat16 activations themselves."""
+    from paradecode.models.quant import pack_int8_i15, quantize_int8
+
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(600, 576, generator=g) * 0.05, torch.randn(37, 576, generator=g).to(torch.bfloat16)
+    q = quantize_int8(w)
+    packed = pack_int8_i15(q, float_out=True)
+    whole = kernels.i8_i15_mm(x, packed, torch.float32, lib)
+    assert torch.equal(whole, kernels.i8_i15_mm(x, packed, torch.float32))     # the portable C build too
+    for r in range(37):
+        assert torch.equal(kernels.i8_i15_mm(x[r:r + 1], packed, torch.float32, lib), whole[r:r + 1]), r
+    for rows in (2, 4, 5, 8, 16, 17, 33):
+        assert torch.equal(kernels.i8_i15_mm(x[:rows], packed, torch.float32, lib), whole[:rows]), rows
+    code = ("from paradecode.models.quant import pack_int8_i15, quantize_int8;"
+            "g = torch.Generator().manual_seed(5); w = torch.randn(600, 576, generator=g) * 0.05;"
+            "x = torch.randn(37, 576, generator=g).to(torch.bfloat16);"
+            "y = kernels.i8_i15_mm(x, pack_int8_i15(quantize_int8(w), float_out=True), torch.float32)")
+    assert torch.equal(_without_avx512(tmp_path, code), whole)
+    assert torch.equal(_without_avx512(tmp_path, code, "PARADECODE_NO_AMX"), whole)
+    plain = x.double() @ q.dequantize().double().T
+    assert float((whole.double() - plain).abs().max()) < 1e-3 * float(plain.abs().max())
+
+
+def test_int8_i15_panels_hold_the_quantized_matrix():
+    """The packing only reorders (and offsets) the int8 values; rows (the embedding lookup) equal the Int8Weight's."""
+    from paradecode.models.quant import pack_int8_i15, quantize_int8
+
+    q = quantize_int8(torch.randn(37, 24))
+    packed = pack_int8_i15(q)
+    assert packed.shape == (37, 24) and packed.padded == 48
+    assert torch.equal(packed.dequantize(), q.dequantize())
+    ids = torch.tensor([[0, 36, 17], [16, 15, 1]])
+    assert torch.equal(packed.rows(ids), q.rows(ids))
+
+
 def test_f32_panels_hold_the_matrix():
     """The packing only reorders: the plain matrix and its rows (the embedding lookup) come back exactly."""
     from paradecode.models.quant import pack_f32
@@ -397,19 +465,22 @@ def test_f32_panels_hold_the_matrix():
 
 
 def test_products_have_the_same_bits_on_any_thread_count():
-    """The int4 and panel products deal output channels out to threads; each output is computed by one
+    """The int4, int8 and panel products deal output channels out to threads (5 rows: on AMX tiles where
+    the CPU has them, 1 row: the vector path); each output is computed by one
     thread the same way, so 1, 2 or 3 threads give the same bits."""
-    from paradecode.models.quant import pack_f32, pack_int4_w4a8, pack_int8_panels, quantize_int8
+    from paradecode.models.quant import pack_f32, pack_int4_w4a8, pack_int8_i15, pack_int8_panels, quantize_int8
 
     g = torch.Generator().manual_seed(3)
     w, x = torch.randn(1000, 576, generator=g) * 0.05, torch.randn(5, 576, generator=g)
     f32, int4, int8 = pack_f32(w), pack_int4_w4a8(w), pack_int8_panels(quantize_int8(w))
+    i15 = pack_int8_i15(quantize_int8(w))
     before = torch.get_num_threads()
     try:
         outs = []
         for nt in (1, 2, 3):
             torch.set_num_threads(nt)
-            outs.append((kernels.f32_mm(x, f32), kernels.int4_mm(x, int4), kernels.i8_mm(x, int8, torch.float32)))
+            outs.append((kernels.f32_mm(x, f32), kernels.int4_mm(x, int4), kernels.i8_mm(x, int8, torch.float32),
+                         kernels.i8_i15_mm(x, i15, torch.float32), kernels.i8_i15_mm(x[:1], i15, torch.float32)))
     finally:
         torch.set_num_threads(before)
     for got in outs[1:]:

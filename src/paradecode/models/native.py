@@ -52,8 +52,9 @@ import torch.nn.functional as F
 
 from . import kernels
 from .base import CausalLM, KVCache, ModelInfo, causal_mask
-from .quant import (Int4W4A8Weight, Int4Weight, Int8PanelWeight, Int8Weight, PackedBF16Weight, PanelWeight, can_pack_bf16,
-                    linear, pack_bf16, pack_f32, pack_int4_w4a8, pack_int8_panels, quantize_int4, quantize_int8)
+from .quant import (Int4W4A8Weight, Int4Weight, Int8I15Weight, Int8PanelWeight, Int8Weight, PackedBF16Weight,
+                    PanelWeight, can_pack_bf16, linear, pack_bf16, pack_f32, pack_int4_w4a8, pack_int8_i15,
+                    pack_int8_panels, quantize_int4, quantize_int8)
 from ..errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -336,12 +337,19 @@ class NativeLlama(CausalLM):
         # int4 with the compiled kernels: int4 x int8 products (models/kernels/int4.c), else PyTorch's int4 x bfloat16
         compiled = self._attn_kernel is not None
         int4 = pack_int4_w4a8 if compiled else quantize_int4
+        # the int8 format: int8 x 15-bit integer products (kernels/int8.c) for layer widths that are multiples of 4
+        widths = (s.hidden, s.heads * s.head_dim, s.intermediate)
+        i15 = compiled and self.format == "int8" and all(k % 4 == 0 for k in widths)
 
-        def int8(m: torch.Tensor, head: bool = False) -> Int8Weight | Int8PanelWeight:
-            """With the kernels the panel kernel (kernels/panels.c; float32 logits from a head), else
-            PyTorch's int8 x bfloat16 kernel."""
+        def int8(m: torch.Tensor, head: bool = False) -> Int8Weight | Int8PanelWeight | Int8I15Weight:
+            """With the kernels: the int8 format's matrices through the int8 kernel (kernels/int8.c:
+            activations as 15-bit integers, exact integer sums, AMX tiles for blocks of rows where the CPU
+            has them), the int4 format's LM head through the panel kernel (kernels/panels.c); float32
+            logits from a head. Without the kernels PyTorch's int8 x bfloat16 kernel."""
             q = quantize_int8(m)
-            return pack_int8_panels(q, float_out=head) if compiled else q
+            if not compiled:
+                return q
+            return pack_int8_i15(q, float_out=head) if i15 else pack_int8_panels(q, float_out=head)
 
         quantize = {"int8": int8, "int4": int4}.get(self.format)
         pack = self.format == "bfloat16" and self.packed          # oneDNN's prepacked layout (see quant.py)
@@ -414,7 +422,8 @@ class NativeLlama(CausalLM):
               *(b for b in self.bqkv if b is not None)]
         if held and self.embed is not self.lm_head:
             ts.append(self.embed)
-        return sum(t.nbytes() if isinstance(t, (PackedBF16Weight, Int8Weight, Int4Weight, Int4W4A8Weight, PanelWeight))
+        return sum(t.nbytes() if isinstance(t, (PackedBF16Weight, Int8Weight, Int4Weight, Int4W4A8Weight, PanelWeight,
+                                                  Int8I15Weight))
                    else t.numel() * t.element_size()
                    for t in ts)
 
@@ -431,7 +440,7 @@ class NativeLlama(CausalLM):
         return StaticKVCache(self.shape, batch_size, cap)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.embed, (Int8Weight, PanelWeight)):
+        if isinstance(self.embed, (Int8Weight, PanelWeight, Int8I15Weight)):
             return self.embed.rows(ids)                                  # (B, T, H) float32
         return F.embedding(ids, self.embed).float()
 

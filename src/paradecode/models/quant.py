@@ -14,8 +14,8 @@ The module also holds the other weight layouts of the native engine: oneDNN's
 prepacked bfloat16 (:class:`PackedBF16Weight`), int4 for PyTorch's kernel
 (:class:`Int4Weight`) and for the compiled one (:class:`Int4W4A8Weight`), and
 the compiled panel kernel's float32 and int8 panels (:class:`PanelWeight`:
-:class:`F32PanelWeight`, :class:`Int8PanelWeight`, which the int8 format uses where
-the kernels build).
+:class:`F32PanelWeight`, :class:`Int8PanelWeight`: the int4 format's LM head), and
+the int8 format's weights for the compiled int8 kernel (:class:`Int8I15Weight`, where the kernels build).
 """
 
 from __future__ import annotations
@@ -308,19 +308,79 @@ def pack_int8_panels(w: Int8Weight, float_out: bool = False) -> Int8PanelWeight:
     return Int8PanelWeight(panels, w.q.shape[0], scale=scale, float_out=float_out)
 
 
+@dataclass(frozen=True)
+class Int8I15Weight:
+    """An :class:`Int8Weight` packed for the compiled int8 kernel (``models/kernels/int8.c``): output channels
+    in panels of 16, each panel K/4 rows of 64 bytes (row i: inputs 4i .. 4i + 3 of the 16 channels,
+    channel-major), every value stored plus 128 as an unsigned byte; the bfloat16 scales held as float32
+    (the same values). The kernel scales each row of activations to 15-bit integers and sums exact integer
+    dot products (on AMX tiles for blocks of rows where the CPU has them); ``float_out``: float32 outputs
+    (an LM head's logits), else the activations' dtype."""
+
+    panels: torch.Tensor          # (Np/16, K/4, 64) uint8
+    scale: torch.Tensor           # (Np,) float32 (zero for padding channels)
+    n: int                        # true number of output channels
+    float_out: bool = False
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n, self.panels.shape[1] * 4))
+
+    @property
+    def padded(self) -> int:
+        return self.panels.shape[0] * F32_CHANNELS
+
+    def nbytes(self) -> int:
+        return self.panels.numel() + self.scale.numel() * 4
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows ``ids`` (any shape) as float32: an embedding lookup."""
+        p, j = ids // F32_CHANNELS, ids % F32_CHANNELS
+        v = self.panels[p[..., None], :, 4 * j[..., None] + torch.arange(4)]        # (*ids, 4, K/4)
+        return (v.transpose(-1, -2).flatten(-2).float() - 128.0) * self.scale[ids].unsqueeze(-1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        P, R, _ = self.panels.shape
+        u = self.panels.view(P, R, F32_CHANNELS, 4).permute(0, 2, 1, 3).reshape(P * F32_CHANNELS, R * 4)
+        return ((u[:self.n].float() - 128.0) * self.scale[:self.n, None]).to(dtype)
+
+
+def pack_int8_i15(w: Int8Weight, float_out: bool = False) -> Int8I15Weight:
+    """An :class:`Int8Weight` (from :func:`quantize_int8`) packed for the compiled int8 kernel (K a multiple of 4)."""
+    N, K = w.q.shape
+    if K % 4:
+        raise ValueError(f"the int8 kernel needs the input size ({K}) to be a multiple of 4")
+    C = F32_CHANNELS
+    Np = -(-N // C) * C
+    panels = torch.empty(Np // C, K // 4, 4 * C, dtype=torch.uint8)
+    step = 4096 // C
+    for g0 in range(0, Np // C, step):                 # in slices: temporaries stay small
+        g1 = min(Np // C, g0 + step)
+        block = torch.zeros((g1 - g0) * C, K, dtype=torch.int16)
+        rows = w.q[g0 * C:g1 * C]
+        block[:rows.shape[0]] = rows
+        u = (block + 128).to(torch.uint8).view(g1 - g0, C, K // 4, 4).permute(0, 2, 1, 3)
+        panels[g0:g1] = u.reshape(g1 - g0, K // 4, 4 * C)
+    scale = torch.zeros(Np)
+    scale[:N] = w.scale.float()
+    return Int8I15Weight(panels, scale, N, float_out)
+
+
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` that also takes a :class:`PackedBF16Weight`, :class:`Int8Weight`, :class:`Int4Weight`
-    or :class:`Int4W4A8Weight` (then ``x`` must be bfloat16), or an :class:`F32PanelWeight` or
-    :class:`Int8PanelWeight` (the compiled panel kernel)."""
+    or :class:`Int4W4A8Weight` (then ``x`` must be bfloat16), an :class:`F32PanelWeight` or
+    :class:`Int8PanelWeight` (the compiled panel kernel), or an :class:`Int8I15Weight` (the int8 kernel)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
     if isinstance(w, PackedBF16Weight):
         return torch.ops.mkldnn._linear_pointwise(x, w.w, bias, "none", [], "")
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if isinstance(w, (Int4W4A8Weight, PanelWeight)):
+    if isinstance(w, (Int4W4A8Weight, PanelWeight, Int8I15Weight)):
         from . import kernels
 
-        if isinstance(w, Int4W4A8Weight):
+        if isinstance(w, Int8I15Weight):
+            y = kernels.i8_i15_mm(x2, w, torch.float32 if w.float_out else x2.dtype)
+        elif isinstance(w, Int4W4A8Weight):
             y = kernels.int4_mm(x2, w)
         elif isinstance(w, F32PanelWeight):
             y = kernels.f32_mm(x2, w)

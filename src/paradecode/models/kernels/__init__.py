@@ -4,6 +4,9 @@
   whose every output row has the same bits whatever shares its call (``attention.c`` says how);
 * :func:`int4_mm` (``int4.c``): products with the int4 format's weights and int8-quantized activations
   (exact integer dot products), one read of the weights for every row of a call;
+* :func:`i8_i15_mm` (``int8.c``): products with the int8 format's weights and activations scaled to
+  15-bit integers (exact integer dot products; AMX tiles where the CPU has them, so that a call over 16
+  rows costs about one row's);
 * :func:`f32_mm`, :func:`i8_mm` (``panels.c``): products with the float32 format's weights and with
   int8 weights and per-channel scales (the int8 format's, the int4 format's LM head), every output
   the same block sums of fused multiply-adds (bits independent of the call and of the instruction
@@ -41,7 +44,7 @@ import torch
 from ..loading import cache_root
 
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "attention.c", _HERE / "layer.c", _HERE / "int4.c", _HERE / "panels.c")
+_SOURCES = (_HERE / "attention.c", _HERE / "layer.c", _HERE / "int4.c", _HERE / "int8.c", _HERE / "panels.c")
 _HEADERS = (_HERE / "simd.h",)
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None | bool = False      # False: not tried yet; None: unavailable
@@ -144,6 +147,10 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.pd_f32_mm.restype = I
     lib.pd_i8_mm.argtypes = [p, I, L, I, I, p, p, I, p, I, L, I]
     lib.pd_i8_mm.restype = I
+    lib.pd_i8_i15_mm.argtypes = [p, I, L, I, I, p, p, I, p, I, L, I]
+    lib.pd_i8_i15_mm.restype = I
+    lib.pd_amx.argtypes = []
+    lib.pd_amx.restype = I
     lib.pd_openmp.argtypes = []
     lib.pd_openmp.restype = I
     return lib
@@ -153,6 +160,13 @@ def threaded() -> bool:
     """Whether the products can use several threads (the kernels were built with OpenMP)."""
     lib = _load()
     return lib is not None and bool(lib.pd_openmp())
+
+
+def amx() -> bool:
+    """Whether the int8 products of this process take AMX tiles for blocks of rows (``int8.c``;
+    ``PARADECODE_NO_AMX=1``: no)."""
+    lib = _load()
+    return lib is not None and bool(lib.pd_amx())
 
 
 def compiler() -> str | None:
@@ -257,6 +271,23 @@ def i8_mm(x: torch.Tensor, w, out_dtype: torch.dtype, lib: ctypes.CDLL | None = 
     """``x`` (M, K) float32 or bfloat16 with unit column stride, times a
     :class:`~paradecode.models.quant.Int8PanelWeight`: (M, N) in ``out_dtype`` (float32 or bfloat16)."""
     return _panel_mm(x, w, out_dtype, lib)
+
+
+def i8_i15_mm(x: torch.Tensor, w, out_dtype: torch.dtype, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``x`` (M, K) float32 or bfloat16 with unit column stride, times a
+    :class:`~paradecode.models.quant.Int8I15Weight` (15-bit integer activations, ``int8.c``): (M, N) in
+    ``out_dtype`` (float32 or bfloat16)."""
+    lib = lib or _load()
+    if lib is None:
+        raise RuntimeError(f"the int8 kernel is unavailable: {FAILURE}")
+    M, K = x.shape
+    if x.stride(1) != 1:
+        raise ValueError("the int8 kernel takes rows with unit column stride")
+    y = torch.empty(M, w.padded, dtype=out_dtype)
+    if lib.pd_i8_i15_mm(x.data_ptr(), _KIND[x.dtype], x.stride(0), M, K, w.panels.data_ptr(), w.scale.data_ptr(),
+                        w.padded, y.data_ptr(), _KIND[out_dtype], y.stride(0), torch.get_num_threads()):
+        raise MemoryError("the int8 kernel could not allocate its scratch memory")
+    return y if w.padded == w.n else y[:, :w.n]
 
 
 def _panel_mm(x: torch.Tensor, w, out_dtype: torch.dtype, lib: ctypes.CDLL | None) -> torch.Tensor:
