@@ -6,9 +6,10 @@ attention and Qwen2 (q/k/v bias). RoPE scaling follows the checkpoint's
 config through transformers' own RoPE initialisers, so the frequencies are
 the ones transformers uses.
 
-Weight formats (``dtype``): ``float32``; ``bfloat16``; ``int8`` (weight-only,
-per output channel, bfloat16 activations, see :mod:`.quant`); ``int4`` (groups of 32;
-int8 activations with the compiled kernels of :mod:`.kernels`, bfloat16 without). Whatever the
+Weight formats (``dtype``): ``float32``; ``bfloat16``; ``int8`` (per output
+channel; activations as 15-bit integers with the compiled kernels of :mod:`.kernels`,
+bfloat16 without, see :mod:`.quant`); ``int4`` (groups of 32; int8 activations with
+the compiled kernels, bfloat16 without). Whatever the
 format, the residual stream, RoPE, the KV cache and attention run in float32:
 they are a small share of the work and keep the low-precision formats close
 to float32.
