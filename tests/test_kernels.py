@@ -372,12 +372,14 @@ def test_i8_kernel_rows_and_paths_agree_bit_for_bit(lib, tmp_path):
     assert torch.equal(avx2, whole)
 
 
-def test_int8_panels_hold_the_quantized_matrix():
-    """The packing only reorders the int8 values; rows (the embedding lookup) equal the Int8Weight's."""
-    from paradecode.models.quant import pack_int8_panels, quantize_int8
+@pytest.mark.parametrize("pack", ["pack_int8_panels", "pack_int8_i15"])
+def test_int8_packings_hold_the_quantized_matrix(pack):
+    """The packings only reorder (pack_int8_i15: and offset) the int8 values; rows (the embedding lookup) equal
+    the Int8Weight's."""
+    from paradecode.models import quant
 
-    q = quantize_int8(torch.randn(37, 24))
-    packed = pack_int8_panels(q)
+    q = quant.quantize_int8(torch.randn(37, 24))
+    packed = getattr(quant, pack)(q)
     assert packed.shape == (37, 24) and packed.padded == 48
     assert torch.equal(packed.dequantize(), q.dequantize())
     ids = torch.tensor([[0, 36, 17], [16, 15, 1]])
@@ -438,18 +440,6 @@ def test_i15_kernel_rows_and_paths_agree_bit_for_bit(lib, tmp_path):
     assert torch.equal(_without_avx512(tmp_path, code, "PARADECODE_NO_AMX"), whole)
     plain = x.double() @ q.dequantize().double().T
     assert float((whole.double() - plain).abs().max()) < 1e-3 * float(plain.abs().max())
-
-
-def test_int8_i15_panels_hold_the_quantized_matrix():
-    """The packing only reorders (and offsets) the int8 values; rows (the embedding lookup) equal the Int8Weight's."""
-    from paradecode.models.quant import pack_int8_i15, quantize_int8
-
-    q = quantize_int8(torch.randn(37, 24))
-    packed = pack_int8_i15(q)
-    assert packed.shape == (37, 24) and packed.padded == 48
-    assert torch.equal(packed.dequantize(), q.dequantize())
-    ids = torch.tensor([[0, 36, 17], [16, 15, 1]])
-    assert torch.equal(packed.rows(ids), q.rows(ids))
 
 
 def test_f32_panels_hold_the_matrix():

@@ -277,17 +277,7 @@ def i8_i15_mm(x: torch.Tensor, w, out_dtype: torch.dtype, lib: ctypes.CDLL | Non
     """``x`` (M, K) float32 or bfloat16 with unit column stride, times a
     :class:`~paradecode.models.quant.Int8I15Weight` (15-bit integer activations, ``int8.c``): (M, N) in
     ``out_dtype`` (float32 or bfloat16)."""
-    lib = lib or _load()
-    if lib is None:
-        raise RuntimeError(f"the int8 kernel is unavailable: {FAILURE}")
-    M, K = x.shape
-    if x.stride(1) != 1:
-        raise ValueError("the int8 kernel takes rows with unit column stride")
-    y = torch.empty(M, w.padded, dtype=out_dtype)
-    if lib.pd_i8_i15_mm(x.data_ptr(), _KIND[x.dtype], x.stride(0), M, K, w.panels.data_ptr(), w.scale.data_ptr(),
-                        w.padded, y.data_ptr(), _KIND[out_dtype], y.stride(0), torch.get_num_threads()):
-        raise MemoryError("the int8 kernel could not allocate its scratch memory")
-    return y if w.padded == w.n else y[:, :w.n]
+    return _panel_mm(x, w, out_dtype, lib)
 
 
 def _panel_mm(x: torch.Tensor, w, out_dtype: torch.dtype, lib: ctypes.CDLL | None) -> torch.Tensor:
@@ -300,8 +290,11 @@ def _panel_mm(x: torch.Tensor, w, out_dtype: torch.dtype, lib: ctypes.CDLL | Non
     y = torch.empty(M, w.padded, dtype=out_dtype)
     args = (x.data_ptr(), _KIND[x.dtype], x.stride(0), M, K, w.panels.data_ptr())
     tail = (w.padded, y.data_ptr(), _KIND[out_dtype], y.stride(0), torch.get_num_threads())
-    rc = lib.pd_f32_mm(*args, *tail) if w.panels.dtype == torch.float32 else \
-        lib.pd_i8_mm(*args, w.scale.data_ptr(), *tail)
+    if w.panels.dtype == torch.float32:
+        rc = lib.pd_f32_mm(*args, *tail)
+    else:                 # int8 panels (Int8PanelWeight) or the int8 kernel's u8 panels (Int8I15Weight)
+        fn = lib.pd_i8_mm if w.panels.dtype == torch.int8 else lib.pd_i8_i15_mm
+        rc = fn(*args, w.scale.data_ptr(), *tail)
     if rc:
         raise MemoryError("the panel kernel could not allocate its scratch memory")
     return y if w.padded == w.n else y[:, :w.n]

@@ -203,15 +203,6 @@ T512 static void group_512(const uint8_t *wg, int NB, int rows, const int8_t *q,
     for (int r = 0; r < rows; r++) _mm512_storeu_ps(out + r * CG, acc[r]);
 }
 
-static int use_512(void) {
-    static int known = -1;
-    if (known < 0) {
-        __builtin_cpu_init();
-        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                __builtin_cpu_supports("avx512vnni") && getenv("PARADECODE_NO_AVX512") == NULL;
-    }
-    return known;
-}
 #endif
 
 /* the same sums in plain C (the vector paths' bits: exact integer dots, the same float operations) */
@@ -261,7 +252,7 @@ int pd_int4_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t 
     }
     quantize_rows(x, x_kind, ldx, M, K, qa, d, sq, sum);
 #ifdef HAVE_512
-    const int fast = use_512();
+    const int fast = pd_avx512_vnni();
 #endif
     nt = PD_THREADS(nt, (long)N * K);
     (void)nt;

@@ -43,28 +43,30 @@
 #define KT 64           /* inputs per AMX tile step */
 #define AMX_MIN_ROWS 5  /* fewer rows: the vector path (same bits) is about as fast */
 
-/* one row as digits: hi, lo (K each), their sums, and d */
-static void quantize_row(const void *x, int kind, long off, int K, float *buf, int8_t *hi, int8_t *lo, int32_t *sums,
-                         float *d) {
-    to_f32(x, kind, off, K, buf);
+/* inputs k0 .. K-1 of a row (float32 in buf) as digits hi, lo, their sums added to *sh, *sl (d = dd) */
+static void digits(const float *buf, int k0, int K, float dd, int8_t *hi, int8_t *lo, int32_t *sh, int32_t *sl) {
+    for (int k = k0; k < K; k++) {
+        int q = dd > 0.0f ? (int)nearbyintf(buf[k] / dd) : 0;
+        q = q > QMAX ? QMAX : q < -QMAX ? -QMAX : q;
+        const int h = (q + 64) >> 7;                 /* floor((q + 64) / 128): lo = q - 128 h in -64..63 */
+        hi[k] = (int8_t)h;
+        lo[k] = (int8_t)(q - 128 * h);
+        *sh += h;
+        *sl += q - 128 * h;
+    }
+}
+
+/* one row (float32 in buf) as digits: hi, lo (K each), their sums, and d */
+__attribute__((unused)) static void quantize_row(const float *buf, int K, int8_t *hi, int8_t *lo, int32_t *sums,
+                                                 float *d) {
     float amax = 0.0f;
     for (int k = 0; k < K; k++) {
         const float a = fabsf(buf[k]);
         amax = a > amax ? a : amax;
     }
     const float dd = amax / (float)QMAX;
-    int32_t sh = 0, sl = 0;
-    for (int k = 0; k < K; k++) {
-        int q = dd > 0.0f ? (int)nearbyintf(buf[k] / dd) : 0;
-        q = q > QMAX ? QMAX : q < -QMAX ? -QMAX : q;
-        const int h = (q + 64) >> 7;                 /* floor((q + 64) / 128): lo = q - 128 h in -64..63 */
-        hi[k] = (int8_t)h;
-        lo[k] = (int8_t)(q - 128 * h);
-        sh += h;
-        sl += q - 128 * h;
-    }
-    sums[0] = sh;
-    sums[1] = sl;
+    sums[0] = sums[1] = 0;
+    digits(buf, 0, K, dd, hi, lo, sums, sums + 1);
     *d = dd;
 }
 
@@ -211,29 +213,12 @@ T512 static void quantize_row_512(const float *buf, int K, int8_t *hi, int8_t *l
         sh = _mm512_reduce_add_epi32(ah);
         sl = _mm512_reduce_add_epi32(al);
     }
-    for (; k < K; k++) {
-        int q = dd > 0.0f ? (int)nearbyintf(buf[k] / dd) : 0;
-        q = q > QMAX ? QMAX : q < -QMAX ? -QMAX : q;
-        const int h = (q + 64) >> 7;
-        hi[k] = (int8_t)h;
-        lo[k] = (int8_t)(q - 128 * h);
-        sh += h;
-        sl += q - 128 * h;
-    }
+    digits(buf, k, K, dd, hi, lo, &sh, &sl);
     sums[0] = sh;
     sums[1] = sl;
     *d = dd;
 }
 
-static int use_512(void) {
-    static int known = -1;
-    if (known < 0) {
-        __builtin_cpu_init();
-        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                __builtin_cpu_supports("avx512vnni") && getenv("PARADECODE_NO_AVX512") == NULL;
-    }
-    return known;
-}
 
 /* AMX: the CPU has the tiles, and Linux lets this process use them (arch_prctl ARCH_REQ_XCOMP_PERM for
  * XFEATURE_XTILEDATA, as PyTorch's oneDNN asks) */
@@ -241,7 +226,7 @@ static int use_amx(void) {
     static int known = -1;
     if (known < 0) {
         __builtin_cpu_init();
-        known = use_512() && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
+        known = pd_avx512_vnni() && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
                 getenv("PARADECODE_NO_AMX") == NULL && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
     }
     return known;
@@ -334,8 +319,13 @@ int pd_amx(void) {
  * floats), the panels on up to nt threads. Returns 0, or -1 when scratch memory could not be allocated. */
 int pd_i8_i15_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t *w, const float *scale, int N,
                  void *y, int y_kind, long ldy, int nt) {
-    const int Mp = (M + TR - 1) / TR * TR;           /* AMX reads whole tiles of rows: zero rows past M */
-    int8_t *hi = (int8_t *)calloc((size_t)Mp * K + 1, 1), *lo = (int8_t *)calloc((size_t)Mp * K + 1, 1);
+#ifdef HAVE_512
+    const int fast = pd_avx512_vnni(), amx = M >= AMX_MIN_ROWS && K % KT == 0 && use_amx();
+#else
+    const int amx = 0;
+#endif
+    const int Mp = amx ? (M + TR - 1) / TR * TR : M;     /* AMX reads whole tiles of rows: zero rows past M */
+    int8_t *hi = (int8_t *)malloc((size_t)Mp * K + 1), *lo = (int8_t *)malloc((size_t)Mp * K + 1);
     int32_t *sums = (int32_t *)malloc(sizeof(int32_t) * 2 * (size_t)M);
     float *d = (float *)malloc(sizeof(float) * (size_t)M), *buf = (float *)malloc(sizeof(float) * (size_t)K);
     if (!hi || !lo || !sums || !d || !buf) {
@@ -346,22 +336,23 @@ int pd_i8_i15_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_
         free(buf);
         return -1;
     }
+    memset(hi + (long)M * K, 0, (size_t)(Mp - M) * K);
+    memset(lo + (long)M * K, 0, (size_t)(Mp - M) * K);
     for (int m = 0; m < M; m++) {
+        to_f32(x, x_kind, (long)m * ldx, K, buf);
 #ifdef HAVE_512
-        if (use_512()) {
-            to_f32(x, x_kind, (long)m * ldx, K, buf);
+        if (fast) {
             quantize_row_512(buf, K, hi + (long)m * K, lo + (long)m * K, sums + 2 * m, d + m);
             continue;
         }
 #endif
-        quantize_row(x, x_kind, (long)m * ldx, K, buf, hi + (long)m * K, lo + (long)m * K, sums + 2 * m, d + m);
+        quantize_row(buf, K, hi + (long)m * K, lo + (long)m * K, sums + 2 * m, d + m);
     }
     const int C = N / CG;
     nt = PD_THREADS(nt, (long)N * K);
     (void)nt;
 #ifdef HAVE_512
-    const int fast = use_512();
-    if (M >= AMX_MIN_ROWS && K % KT == 0 && use_amx()) {
+    if (amx) {
 #ifdef _OPENMP
         _Pragma("omp parallel num_threads(nt) if(nt > 1)")
         {

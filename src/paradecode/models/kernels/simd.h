@@ -89,6 +89,21 @@ static inline void vstore_bf16(uint16_t *p, vf x) {
 #define PD_PARALLEL_FOR(nt)
 #endif
 
+#if defined(__AVX2__) && defined(__x86_64__) && defined(__GNUC__)
+#include <stdlib.h>
+/* whether the CPU runs AVX-512 with VNNI (and PARADECODE_NO_AVX512 is unset): the int4 and int8 kernels'
+ * run-time upgrade of the AVX2 build; asked once per kernel file */
+static inline int pd_avx512_vnni(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vnni") && getenv("PARADECODE_NO_AVX512") == NULL;
+    }
+    return known;
+}
+#endif
+
 /* activation types of the kernels' arguments */
 enum { KIND_F32 = 1, KIND_BF16 = 2 };
 
