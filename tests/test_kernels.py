@@ -418,12 +418,12 @@ def test_i15_kernel_computes_its_formula(lib, M, N, K4, kind, seed):
 
 def test_i15_kernel_rows_and_paths_agree_bit_for_bit(lib, tmp_path):
     """An output's bits depend on its row and channel only: alone, in blocks below and above the AMX
-    threshold, in plain C as with AVX2, with AVX-512 VNNI as on AMX tiles (where the CPU has them). Close to
-    the product with the bfloat16 activations themselves."""
+    threshold, in plain C as with AVX2, with AVX-512 VNNI as on AMX tiles (where the CPU has them; 39 panels:
+    AMX takes them in pairs, the last alone). Close to the product with the bfloat16 activations themselves."""
     from paradecode.models.quant import pack_int8_i15, quantize_int8
 
     g = torch.Generator().manual_seed(5)
-    w, x = torch.randn(600, 576, generator=g) * 0.05, torch.randn(37, 576, generator=g).to(torch.bfloat16)
+    w, x = torch.randn(616, 576, generator=g) * 0.05, torch.randn(37, 576, generator=g).to(torch.bfloat16)
     q = quantize_int8(w)
     packed = pack_int8_i15(q, float_out=True)
     whole = kernels.i8_i15_mm(x, packed, torch.float32, lib)
@@ -433,7 +433,7 @@ def test_i15_kernel_rows_and_paths_agree_bit_for_bit(lib, tmp_path):
     for rows in (2, 4, 5, 8, 16, 17, 33):
         assert torch.equal(kernels.i8_i15_mm(x[:rows], packed, torch.float32, lib), whole[:rows]), rows
     code = ("from paradecode.models.quant import pack_int8_i15, quantize_int8;"
-            "g = torch.Generator().manual_seed(5); w = torch.randn(600, 576, generator=g) * 0.05;"
+            "g = torch.Generator().manual_seed(5); w = torch.randn(616, 576, generator=g) * 0.05;"
             "x = torch.randn(37, 576, generator=g).to(torch.bfloat16);"
             "y = kernels.i8_i15_mm(x, pack_int8_i15(quantize_int8(w), float_out=True), torch.float32)")
     assert torch.equal(_without_avx512(tmp_path, code), whole)

@@ -238,44 +238,35 @@ typedef struct {
     uint8_t rows[16];
 } __attribute__((packed)) tile_config;
 
-/* tiles 0-3: int32 sums (16 rows x 16 channels) of hi and lo, even and odd steps; 4, 5: the hi and lo
- * digits of 16 rows x 64 inputs; 6: the weights of one step (16 rows of 64 bytes) */
+/* tiles 0, 1: the int32 sums (16 rows x 16 channels) of hi and lo for one panel, 2, 3: for the next;
+ * 4, 5: the hi and lo digits of 16 rows x 64 inputs; 6, 7: the two panels' weights for one step */
 TAMX static void amx_configure(void) {
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    for (int t = 0; t < 7; t++) c.rows[t] = TR, c.colsb[t] = 64;
+    for (int t = 0; t < 8; t++) c.rows[t] = TR, c.colsb[t] = 64;
     _tile_loadconfig(&c);
 }
 
-/* 16 rows (digits at row stride K, zeros past the call's rows) times one panel: the sums */
-TAMX static void panel_amx(const uint8_t *w, int K, const int8_t *hi, const int8_t *lo, int32_t *s) {
-    const int NS = K / KT;
+/* 16 rows (digits at row stride K, zeros past the call's rows) times two panels a and b: the sums, each
+ * step's digit tiles loaded once for both (a == b computes one panel twice) */
+TAMX static void panel_pair_amx(const uint8_t *wa, const uint8_t *wb, int K, const int8_t *hi, const int8_t *lo,
+                                int32_t *s) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    int k = 0;
-    for (; k + 1 < NS; k += 2) {
-        _tile_loadd(6, w + (long)k * 1024, 64);
+    for (int k = 0; k < K / KT; k++) {
         _tile_loadd(4, hi + (long)k * KT, K);
+        _tile_loadd(6, wa + (long)k * 1024, 64);
         _tile_loadd(5, lo + (long)k * KT, K);
         _tile_dpbsud(0, 4, 6);
-        _tile_dpbsud(2, 5, 6);
-        _tile_loadd(6, w + (long)(k + 1) * 1024, 64);
-        _tile_loadd(4, hi + (long)(k + 1) * KT, K);
-        _tile_loadd(5, lo + (long)(k + 1) * KT, K);
-        _tile_dpbsud(1, 4, 6);
-        _tile_dpbsud(3, 5, 6);
+        _tile_loadd(7, wb + (long)k * 1024, 64);
+        _tile_dpbsud(1, 5, 6);
+        _tile_dpbsud(2, 4, 7);
+        _tile_dpbsud(3, 5, 7);
     }
-    if (k < NS) {
-        _tile_loadd(6, w + (long)k * 1024, 64);
-        _tile_loadd(4, hi + (long)k * KT, K);
-        _tile_loadd(5, lo + (long)k * KT, K);
-        _tile_dpbsud(0, 4, 6);
-        _tile_dpbsud(2, 5, 6);
-    }
-    _tile_stored(0, s, 64);
+    _tile_stored(0, s, 64);                 /* tile numbers are immediates */
     _tile_stored(1, s + TR * CG, 64);
     _tile_stored(2, s + 2 * TR * CG, 64);
     _tile_stored(3, s + 3 * TR * CG, 64);
@@ -286,21 +277,23 @@ TAMX static void panels_amx(int c0, int c1, int M, int K, const uint8_t *w, cons
                             const int32_t *sums, const float *d, const float *scale, void *y, int y_kind, long ldy) {
     int32_t s[4 * TR * CG] __attribute__((aligned(64)));
     amx_configure();
-    for (int c = c0; c < c1; c++)
+    for (int c = c0; c < c1; c += 2) {
+        const int np = c + 1 < c1 ? 2 : 1;                  /* panels in this pair */
         for (int m0 = 0; m0 < M; m0 += TR) {
             const int rows = M - m0 < TR ? M - m0 : TR;
-            panel_amx(w + (long)c * K * CG, K, hi + (long)m0 * K, lo + (long)m0 * K, s);
-            for (int r = 0; r < rows; r++) {
-                const int e = r * CG;
-                const __m512i h = _mm512_add_epi32(_mm512_load_si512((const void *)(s + e)),
-                                                   _mm512_load_si512((const void *)(s + TR * CG + e)));
-                const __m512i l = _mm512_add_epi32(_mm512_load_si512((const void *)(s + 2 * TR * CG + e)),
-                                                   _mm512_load_si512((const void *)(s + 3 * TR * CG + e)));
-                finish_row_512(_mm512_sub_epi32(h, _mm512_set1_epi32(128 * sums[2 * (m0 + r)])),
-                               _mm512_sub_epi32(l, _mm512_set1_epi32(128 * sums[2 * (m0 + r) + 1])), d[m0 + r],
-                               scale + (long)c * CG, y, y_kind, (long)(m0 + r) * ldy + (long)c * CG);
-            }
+            panel_pair_amx(w + (long)c * K * CG, w + (long)(c + np - 1) * K * CG, K, hi + (long)m0 * K,
+                           lo + (long)m0 * K, s);
+            for (int p = 0; p < np; p++)
+                for (int r = 0; r < rows; r++) {
+                    const int32_t *e = s + 2 * p * TR * CG + r * CG;
+                    const __m512i h = _mm512_load_si512((const void *)e);
+                    const __m512i l = _mm512_load_si512((const void *)(e + TR * CG));
+                    finish_row_512(_mm512_sub_epi32(h, _mm512_set1_epi32(128 * sums[2 * (m0 + r)])),
+                                   _mm512_sub_epi32(l, _mm512_set1_epi32(128 * sums[2 * (m0 + r) + 1])), d[m0 + r],
+                                   scale + (long)(c + p) * CG, y, y_kind, (long)(m0 + r) * ldy + (long)(c + p) * CG);
+                }
         }
+    }
     _tile_release();
 }
 #endif
