@@ -214,17 +214,19 @@ def bench_generate(models, formats, path, reps: int, new_tokens: int = 64, n_pro
 
 
 def llamacpp_unavailable() -> str | None:
-    """Why the llama.cpp section cannot run here, or None."""
+    """Why the llama.cpp section cannot run here, or None (a build that crashes, e.g. its AMX kernels on some
+    machines, is caught by the bench peer's smoke test in a child process: see docs/benchmark.md)."""
+    from paradecode.bench.peers import smoke_test_llama
     from paradecode.errors import UserError
     from paradecode.models.loading import default_gguf
 
     if importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed (pip install 'paradecode[llamacpp]')"
     try:
-        default_gguf()
+        gguf = default_gguf()
     except UserError as e:
         return e.message
-    return None
+    return smoke_test_llama(gguf)
 
 
 class LlamaCppForward:
