@@ -17,6 +17,7 @@ from scipy.stats import chisquare
 
 from paradecode.api import generate
 from paradecode.decoding.sink import TokenSink
+from paradecode.decoding.tree import Draft
 from paradecode.decoding.verify import Verdict
 from paradecode.drafters.chain import ChainDrafter, common_prefix, draft_seed, next_draft_length
 from paradecode.errors import UserError
@@ -117,12 +118,12 @@ def test_same_weights_draft_is_always_accepted(target, twin):
 @settings(max_examples=12, deadline=None)
 @given(n=st.integers(1, 20), seed=st.integers(0, 1000), k=st.integers(1, 6),
        schedule=st.sampled_from(["heuristic", "constant"]), conf=st.sampled_from([0.0, 0.05, 0.3]),
-       budget=st.integers(1, 40))
-def test_greedy_matches_plain(target, small, n, seed, k, schedule, conf, budget):
+       budget=st.integers(1, 40), siblings=st.integers(0, 3))
+def test_greedy_matches_plain(target, small, n, seed, k, schedule, conf, budget, siblings):
     p = _prompt(n, seed)
     ref = _plain(target, p, budget)
     r = generate(target, p, "draft", {"draft_model": small, "num_draft_tokens": k, "max_draft_tokens": max(k, 8),
-                                      "schedule": schedule, "confidence_threshold": conf},
+                                      "schedule": schedule, "confidence_threshold": conf, "siblings": siblings},
                  max_new_tokens=budget, ignore_eos=True)
     assert r.token_ids == ref.token_ids
 
@@ -179,6 +180,42 @@ def test_needs_a_draft_model(target):
         get_method("draft", {"num_draft_tokens": 40})
     with pytest.raises(UserError, match="confidence_threshold"):
         get_method("draft", {"confidence_threshold": "1.5"})
+    with pytest.raises(UserError, match="siblings"):
+        get_method("draft", {"siblings": 4})
+
+
+# -- sibling leaves --------------------------------------------------------------------------------
+def test_siblings_rank_nodes_by_path_probability():
+    """Chain a b c (the draft's probabilities .9 .5 .4) with siblings x beside b (.3) and y beside c (.35):
+    the likeliest nodes first, every parent before its children, a sibling right after the chain token
+    beside it at equal rank; a budget of 4 keeps the 4 likeliest."""
+    d = ModelDrafter.__new__(ModelDrafter)
+    d.stats = DecodeStats()
+    a, b, c, x, y = 11, 12, 13, 21, 22
+    chain = Draft.chain([a, b, c])
+    alternatives = [[], [(x, 0.3)], [(y, 0.35)]]
+    # priorities: a .9, b .45, c .18, x .9 * .3 = .27, y min(.45 * .35, .18) = .1575
+    out = d._with_siblings(chain, 3, [0.9, 0.5, 0.4], alternatives, max_nodes=10)
+    assert out.tokens == [a, b, x, c, y]
+    assert out.parents == [-1, 0, 0, 1, 1]
+    assert d.stats.extra["sibling_nodes"] == 2
+    assert d._with_siblings(chain, 3, [0.9, 0.5, 0.4], alternatives, max_nodes=4).tokens == [a, b, x, c]
+    capped = d._with_siblings(Draft.chain([a, b]), 2, [0.9, 0.2], [[], [(x, 0.7)]], max_nodes=10)
+    assert capped.tokens == [a, b, x]                 # sampled b less likely than x: b is still tried first
+
+
+def test_siblings_are_verified_and_accepted(target, small):
+    """A 1-layer draft often ranks the target's token second: with siblings those calls keep it."""
+    hits = 0
+    for seed in range(6):
+        p = _prompt(8, seed)
+        ref = _plain(target, p, 30)
+        r = generate(target, p, "draft", {"draft_model": small, "siblings": 2, "backoff": False}, max_new_tokens=30,
+                     ignore_eos=True)
+        assert r.token_ids == ref.token_ids
+        assert r.stats.extra["sibling_nodes"] > 0
+        hits += r.stats.extra.get("sibling_hits", 0)
+    assert hits > 0
 
 
 # -- sampling: exact distribution -------------------------------------------------------------------
@@ -248,6 +285,43 @@ def test_sampling_is_exact(small_vocab_pair, gen):
     t, d = small_vocab_pair
     counts = sampled_pairs(t, PROMPT, "draft", DRAFT_OPTIONS | {"draft_model": d}, gen, RUNS)
     assert chi2_pvalue(counts, exact_pair_distribution(t, PROMPT, gen)) > 1e-4
+
+
+@pytest.mark.parametrize("gen", SAMPLING, ids=["t1-top3", "t0.7-topp0.9"])
+def test_sampling_is_exact_with_siblings(small_vocab_pair, gen):
+    """Siblings are deterministic leaves (one-hot q) tried after the sampled chain token beside them."""
+    t, d = small_vocab_pair
+    options = DRAFT_OPTIONS | {"draft_model": d, "siblings": 2, "backoff": False}
+    assert sum(generate(t, PROMPT, "draft", options, max_new_tokens=4, temperature=gen.temperature, top_k=gen.top_k,
+                        top_p=gen.top_p, seed=s, ignore_eos=True).stats.extra.get("sibling_hits", 0)
+               for s in range(40)) > 0
+    counts = sampled_pairs(t, PROMPT, "draft", options, gen, RUNS)
+    assert chi2_pvalue(counts, exact_pair_distribution(t, PROMPT, gen)) > 1e-4
+
+
+def test_negative_control_siblings_before_the_sampled_token_are_detected(small_vocab_pair, monkeypatch):
+    """Siblings tried before the sampled chain token beside them (a deterministic candidate chosen given the
+    sample, then the sample against the residual): not the target distribution, and the test must say so."""
+    t, d = small_vocab_pair
+    rank = ChainDrafter._with_siblings
+
+    def siblings_first(self, *args):
+        draft = rank(self, *args)
+        kids: dict[int, list[int]] = {}
+        for i, p in enumerate(draft.parents):
+            kids.setdefault(p, []).append(i)
+        order, stack = [], list(kids.get(-1, []))     # pre-order with every node's children reversed
+        while stack:
+            i = stack.pop()
+            order.append(i)
+            stack.extend(kids.get(i, []))
+        return draft.select(order)
+
+    monkeypatch.setattr(ChainDrafter, "_with_siblings", siblings_first)
+    gen = SAMPLING[0]
+    counts = sampled_pairs(t, PROMPT, "draft", DRAFT_OPTIONS | {"draft_model": d, "siblings": 2, "backoff": False},
+                           gen, RUNS)
+    assert chi2_pvalue(counts, exact_pair_distribution(t, PROMPT, gen)) < 1e-4
 
 
 def test_negative_control_q_without_top_k_is_detected(small_vocab_pair, monkeypatch):

@@ -74,12 +74,13 @@ def test_int4_refuses_unsuitable_widths():
 # -- greedy: identical to plain ---------------------------------------------------------------------
 @settings(max_examples=12, deadline=None)
 @given(n=st.integers(1, 20), seed=st.integers(0, 1000), k=st.integers(1, 8), budget=st.integers(1, 30),
-       fmt=st.sampled_from(["int4", "int8"]), threshold=st.sampled_from([0.0, 0.3, 0.9]))
-def test_greedy_matches_plain_tiny(tiny32, n, seed, k, budget, fmt, threshold):
+       fmt=st.sampled_from(["int4", "int8"]), threshold=st.sampled_from([0.0, 0.3, 0.9]), siblings=st.integers(0, 3))
+def test_greedy_matches_plain_tiny(tiny32, n, seed, k, budget, fmt, threshold, siblings):
     p = _prompt(n, seed)
     ref = generate(tiny32, p, "plain", max_new_tokens=budget, ignore_eos=True)
     r = generate(tiny32, p, "quantspec", {"num_draft_tokens": k, "max_draft_tokens": max(k, 8),
-                                          "draft_format": fmt, "confidence_threshold": threshold},
+                                          "draft_format": fmt, "confidence_threshold": threshold,
+                                          "siblings": siblings},
                  max_new_tokens=budget, ignore_eos=True)
     assert r.token_ids == ref.token_ids
     assert r.stats.extra["draft_format"] == fmt
@@ -190,6 +191,16 @@ def test_sampling_is_exact():
     assert chi2_pvalue(counts, exact_pair_distribution(t, prompt, gen)) > 1e-4
 
 
+def test_sampling_is_exact_with_siblings():
+    t = tiny_model("llama", seed=5, layers=2, vocab_size=8, hidden=64, intermediate=128)
+    gen = GenerationConfig(temperature=1.0, top_k=4)
+    prompt = [3, 7, 4]
+    options = {"confidence_threshold": 0.0, "schedule": "constant", "num_draft_tokens": 2, "backoff": False,
+               "siblings": 2, "lookup_ngram": 0}
+    counts = sampled_pairs(t, prompt, "quantspec", options, gen, 600)
+    assert chi2_pvalue(counts, exact_pair_distribution(t, prompt, gen)) > 1e-4
+
+
 def test_sampling_is_exact_with_lookup_extensions():
     """The first call finds no lookup for its context (…, 6, t1), the twin drafts, and its token almost always
     ends on a bigram of the prompt: a lookup tail follows (one-hot q rows below the twin's q row)."""
@@ -221,7 +232,7 @@ def test_default_model_matches_plain_on_all_prompts(default_model):
     (it holds the GGUF file's own 4-bit codes), so most drafted tokens are accepted."""
     mismatches, accepted, drafted = [], 0, 0
     for i, prompt in enumerate(PROMPTS):
-        options = {"draft_format": "int8"} if i % 7 == 3 else {"num_draft_tokens": 1 + i % 8}
+        options = {"draft_format": "int8"} if i % 7 == 3 else {"num_draft_tokens": 1 + i % 8, "siblings": i % 3}
         ref = generate(default_model, prompt, "plain", chat=True, max_new_tokens=24)
         r = generate(default_model, prompt, "quantspec", options, chat=True, max_new_tokens=24)
         if r.token_ids != ref.token_ids:

@@ -37,16 +37,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from ..decoding.speculative import Drafter
 from ..decoding.tree import Draft
 from ..decoding.verify import Verdict
-from ..methods.base import check, option
+from ..methods.base import check, check_range, option
 from ..models.base import CausalLM, KVCache
 from ..sampling import GenerationConfig, argmax, sample, target_probs
 from ..stats import DecodeStats
 
 Schedule = Literal["heuristic", "constant"]
+MIN_SIBLING_PROB = 0.05     # a sibling leaf the draft gives less than this is not worth a verification row
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class ChainDraftOptions:
     backoff: bool = option(True, "fall back to plain steps while drafts are rejected or cost more per token "
                                  "than plain decoding")
     size_drafts: bool = option(True, "pick each call's draft budget for the most tokens per second expected from recent calls (with backoff)")
+    siblings: int = option(0, "also propose the draft's next-likeliest tokens (up to this many per position, each "
+                              f"with probability ≥ {MIN_SIBLING_PROB}) as leaves beside the chain, verified in the same call "
+                              "(a tree; 0: a chain)")
 
     def validate(self) -> None:
         check(self.min_draft_tokens >= 1, "min_draft_tokens", f"must be ≥ 1, got {self.min_draft_tokens}",
@@ -75,6 +80,7 @@ class ChainDraftOptions:
               "pick a value between min_draft_tokens and max_draft_tokens")
         check(0.0 <= self.confidence_threshold < 1.0, "confidence_threshold",
               f"must be in [0, 1), got {self.confidence_threshold}", "use e.g. 0.3, or 0 to disable")
+        check_range(self.siblings, 0, 3, "siblings", 1)
 
     def chain_options(self) -> "ChainDraftOptions":
         """Just the shared fields (method configs subclass this one)."""
@@ -127,6 +133,7 @@ class ChainDrafter(Drafter):
         self.cache: KVCache | None = None
         self.cached: list[int] = []           # the tokens whose draft keys/values fill the cache
         self.last_drafted = 0
+        self._proposal: tuple[int, list[int]] = (0, [])   # (context length, chain + tail) of the last draft
         self.prompt_len = 0
         self.gen: GenerationConfig | None = None
         self.stats: DecodeStats | None = None
@@ -172,16 +179,25 @@ class ChainDrafter(Drafter):
         k = min(self.k, max_nodes, self.cache.capacity - len(context) + 1, self.gen.max_new_tokens - produced - 1)
         if k <= 0:
             self.last_drafted = 0
+            self._proposal = (len(context), [])
             return Draft.empty()
         logits = self._catch_up(context)                             # (V,)
         tokens: list[int] = []
         qs: list[torch.Tensor] = []
         tail: list[int] = []
+        probs: list[float] = []                       # the draft's probability of each chain token
+        alternatives: list[list[tuple[int, float]]] = []   # per position: (token, probability) of siblings
         for i in range(k):
             tok, q = self._pick(logits)
             tokens.append(tok)
             if q is not None:
                 qs.append(q)
+            if self.opt.siblings:
+                dist = q if q is not None else logits.float().softmax(-1)
+                top_p, top_t = dist.topk(self.opt.siblings + 1)
+                probs.append(float(dist[tok]))
+                alternatives.append([(int(t), float(pr)) for t, pr in zip(top_t, top_p)
+                                     if int(t) != tok and float(pr) >= MIN_SIBLING_PROB][:self.opt.siblings])
             tail = self.free_tail(context, tokens, max_nodes - len(tokens))
             if tail or i == k - 1:
                 break
@@ -192,14 +208,63 @@ class ChainDrafter(Drafter):
         self.last_drafted = len(tokens)
         hist = self.stats.extra["draft_lengths"]
         hist[len(tokens)] = hist.get(len(tokens), 0) + 1
-        return Draft.chain(tokens, q=torch.stack(qs) if qs else None).then(Draft.chain(tail))  # q: (n, V) or None
+        chain = Draft.chain(tokens, q=torch.stack(qs) if qs else None).then(Draft.chain(tail))  # q: (n, V) or None
+        self._proposal = (len(context), chain.tokens)
+        if not any(alternatives):
+            return chain
+        return self._with_siblings(chain, len(tokens), probs, alternatives, max_nodes)
+
+    def _with_siblings(self, chain: Draft, drafted: int, probs: list[float],
+                       alternatives: list[list[tuple[int, float]]], max_nodes: int) -> Draft:
+        """``chain`` (``drafted`` draft-LM tokens, then a free tail) plus sibling leaves: the ``max_nodes``
+        likeliest nodes, likeliest first.
+
+        A node's priority is the draft's probability of its path (a free tail's tokens count as certain);
+        the nodes are listed by falling priority, so a budget that keeps the first b nodes keeps the b
+        likeliest. That order is topological (a child is never likelier than its parent, and ties keep the
+        parent first). A sibling is a deterministic draft (one-hot q), ranked no higher than the chain token
+        beside it, so when sampling the verifier tries the chain token, drawn from q, first: rejection then
+        leaves the residual of q, and a deterministic candidate tried against it keeps the output exact.
+        """
+        n = len(chain)
+        path = []                                     # priority of chain node i
+        p = 1.0
+        for i in range(n):
+            p *= probs[i] if i < drafted else 1.0
+            path.append(p)
+        tokens, parents, priority = list(chain.tokens), list(chain.parents), list(path)
+        for i, alts in enumerate(alternatives):
+            above = path[i - 1] if i else 1.0
+            for tok, pr in alts:
+                tokens.append(tok)
+                parents.append(i - 1)
+                priority.append(min(above * pr, path[i]))
+        q = None
+        if chain.q is not None:
+            vocab = chain.q.shape[-1]
+            q = torch.cat([chain.q, F.one_hot(torch.tensor(tokens[n:]), vocab).float()])
+        order = sorted(range(len(tokens)), key=lambda j: -priority[j])[:max_nodes]   # stable: ties keep order
+        self.stats.extra["sibling_nodes"] = self.stats.extra.get("sibling_nodes", 0) + sum(j >= n for j in order)
+        return Draft(tokens, parents, q).select(order)
 
     def observe(self, context: list[int], verdict: Verdict, logits: torch.Tensor) -> None:
         # k learns from the draft LM's own tokens (not a free tail), as many as survived truncation
-        drafted = self.last_drafted if verdict.draft is None else min(self.last_drafted, len(verdict.draft))
+        drafted = self.last_drafted if verdict.draft is None else min(self.last_drafted, verdict.draft.depth)
+        if self.opt.siblings:
+            self._count_sibling_hits(context, verdict)
         o = self.opt
         self.k = next_draft_length(self.k, drafted, min(verdict.num_accepted, drafted), o.min_draft_tokens,
                                    o.max_draft_tokens, o.schedule)
+
+    def _count_sibling_hits(self, context: list[int], verdict: Verdict) -> None:
+        """Count the calls whose accepted path ends on a sibling leaf (``stats.extra["sibling_hits"]``)."""
+        start, chain = self._proposal
+        first = len(context) - len(verdict.tokens)              # where the verified call's tokens begin
+        for j, tok in enumerate(verdict.tokens[:verdict.num_accepted]):
+            d = first + j - start                               # depth in this drafter's proposal
+            if 0 <= d < len(chain) and tok != chain[d]:
+                self.stats.extra["sibling_hits"] = self.stats.extra.get("sibling_hits", 0) + 1
+                break
 
     def memory_bytes(self) -> int:
         c = self.cache
