@@ -65,9 +65,9 @@ class ChainDraftOptions:
     backoff: bool = option(True, "fall back to plain steps while drafts are rejected or cost more per token "
                                  "than plain decoding")
     size_drafts: bool = option(True, "pick each call's draft budget for the most tokens per second expected from recent calls (with backoff)")
-    siblings: int = option(0, "also propose the draft's next-likeliest tokens (up to this many per position, each "
-                              f"with probability ≥ {MIN_SIBLING_PROB}) as leaves beside the chain, verified in the same call "
-                              "(a tree; 0: a chain)")
+    siblings: int = option(0, "also propose the draft's next-likeliest tokens (up to this many per position, "
+                              f"each with probability ≥ {MIN_SIBLING_PROB}) as leaves beside the chain, verified "
+                              "in the same call (a tree; 0: a chain)")
 
     def validate(self) -> None:
         check(self.min_draft_tokens >= 1, "min_draft_tokens", f"must be ≥ 1, got {self.min_draft_tokens}",
