@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,14 +82,14 @@ def test_attention_rows_do_not_depend_on_their_call(fn):
     """A row's bits depend only on its query and on the keys/values it sees, in cache order: not on the
     other rows of the call, nor on masked slots between the visible ones, nor on the storage beyond."""
     B, Hkv, G, D, S = 1, 3, 3, 64, 203
-    qk, kt, v = _case(B, 6, Hkv, G, D, S, 256, 0)
+    qk, kt, v = _case(B, 11, Hkv, G, D, S, 256, 0)
     g = torch.Generator().manual_seed(9)
-    allow = torch.rand(B, 6, S, generator=g) < 0.6
-    allow[0, torch.arange(6), S - 6 + torch.arange(6)] = True
+    allow = torch.rand(B, 11, S, generator=g) < 0.6
+    allow[0, torch.arange(11), S - 11 + torch.arange(11)] = True
     scale = 1 / math.sqrt(D)
-    whole = torch.empty(B, 6, Hkv * G, D)
+    whole = torch.empty(B, 11, Hkv * G, D)                 # two blocks of tokens (8 + 3)
     kernels.attend(fn, qk, kt, v, allow, whole, G, scale, S)
-    for t in range(6):
+    for t in range(11):
         # the same query alone, against a compacted cache holding only the slots it may see
         seen = allow[0, t].nonzero().flatten()
         kt1, v1 = torch.zeros(B, Hkv, D, 512), torch.zeros(B, Hkv, 512, D)
@@ -96,6 +97,21 @@ def test_attention_rows_do_not_depend_on_their_call(fn):
         one = torch.empty(B, 1, Hkv * G, D)
         kernels.attend(fn, qk[:, t:t + 1].contiguous(), kt1, v1, None, one, G, scale, len(seen))
         assert torch.equal(one[:, 0], whole[:, t]), t
+
+
+@pytest.mark.parametrize("G, D", [(3, 64), (8, 80), (2, 128)])
+def test_attention_has_the_same_bits_with_and_without_avx512(tmp_path, G, D):
+    """The AVX-512 scores and weighted sums (where the CPU has them) do each lane's operations in the AVX2
+    code's order: the same bits (D = 80: AVX-512 scores, AVX2 weighted sums)."""
+    code = (f"import math; from test_kernels import _case; qk, kt, v = _case(1, 11, 2, {G}, {D}, 300, 320, 4);"
+            f"g = torch.Generator().manual_seed(2); allow = torch.rand(1, 11, 300, generator=g) < 0.7;"
+            f"y = torch.empty(1, 11, 2 * {G}, {D});"
+            f"kernels.attend(kernels.attention_kernel(), qk, kt, v, allow, y, {G}, 1 / math.sqrt({D}), 300)")
+    qk, kt, v = _case(1, 11, 2, G, D, 300, 320, 4)
+    allow = torch.rand(1, 11, 300, generator=torch.Generator().manual_seed(2)) < 0.7
+    y = torch.empty(1, 11, 2 * G, D)
+    kernels.attend(kernels.attention_kernel(), qk, kt, v, allow, y, G, 1 / math.sqrt(D), 300)
+    assert torch.equal(_without_avx512(tmp_path, f"sys.path.insert(0, {str(Path(__file__).parent)!r}); " + code), y)
 
 
 def test_kernels_can_be_turned_off():

@@ -8,14 +8,18 @@
  *   out      = (sum over visible s, in order, of e[s] * V[s]) / (sum over visible s, in order, of e[s])
  *
  * Nothing depends on how many tokens share the call, on where the row sits in it, on how many
- * slots the cache holds beyond the visible ones, or on the thread count (the kernel runs on the
- * calling thread). So a token's attention output has the same bits alone, in a block, and as a
+ * slots the cache holds beyond the visible ones, or on the thread count (one thread computes a row
+ * whole). So a token's attention output has the same bits alone, in a block, and as a
  * node of a token tree whose ancestors sit at other cache slots: masked slots are skipped, never
  * added as zeros. This is what lets greedy verification use every tree node's logits.
  *
- * Plain C with AVX2+FMA intrinsics where the compiler targets them, portable scalar C elsewhere (same
- * formulas, its own bits; the engine's invariance holds per machine, not across machines). The loader
- * compiles without AVX-512 on x86: one vector path, the one tested on the machines here.
+ * Work is dealt out per (sequence, kv head, block of TB new tokens): the query rows of those tokens' G heads
+ * share every block of keys and every chunk of values read from the cache (a 16-token verification call
+ * reads the cache twice per layer, not 16 times). Plain C with AVX2+FMA intrinsics where the compiler
+ * targets them, portable scalar C elsewhere (same formulas, its own bits; the engine's invariance holds
+ * per machine, not across machines). The loader compiles without AVX-512 on x86; where the CPU has it
+ * (and PARADECODE_NO_AVX512 is unset) the scores and the weighted sums run 16 lanes wide, each lane doing
+ * the AVX2 code's operations in its order, so the bits are the same (tested).
  * Loaded with ctypes by paradecode/models/kernels/__init__.py, which compiles it once per CPU.
  */
 #include <math.h>
@@ -26,13 +30,15 @@
 #include "simd.h"
 
 #define SB 16   /* slots per score block; the key storage holds whole blocks */
-#define RB 4    /* query rows (heads of one kv group, same token) per register block */
+#define RB 4    /* query rows per register block */
+#define TB 8    /* new tokens per work item: their query rows share every block of keys and values read */
+#define CH 32   /* slots per chunk of values that the rows of a work item take in turn */
 #define PF 64   /* floats ahead in each key row that score_block prefetches (the rows are 4 KB+ apart) */
 
 #ifdef VW
 #define TV (SB / VW)   /* vectors per slot block */
 /* scores of ROWS query rows against the slots of [s0, s0 + SB): each lane one slot, d in order */
-static inline __attribute__((always_inline)) void score_block(const float *q, long qstride, const int ROWS,
+static inline __attribute__((always_inline)) void score_block(const float *const *q, const int ROWS,
                                                               const float *K, long ldk, int D, int s0,
                                                               float scale, float *sc, long ldsc) {
     vf acc[RB][TV];
@@ -43,7 +49,7 @@ static inline __attribute__((always_inline)) void score_block(const float *q, lo
         _mm_prefetch((const char *)(kd + PF), _MM_HINT_T0);
         _Pragma("GCC unroll 4") for (int j = 0; j < TV; j++) {
             const vf k = vload(kd + j * VW);
-            _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) acc[r][j] = vfma(vset1(q[r * qstride + d]), k, acc[r][j]);
+            _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) acc[r][j] = vfma(vset1(q[r][d]), k, acc[r][j]);
         }
     }
     _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++)
@@ -51,24 +57,26 @@ static inline __attribute__((always_inline)) void score_block(const float *q, lo
 }
 #endif
 
-/* scores of `rows` query rows (q + r*qstride) against slots [0, S) rounded up to whole blocks of SB:
- * sc[r*ldsc + s]. Keys are stored transposed: K[d*ldk + s]. */
-static void scores(const float *q, long qstride, int rows, const float *K, long ldk, int D, int S,
-                   float scale, float *sc, long ldsc) {
+/* scores of `rows` query rows (q[r]) against slots [0, S) rounded up to whole blocks of SB: sc[r*ldsc + s].
+ * Keys are stored transposed: K[d*ldk + s]. Each block of keys is read once for all the rows. */
+static void scores(const float *const *q, int rows, const float *K, long ldk, int D, int S, float scale, float *sc,
+                   long ldsc) {
 #ifdef VW
-    for (int s0 = 0; s0 < S; s0 += SB) {
-        switch (rows) {
-            case 1: score_block(q, qstride, 1, K, ldk, D, s0, scale, sc, ldsc); break;
-            case 2: score_block(q, qstride, 2, K, ldk, D, s0, scale, sc, ldsc); break;
-            case 3: score_block(q, qstride, 3, K, ldk, D, s0, scale, sc, ldsc); break;
-            default: score_block(q, qstride, 4, K, ldk, D, s0, scale, sc, ldsc); break;
+    for (int s0 = 0; s0 < S; s0 += SB)
+        for (int r0 = 0; r0 < rows; r0 += RB) {
+            float *o = sc + r0 * ldsc;
+            switch (rows - r0 < RB ? rows - r0 : RB) {
+                case 1: score_block(q + r0, 1, K, ldk, D, s0, scale, o, ldsc); break;
+                case 2: score_block(q + r0, 2, K, ldk, D, s0, scale, o, ldsc); break;
+                case 3: score_block(q + r0, 3, K, ldk, D, s0, scale, o, ldsc); break;
+                default: score_block(q + r0, 4, K, ldk, D, s0, scale, o, ldsc); break;
+            }
         }
-    }
 #else
     for (int r = 0; r < rows; r++)
         for (int s = 0; s < S; s++) {
             float a = 0.0f;
-            for (int d = 0; d < D; d++) a = fmaf(q[r * qstride + d], K[(long)d * ldk + s], a);
+            for (int d = 0; d < D; d++) a = fmaf(q[r][d], K[(long)d * ldk + s], a);
             sc[r * ldsc + s] = a * scale;
         }
 #endif
@@ -96,67 +104,150 @@ static void exps(float *sc, int S, float m) {
 #endif
 }
 
+/* the sum of e[slot[i]] over the list: eight partial sums (entry i into i % 8), added in a fixed order */
+static float visible_sum(const float *e, const int *slot, int n) {
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) part[j] += e[slot[i + j]];
+    for (int j = 0; i < n; i++, j++) part[j] += e[slot[i]];
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
 #ifdef VW
-/* o[0:NV*VW) = sum over the listed slots, in order, of e[s] * V[s][0:NV*VW), divided by den */
+/* o[0:NV*VW) += e[s] * V[s][0:NV*VW) over the listed slots, in order (o holds the running sums) */
 static inline __attribute__((always_inline)) void weighted_chunk(const float *e, const int *slot, int n,
                                                                  const float *V, long ldv, const int NV,
-                                                                 float den, float *o) {
+                                                                 float *o) {
     vf acc[8];
-    _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) acc[j] = vzero();
+    _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) acc[j] = vload(o + j * VW);
     for (int i = 0; i < n; i++) {
         const int s = slot[i];
         const vf w = vset1(e[s]);
         const float *v = V + (long)s * ldv;
         _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) acc[j] = vfma(w, vload(v + j * VW), acc[j]);
     }
-    const vf vd = vset1(den);
-    _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) vstore(o + j * VW, vdiv(acc[j], vd));
+    _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) vstore(o + j * VW, acc[j]);
 }
 #endif
 
-/* out[r] = sum over the listed slots of e[r][s] * V[s] / sum of e[r][s], slots in list order */
-static void weighted(const float *e, long lde, int rows, const int *slot, int n, const float *V, long ldv,
-                     int D, float *out, long ostride) {
-    for (int r = 0; r < rows; r++) {
-        const float *er = e + r * lde;
-        float *o = out + r * ostride;
-        float den = 0.0f;
-        {   /* eight partial sums over the list (entry i into i % 8), added in a fixed order */
-            float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            int i = 0;
-            for (; i + 8 <= n; i += 8)
-                for (int j = 0; j < 8; j++) part[j] += er[slot[i + j]];
-            for (int j = 0; i < n; i++, j++) part[j] += er[slot[i]];
-            den = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-        }
+/* o[0:D) += e[s] * V[s] over the listed slots, in order: one running sum per output element */
+static void weighted(const float *e, const int *slot, int n, const float *V, long ldv, int D, float *o) {
 #ifdef VW
-        if (D % VW == 0) {
-            for (int d0 = 0; d0 < D; d0 += 8 * VW) {
-                const int nv = (D - d0) / VW < 8 ? (D - d0) / VW : 8;
-                switch (nv) {
-                    case 1: weighted_chunk(er, slot, n, V + d0, ldv, 1, den, o + d0); break;
-                    case 2: weighted_chunk(er, slot, n, V + d0, ldv, 2, den, o + d0); break;
-                    case 3: weighted_chunk(er, slot, n, V + d0, ldv, 3, den, o + d0); break;
-                    case 4: weighted_chunk(er, slot, n, V + d0, ldv, 4, den, o + d0); break;
-                    case 5: weighted_chunk(er, slot, n, V + d0, ldv, 5, den, o + d0); break;
-                    case 6: weighted_chunk(er, slot, n, V + d0, ldv, 6, den, o + d0); break;
-                    case 7: weighted_chunk(er, slot, n, V + d0, ldv, 7, den, o + d0); break;
-                    default: weighted_chunk(er, slot, n, V + d0, ldv, 8, den, o + d0); break;
-                }
+    if (D % VW == 0) {
+        for (int d0 = 0; d0 < D; d0 += 8 * VW) {
+            const int nv = (D - d0) / VW < 8 ? (D - d0) / VW : 8;
+            switch (nv) {
+                case 1: weighted_chunk(e, slot, n, V + d0, ldv, 1, o + d0); break;
+                case 2: weighted_chunk(e, slot, n, V + d0, ldv, 2, o + d0); break;
+                case 3: weighted_chunk(e, slot, n, V + d0, ldv, 3, o + d0); break;
+                case 4: weighted_chunk(e, slot, n, V + d0, ldv, 4, o + d0); break;
+                case 5: weighted_chunk(e, slot, n, V + d0, ldv, 5, o + d0); break;
+                case 6: weighted_chunk(e, slot, n, V + d0, ldv, 6, o + d0); break;
+                case 7: weighted_chunk(e, slot, n, V + d0, ldv, 7, o + d0); break;
+                default: weighted_chunk(e, slot, n, V + d0, ldv, 8, o + d0); break;
             }
-            continue;
         }
+        return;
+    }
 #endif
-        for (int d = 0; d < D; d++) o[d] = 0.0f;
-        for (int i = 0; i < n; i++) {
-            const int s = slot[i];
-            const float w = er[s];
-            const float *v = V + (long)s * ldv;
-            for (int d = 0; d < D; d++) o[d] = fmaf(w, v[d], o[d]);
-        }
-        for (int d = 0; d < D; d++) o[d] = o[d] / den;
+    for (int i = 0; i < n; i++) {
+        const int s = slot[i];
+        const float w = e[s];
+        const float *v = V + (long)s * ldv;
+        for (int d = 0; d < D; d++) o[d] = fmaf(w, v[d], o[d]);
     }
 }
+
+#if defined(__AVX2__) && defined(__x86_64__) && defined(__GNUC__)   /* upgrades of the AVX2 build */
+#define HAVE_512 1
+#define T512 __attribute__((target("avx512f")))
+#define RW 4    /* rows (heads of one token) per value register block with AVX-512 */
+
+/* whether the CPU runs AVX-512 (and PARADECODE_NO_AVX512 is unset): scores and weighted sums 16 lanes wide,
+ * each lane the same operations as the AVX2 code's, so the same bits */
+static int use_512(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512f") && getenv("PARADECODE_NO_AVX512") == NULL;
+    }
+    return known;
+}
+
+/* score_block's numbers for one block of SB = 16 slots (one vector) and up to 8 rows */
+T512 static inline __attribute__((always_inline)) void score_block_512(const float *const *q, const int ROWS,
+                                                                      const float *K, long ldk, int D, int s0,
+                                                                      float scale, float *sc, long ldsc) {
+    __m512 acc[8];
+    _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d++) {
+        const float *kd = K + (long)d * ldk + s0;
+        _mm_prefetch((const char *)(kd + PF), _MM_HINT_T0);
+        const __m512 k = _mm512_loadu_ps(kd);
+        _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d]), k, acc[r]);
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++)
+        _mm512_storeu_ps(sc + r * ldsc + s0, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
+}
+
+T512 static void scores_512(const float *const *q, int rows, const float *K, long ldk, int D, int S, float scale,
+                            float *sc, long ldsc) {
+    for (int s0 = 0; s0 < S; s0 += SB)
+        for (int r0 = 0; r0 < rows; r0 += 8) {
+            float *o = sc + r0 * ldsc;
+            switch (rows - r0 < 8 ? rows - r0 : 8) {
+                case 1: score_block_512(q + r0, 1, K, ldk, D, s0, scale, o, ldsc); break;
+                case 2: score_block_512(q + r0, 2, K, ldk, D, s0, scale, o, ldsc); break;
+                case 3: score_block_512(q + r0, 3, K, ldk, D, s0, scale, o, ldsc); break;
+                case 4: score_block_512(q + r0, 4, K, ldk, D, s0, scale, o, ldsc); break;
+                case 5: score_block_512(q + r0, 5, K, ldk, D, s0, scale, o, ldsc); break;
+                case 6: score_block_512(q + r0, 6, K, ldk, D, s0, scale, o, ldsc); break;
+                case 7: score_block_512(q + r0, 7, K, ldk, D, s0, scale, o, ldsc); break;
+                default: score_block_512(q + r0, 8, K, ldk, D, s0, scale, o, ldsc); break;
+            }
+        }
+}
+
+/* weighted's numbers for ROWS rows that share one slot list (heads of one token), 64 outputs (d0 ..) at a
+ * time: each value vector read once for all the rows */
+T512 static inline __attribute__((always_inline)) void weighted_rows_512(const float *const *e, const int ROWS,
+                                                                        const int *slot, int n, const float *V,
+                                                                        long ldv, int d0, float *const *o) {
+    __m512 acc[RW][4];
+    _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++)
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[r][j] = _mm512_loadu_ps(o[r] + d0 + 16 * j);
+    for (int i = 0; i < n; i++) {
+        const int s = slot[i];
+        const float *v = V + (long)s * ldv + d0;
+        const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
+                     v3 = _mm512_loadu_ps(v + 48);
+        _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) {
+            const __m512 w = _mm512_set1_ps(e[r][s]);
+            acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w, v1, acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(w, v2, acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(w, v3, acc[r][3]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++)
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) _mm512_storeu_ps(o[r] + d0 + 16 * j, acc[r][j]);
+}
+
+/* o[r] += e[r][s] * V[s] over one slot list for `rows` rows; D a multiple of 64 */
+T512 static void weighted_512(const float *const *e, int rows, const int *slot, int n, const float *V, long ldv,
+                              int D, float *const *o) {
+    for (int r0 = 0; r0 < rows; r0 += RW)
+        for (int d0 = 0; d0 < D; d0 += 64) {
+            switch (rows - r0 < RW ? rows - r0 : RW) {
+                case 1: weighted_rows_512(e + r0, 1, slot, n, V, ldv, d0, o + r0); break;
+                case 2: weighted_rows_512(e + r0, 2, slot, n, V, ldv, d0, o + r0); break;
+                case 3: weighted_rows_512(e + r0, 3, slot, n, V, ldv, d0, o + r0); break;
+                default: weighted_rows_512(e + r0, 4, slot, n, V, ldv, d0, o + r0); break;
+            }
+        }
+}
+#endif
 
 /* Attention for B sequences, Hkv key/value heads of G query heads each, T new tokens.
  *
@@ -171,51 +262,102 @@ int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, cons
               long ldv, const uint8_t *allow, float *out, int B, int T, int Hkv, int G, int D, int S,
               float scale, int nt) {
     const int Sp = (S + SB - 1) / SB * SB;
-    const int Hq = Hkv * G;
-    const long items = (long)B * T * Hkv;          /* one (token, kv head) each: dealt out to threads */
-    nt = PD_THREADS(nt, items * (long)S * D * (G + 1) * 4);
+    const int Hq = Hkv * G, NB = (T + TB - 1) / TB, R = TB * G;
+    const long items = (long)B * Hkv * NB;          /* one (kv head, block of TB tokens) each: dealt to threads */
+#ifdef HAVE_512
+    const int fast = use_512();
+#endif
+    nt = PD_THREADS(nt, (long)B * T * Hkv * (long)S * D * (G + 1) * 4);
     (void)nt;
     int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if(nt > 1) reduction(|:failed)
 #endif
     {
-        float *sc = (float *)malloc(sizeof(float) * RB * Sp);
-        int *slot = (int *)malloc(sizeof(int) * (S > 0 ? S : 1));
-        if (!sc || !slot) {
+        float *sc = (float *)malloc(sizeof(float) * (size_t)R * Sp), *den = (float *)malloc(sizeof(float) * R);
+        int *slot = (int *)malloc(sizeof(int) * TB * (S > 0 ? S : 1));
+        const float **q = (const float **)malloc(sizeof(float *) * R);
+        float **o = (float **)malloc(sizeof(float *) * R);
+        const float **ew = (const float **)malloc(sizeof(float *) * R);   /* row r's exps: sc + r * Sp */
+        if (!sc || !den || !slot || !q || !o || !ew) {
             failed = 1;
         } else {
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
             for (long it = 0; it < items; it++) {
-                const int b = (int)(it / ((long)T * Hkv)), t = (int)(it / Hkv % T), kv = (int)(it % Hkv);
-                int n = 0;
-                if (allow) {
-                    const uint8_t *a = allow + ((long)b * T + t) * S;
-                    for (int s = 0; s < S; s++)
-                        if (a[s]) slot[n++] = s;
-                } else {
-                    for (int s = 0; s < S; s++) slot[n++] = s;
+                const int b = (int)(it / ((long)Hkv * NB)), kv = (int)(it / NB % Hkv), t0 = (int)(it % NB) * TB;
+                const int tn = T - t0 < TB ? T - t0 : TB, rows = tn * G;
+                int n[TB], at[TB];                          /* each token's visible slots, and a cursor in them */
+                for (int u = 0; u < tn; u++) {
+                    int *sl = slot + u * S, c = 0;
+                    if (allow) {
+                        const uint8_t *a = allow + ((long)b * T + t0 + u) * S;
+                        for (int s = 0; s < S; s++)
+                            if (a[s]) sl[c++] = s;
+                    } else {
+                        for (int s = 0; s < S; s++) sl[c++] = s;
+                    }
+                    n[u] = c;
+                    at[u] = 0;
+                    for (int g = 0; g < G; g++) {         /* row u*G + g: head kv*G + g of token t0 + u */
+                        q[u * G + g] = qk + (((long)b * T + t0 + u) * (Hq + Hkv) + kv * G + g) * D;
+                        ew[u * G + g] = sc + (long)(u * G + g) * Sp;
+                        o[u * G + g] = out + (((long)b * T + t0 + u) * Hq + kv * G + g) * D;
+                    }
                 }
-                const float *qrow = qk + ((long)b * T + t) * (Hq + Hkv) * D;
-                float *orow = out + ((long)b * T + t) * Hq * D;
                 const float *K = kt + b * kb + kv * kh;
                 const float *Vh = v + b * vb + kv * vh;
-                for (int g0 = 0; g0 < G; g0 += RB) {
-                    const int rows = G - g0 < RB ? G - g0 : RB;
-                    const int h = kv * G + g0;
-                    scores(qrow + (long)h * D, D, rows, K, ldk, D, S, scale, sc, Sp);
-                    for (int r = 0; r < rows; r++) {
-                        const float m = visible_max(sc + r * Sp, slot, n);
-                        exps(sc + r * Sp, S, n ? m : 0.0f);
+#ifdef HAVE_512
+                if (fast)
+                    scores_512(q, rows, K, ldk, D, S, scale, sc, Sp);
+                else
+#endif
+                    scores(q, rows, K, ldk, D, S, scale, sc, Sp);
+                for (int r = 0; r < rows; r++) {
+                    const int *sl = slot + r / G * S, c = n[r / G];
+                    exps(sc + r * Sp, S, c ? visible_max(sc + r * Sp, sl, c) : 0.0f);
+                    den[r] = visible_sum(sc + r * Sp, sl, c);
+                    memset(o[r], 0, sizeof(float) * D);
+                }
+                /* out = sum over visible slots, in order, of e[s] * V[s]: the slots in chunks of CH, each
+                 * chunk's values read once for all the rows; a row's running sums wait in its output */
+                for (int c0 = 0; c0 < S; c0 += CH) {
+                    for (int u = 0; u < tn; u++) {
+                        const int *sl = slot + u * S;
+                        int e = at[u];
+                        while (e < n[u] && sl[e] < c0 + CH) e++;
+#ifdef HAVE_512
+                        if (fast && D % 64 == 0) {
+                            weighted_512(ew + u * G, G, sl + at[u], e - at[u], Vh, ldv, D, o + u * G);
+                            at[u] = e;
+                            continue;
+                        }
+#endif
+                        for (int g = 0; g < G; g++)
+                            weighted(sc + (u * G + g) * Sp, sl + at[u], e - at[u], Vh, ldv, D, o[u * G + g]);
+                        at[u] = e;
                     }
-                    weighted(sc, Sp, rows, slot, n, Vh, ldv, D, orow + (long)h * D, D);
+                }
+                for (int r = 0; r < rows; r++) {
+                    float *w = o[r];
+#ifdef VW
+                    if (D % VW == 0) {
+                        const vf vd = vset1(den[r]);
+                        for (int d = 0; d < D; d += VW) vstore(w + d, vdiv(vload(w + d), vd));
+                        continue;
+                    }
+#endif
+                    for (int d = 0; d < D; d++) w[d] = w[d] / den[r];
                 }
             }
         }
         free(sc);
+        free(den);
         free(slot);
+        free(q);
+        free(o);
+        free(ew);
     }
     return failed ? -1 : 0;
 }
