@@ -164,17 +164,6 @@ static void weighted(const float *e, const int *slot, int n, const float *V, lon
 #define T512 __attribute__((target("avx512f")))
 #define RW 4    /* rows (heads of one token) per value register block with AVX-512 */
 
-/* whether the CPU runs AVX-512 (and PARADECODE_NO_AVX512 is unset): scores and weighted sums 16 lanes wide,
- * each lane the same operations as the AVX2 code's, so the same bits */
-static int use_512(void) {
-    static int known = -1;
-    if (known < 0) {
-        __builtin_cpu_init();
-        known = __builtin_cpu_supports("avx512f") && getenv("PARADECODE_NO_AVX512") == NULL;
-    }
-    return known;
-}
-
 /* score_block's numbers for one block of SB = 16 slots (one vector) and up to 8 rows */
 T512 static inline __attribute__((always_inline)) void score_block_512(const float *const *q, const int ROWS,
                                                                       const float *K, long ldk, int D, int s0,
@@ -265,7 +254,7 @@ int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, cons
     const int Hq = Hkv * G, NB = (T + TB - 1) / TB, R = TB * G;
     const long items = (long)B * Hkv * NB;          /* one (kv head, block of TB tokens) each: dealt to threads */
 #ifdef HAVE_512
-    const int fast = use_512();
+    const int fast = pd_avx512f();
 #endif
     nt = PD_THREADS(nt, (long)B * T * Hkv * (long)S * D * (G + 1) * 4);
     (void)nt;
@@ -282,6 +271,7 @@ int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, cons
         if (!sc || !den || !slot || !q || !o || !ew) {
             failed = 1;
         } else {
+            for (int r = 0; r < R; r++) ew[r] = sc + (long)r * Sp;
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -302,7 +292,6 @@ int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, cons
                     at[u] = 0;
                     for (int g = 0; g < G; g++) {         /* row u*G + g: head kv*G + g of token t0 + u */
                         q[u * G + g] = qk + (((long)b * T + t0 + u) * (Hq + Hkv) + kv * G + g) * D;
-                        ew[u * G + g] = sc + (long)(u * G + g) * Sp;
                         o[u * G + g] = out + (((long)b * T + t0 + u) * Hq + kv * G + g) * D;
                     }
                 }

@@ -170,14 +170,6 @@ T512 static void panels_512(const void *w0, const void *w1, int W8, int K, int r
     }
 }
 
-static int use_512(void) {
-    static int known = -1;
-    if (known < 0) {
-        __builtin_cpu_init();
-        known = __builtin_cpu_supports("avx512f") && getenv("PARADECODE_NO_AVX512") == NULL;
-    }
-    return known;
-}
 #endif
 
 /* rows of 16 or 32 sums (stride lds) of panel c onward -> y rows in y_kind, times the scales (if any) */
@@ -214,7 +206,7 @@ static int panel_mm(const void *x, int x_kind, long ldx, int M, int K, const voi
     nt = PD_THREADS(nt, (long)N * K);
     (void)nt;
 #ifdef HAVE_512
-    if (use_512()) {
+    if (pd_avx512f()) {
         /* panels outer, row blocks inner: a pair of panels stays in L2 for every row block */
         PD_PARALLEL_FOR(nt)
         for (int c = 0; c < P; c += 2) {

@@ -102,6 +102,17 @@ static inline int pd_avx512_vnni(void) {
     }
     return known;
 }
+
+/* whether the CPU runs AVX-512F (and PARADECODE_NO_AVX512 is unset): the panel and attention kernels'
+ * run-time upgrade of the AVX2 build, each lane the AVX2 code's operations (the same bits) */
+static inline int pd_avx512f(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512f") && getenv("PARADECODE_NO_AVX512") == NULL;
+    }
+    return known;
+}
 #endif
 
 /* activation types of the kernels' arguments */
