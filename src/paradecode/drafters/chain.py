@@ -192,8 +192,9 @@ class ChainDrafter(Drafter):
             tokens.append(tok)
             if q is not None:
                 qs.append(q)
+            soft = logits.softmax(-1) if self.opt.siblings and q is None else None     # (V,), reused below
             if self.opt.siblings:
-                dist = q if q is not None else logits.float().softmax(-1)
+                dist = q if q is not None else soft
                 top_p, top_t = dist.topk(self.opt.siblings + 1)
                 probs.append(float(dist[tok]))
                 alternatives.append([(int(t), float(pr)) for t, pr in zip(top_t, top_p)
@@ -201,7 +202,7 @@ class ChainDrafter(Drafter):
             tail = self.free_tail(context, tokens, max_nodes - len(tokens))
             if tail or i == k - 1:
                 break
-            confidence = float(logits.softmax(-1)[tok])
+            confidence = float((soft if soft is not None else logits.softmax(-1))[tok])
             if confidence < self.opt.confidence_threshold:
                 break
             logits = self._feed([tok])
