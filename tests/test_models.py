@@ -408,3 +408,48 @@ def test_prompt_prefill_runs_whole_with_causal_flash_attention(tiny_llama_pair, 
     assert len(calls) == nat.shape.layers and bool(splits) == nat._pad_rows
     assert (got - hf.forward(c_hf, ids)).abs().max() < TOL
     assert (got_step - hf.forward(c_hf, step)).abs().max() < TOL
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "float32"])
+def test_fused_layers_have_the_bits_of_the_layer_loop(fmt):
+    """``stack.c`` runs a forward's layers in one call: every logit and every cache entry it writes must be the
+    per-layer Python loop's, bit for bit — for single steps, chains, token trees, padded batches of two and
+    subsets of layers in any order (self-speculation's drafts)."""
+    hf = tiny_hf_model("llama", seed=4, hidden=128, intermediate=384, layers=3)
+    with torch.no_grad():                # distinct norms: a layer given another's norm must show
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    m = tiny_native(hf, dtype=fmt)
+    assert m.fused
+    ids = _ids(60, m.vocab_size, seed=9)
+    mask, depth = tree_block()
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, :2] = False
+    cases = [dict(T=1), dict(T=7), dict(T=16, logits_for=torch.tensor([3, 15])), dict(T=1, layers=[0, 2]),
+             dict(T=5, layers=[2, 1]), dict(T=mask.shape[0], tree=True), dict(T=6, batch=2)]
+    for case in cases:
+        got = {}
+        for fused in (True, False):
+            m.fused = fused
+            B = case.get("batch", 1)
+            c = m.new_cache(B, 64)
+            m.forward(c, ids[:, :30].expand(B, 30))
+            T = case["T"]
+            new = ids[:, 30:30 + T].expand(B, T)
+            kw = {k: case[k] for k in ("logits_for", "layers") if k in case}
+            if case.get("tree"):
+                kw.update(positions=(30 + depth)[None], attn_mask=mask[None])
+            if B == 2:
+                kw.update(input_valid=valid)
+            logits = m.forward(c, new, **kw)
+            got[fused] = (logits, c.k[:, :, :, :, :30 + T].clone(), c.v[:, :, :, :30 + T].clone())
+        m.fused = True
+        for a, b in zip(got[True], got[False]):
+            assert torch.equal(a, b), (fmt, case)
+
+
+def test_fused_layers_need_compiled_formats():
+    """bfloat16 goes through PyTorch's products, Qwen2 has biases: both keep the per-layer loop."""
+    assert not tiny_native(tiny_hf_model("llama", seed=1), dtype="bfloat16").fused
+    assert not tiny_native(tiny_hf_model("qwen2", seed=1), dtype="int8").fused

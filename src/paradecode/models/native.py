@@ -293,6 +293,11 @@ class NativeLlama(CausalLM):
             tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         )
         self._load(weights)
+        # with the kernels and compiled formats (int8, int4, float32): a forward's layers in one C call
+        self._stack = (kernels.LayerStack.build(self.wqkv, self.wo, self.wgu, self.wdown, self.ln1, self.ln2,
+                                                self.dtype)
+                       if self._attn_kernel is not None and not self._pad_rows and not self.shape.qkv_bias else None)
+        self.fused = self._stack is not None      # False: the same kernels called layer by layer from Python
         self._source = (hf_config, weights)   # what :meth:`twin` rebuilds from (LazyWeights: just an index)
         self._twins: dict[str, NativeLlama] = {}
         inv_freq, self.rope_scale = _rope_inv_freq(c)
@@ -596,6 +601,11 @@ class NativeLlama(CausalLM):
         cos, sin = cos.reshape(BT, D), sin.reshape(BT, D)                # (BT, D) each
         glue, eps, G, scale = self._glue, s.eps, Hq // Hkv, 1.0 / math.sqrt(D)
         order = self.layers_all if layers is None else tuple(layers)
+        if self.fused:      # the loop below in one call of stack.c
+            self._stack.run(order, self.norm, x, hv, abuf[:BT], mv, qk, att, cos, sin, cache.k, cache.v, allow, B, T,
+                            G, L0, scale, eps)
+            cache._length = L0 + T
+            return self._head(hv.view(B, T, H), logits_for, pad_rows)
         norms = [self.ln1[i] for i in order[1:]] + [self.norm]           # the norm after each layer's MLP
         glue.add_rmsnorm(x, None, self.ln1[order[0]] if order else self.norm, eps, hv)
         for i, after in zip(order, norms):

@@ -13,7 +13,10 @@
   set), the weights streamed once per call;
 * :class:`LayerGlue` (``layer.c``): what a decoder layer does between its four projections, in
   three calls instead of ~25 PyTorch ops (residual add + RMSNorm + cast; RoPE + cache write +
-  attention + cast; SiLU-and-multiply + cast), every row again computed alone.
+  attention + cast; SiLU-and-multiply + cast), every row again computed alone;
+* :class:`LayerStack` (``stack.c``): a forward's layers, products and glue, in one call when every
+  matrix has a compiled format (the same functions in the same order as the per-layer calls: the same
+  bits, without ~7 ctypes calls per layer).
 
 The sources are compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) for the
 host CPU (``-march=native``; on x86 without AVX-512, so that every machine runs the AVX2 path; the
@@ -44,7 +47,8 @@ import torch
 from ..loading import cache_root
 
 _HERE = Path(__file__).parent
-_SOURCES = (_HERE / "attention.c", _HERE / "layer.c", _HERE / "int4.c", _HERE / "int8.c", _HERE / "panels.c")
+_SOURCES = (_HERE / "attention.c", _HERE / "layer.c", _HERE / "int4.c", _HERE / "int8.c", _HERE / "panels.c",
+            _HERE / "stack.c")
 _HEADERS = (_HERE / "simd.h",)
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None | bool = False      # False: not tried yet; None: unavailable
@@ -149,6 +153,11 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.pd_i8_mm.restype = I
     lib.pd_i8_i15_mm.argtypes = [p, I, L, I, I, p, p, I, p, I, L, I]
     lib.pd_i8_i15_mm.restype = I
+    lib.pd_layers.argtypes = [p, p, I, p, p, p, p, p, I, p, p, p, p, p, p, p, p, p, L, L, L, L, p, L, L, L, L, p,
+                              I, I, I, I, I, I, I, I, F, F, I]
+    lib.pd_layers.restype = I
+    lib.pd_layer_products.argtypes = [p, p, I, p, p, p, I, p, p, p, p, I, I, I, I, I]
+    lib.pd_layer_products.restype = I
     lib.pd_amx.argtypes = []
     lib.pd_amx.restype = I
     lib.pd_openmp.argtypes = []
@@ -239,6 +248,98 @@ class LayerGlue:
                         _KIND[out.dtype], B, T, Hkv, G, D, L0, scale, torch.get_num_threads())
         if rc != 0:
             raise MemoryError("the attention kernel could not allocate its scratch memory")
+
+
+class _Mat(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int), ("N", ctypes.c_int), ("K", ctypes.c_int), ("out_kind", ctypes.c_int),
+                ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _Mat), ("o", _Mat), ("gu", _Mat), ("down", _Mat), ("ln1", ctypes.c_void_p),
+                ("ln2", ctypes.c_void_p)]
+
+
+def _mat(w, act: torch.dtype) -> _Mat | None:
+    """``stack.c``'s record of a matrix whose product outputs ``act``, or None if it has no compiled format."""
+    from ..quant import F32PanelWeight, Int4W4A8Weight, Int8I15Weight, Int8PanelWeight
+
+    if isinstance(w, Int8I15Weight) and not w.float_out:
+        return _Mat(1, w.padded, w.shape[1], _KIND[act], w.panels.data_ptr(), w.scale.data_ptr())
+    if isinstance(w, Int8PanelWeight) and not w.float_out:
+        return _Mat(2, w.padded, w.shape[1], _KIND[act], w.panels.data_ptr(), w.scale.data_ptr())
+    if isinstance(w, F32PanelWeight) and act == torch.float32:
+        return _Mat(3, w.padded, w.shape[1], 1, w.panels.data_ptr(), None)
+    if isinstance(w, Int4W4A8Weight) and act == torch.bfloat16:
+        return _Mat(4, w.padded, w.shape[1], 2, w.blocks.data_ptr(), None)
+    return None
+
+
+class LayerStack:
+    """A model's decoder layers for ``stack.c``'s ``pd_layers``: a forward's layers in one call. Every product
+    and glue step is the function the per-layer calls run (``LayerGlue``, :func:`i8_i15_mm`, :func:`int4_mm`,
+    :func:`f32_mm`, :func:`i8_mm`), in the same order on the same kinds of buffers, so the bits are theirs.
+    Build it with :meth:`build`, which returns None unless every layer matrix has a compiled format whose
+    output is the activations' dtype (bfloat16 or float32 projections through PyTorch, biases: no)."""
+
+    def __init__(self, lib: ctypes.CDLL, table, widths: tuple[int, int, int, int], act: torch.dtype,
+                 keep: tuple):
+        self._fn, self._products, self._table, self.act = lib.pd_layers, lib.pd_layer_products, table, act
+        self.widths = widths           # padded output widths of qkv, o, gate/up, down
+        self._keep = keep              # the tensors the table points into
+
+    @classmethod
+    def build(cls, wqkv, wo, wgu, wdown, ln1, ln2, act: torch.dtype) -> "LayerStack | None":
+        lib = _load()
+        if lib is None or act not in _KIND:
+            return None
+        table = (_Layer * len(wqkv))()
+        for i, ws in enumerate(zip(wqkv, wo, wgu, wdown)):
+            mats = [_mat(w, act) for w in ws]
+            if any(m is None for m in mats):
+                return None
+            table[i] = _Layer(*mats, ln1[i].data_ptr(), ln2[i].data_ptr())
+        widths = tuple(ws[0].padded for ws in (wqkv, wo, wgu, wdown))
+        if any(w.padded != widths[j] for j, ws in enumerate((wqkv, wo, wgu, wdown)) for w in ws):
+            return None                # the output buffers are shared by the layers
+        return cls(lib, table, widths, act, (wqkv, wo, wgu, wdown, ln1, ln2))
+
+    def run(self, order: tuple[int, ...], final_norm: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
+            a: torch.Tensor, m: torch.Tensor, qk: torch.Tensor, att: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow: torch.Tensor | None, B: int, T: int,
+            G: int, L0: int, scale: float, eps: float) -> None:
+        """The layers ``order`` over x (B*T, H) float32 in place, then h = the norm after the last one (the
+        next layer's ln1, or ``final_norm``): h (B*T, H), a (B*T, Hq*D), m (B*T, I) of the activations' dtype;
+        qk, att, cos, sin as :meth:`LayerGlue.rope_attend`; k (layers, B, Hkv, D, slots), v (layers, B, Hkv,
+        slots, D) the whole cache."""
+        R, H = x.shape
+        ys = [torch.empty(R, w, dtype=self.act) for w in self.widths]
+        ks, vs = k.stride(), v.stride()
+        order_arr = (ctypes.c_int * len(order))(*order)
+        rc = self._fn(ctypes.addressof(self._table), ctypes.addressof(order_arr), len(order), final_norm.data_ptr(),
+                      x.data_ptr(), h.data_ptr(), a.data_ptr(), m.data_ptr(), _KIND[self.act],
+                      *(y.data_ptr() for y in ys), qk.data_ptr(), att.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                      k.data_ptr(), ks[0], ks[1], ks[2], ks[3],
+                      v.data_ptr(), vs[0], vs[1], vs[2], vs[3], None if allow is None else allow.data_ptr(), B, T,
+                      k.shape[2], G, k.shape[3], H, m.shape[1], L0, scale, eps, torch.get_num_threads())
+        _check(rc)
+
+    def products(self, order: tuple[int, ...], h: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> None:
+        """Only the four products of each layer in ``order``, as :meth:`run` calls them, on the inputs h (R, H),
+        a (R, Hq*D), m (R, I): a forward's bare products (``benchmarks/engine.py``)."""
+        R = h.shape[0]
+        ys = [torch.empty(R, w, dtype=self.act) for w in self.widths]
+        order_arr = (ctypes.c_int * len(order))(*order)
+        _check(self._products(ctypes.addressof(self._table), ctypes.addressof(order_arr), len(order), h.data_ptr(),
+                              a.data_ptr(), m.data_ptr(), _KIND[self.act], *(y.data_ptr() for y in ys), R,
+                              h.shape[1], a.shape[1], m.shape[1], torch.get_num_threads()))
+
+
+def _check(rc: int) -> None:
+    if rc == -2:
+        raise RuntimeError("stack.c: a matrix of unknown kind")
+    if rc:
+        raise MemoryError("the layer kernels could not allocate their scratch memory")
 
 
 def layer_glue() -> LayerGlue | None:
