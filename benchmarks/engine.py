@@ -134,10 +134,15 @@ def bench_step_vs_matmuls(models, reps: int, bandwidth: float, prompt_len: int =
             xs = {k: torch.randn(rows, k).to(m.dtype) for k in (m.shape.hidden, m.shape.heads * m.shape.head_dim,
                                                                m.shape.intermediate)}
             mats = m.matrices()
+            s = m.shape
             t = time.perf_counter()
             with torch.inference_mode():
-                for w in mats:
-                    linear(xs[w.shape[1]], w)
+                if m.fused:    # the step's layers run in one C call (stack.c): so do their bare products
+                    m._stack.products(m.layers_all, xs[s.hidden], xs[s.heads * s.head_dim], xs[s.intermediate])
+                    linear(xs[s.hidden], m.lm_head)
+                else:
+                    for w in mats:
+                        linear(xs[w.shape[1]], w)
             bare[f].append(time.perf_counter() - t)
             c = caches[f]
             c.rollback(prompt_len)
