@@ -5,8 +5,9 @@ model (SmolLM2-135M-Instruct):
 
 1. forward time of 1, 4, 8, 16, 32, 64 new tokens after a 512-token prompt;
 2. a plain decode step vs the bare matrix products of the same step (same
-   weights, same kernels, same run) vs the memory-read floor (bytes of
-   weights / measured read bandwidth);
+   weights, same kernels, same run; for a format whose layers run in one C
+   call, the products through that call's loop) vs the memory-read floor
+   (bytes of weights / measured read bandwidth);
 3. plain greedy tokens/s of paradecode vs transformers' ``model.generate``
    (greedy, same prompts, same dtype, interleaved, chat prompts, 64 tokens);
 4. perplexity of each format on ``paradecode/data/ppl_text.txt``;
