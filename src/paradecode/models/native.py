@@ -604,16 +604,15 @@ class NativeLlama(CausalLM):
         if self.fused:      # the loop below in one call of stack.c
             self._stack.run(order, self.norm, x, hv, abuf[:BT], mv, qk, att, cos, sin, cache.k, cache.v, allow, B, T,
                             G, L0, scale, eps)
-            cache._length = L0 + T
-            return self._head(hv.view(B, T, H), logits_for, pad_rows)
-        norms = [self.ln1[i] for i in order[1:]] + [self.norm]           # the norm after each layer's MLP
-        glue.add_rmsnorm(x, None, self.ln1[order[0]] if order else self.norm, eps, hv)
-        for i, after in zip(order, norms):
-            qkv = proj(h, self.wqkv[i], self.bqkv[i])                    # (R, (Hq + 2 Hkv) D)
-            glue.rope_attend(qkv, cos, sin, cache.k[i], cache.v[i], allow, qk, att, abuf, G, L0, scale)
-            glue.add_rmsnorm(x, proj(abuf, self.wo[i]), self.ln2[i], eps, hv)
-            glue.silu_mul(proj(h, self.wgu[i]), mv)
-            glue.add_rmsnorm(x, proj(mlp, self.wdown[i]), after, eps, hv)
+        else:
+            norms = [self.ln1[i] for i in order[1:]] + [self.norm]       # the norm after each layer's MLP
+            glue.add_rmsnorm(x, None, self.ln1[order[0]] if order else self.norm, eps, hv)
+            for i, after in zip(order, norms):
+                qkv = proj(h, self.wqkv[i], self.bqkv[i])                # (R, (Hq + 2 Hkv) D)
+                glue.rope_attend(qkv, cos, sin, cache.k[i], cache.v[i], allow, qk, att, abuf, G, L0, scale)
+                glue.add_rmsnorm(x, proj(abuf, self.wo[i]), self.ln2[i], eps, hv)
+                glue.silu_mul(proj(h, self.wgu[i]), mv)
+                glue.add_rmsnorm(x, proj(mlp, self.wdown[i]), after, eps, hv)
         cache._length = L0 + T
         return self._head(hv.view(B, T, H), logits_for, pad_rows)
 
