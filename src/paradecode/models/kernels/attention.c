@@ -15,7 +15,10 @@
  *
  * Work is dealt out per (sequence, kv head, block of TB new tokens): the query rows of those tokens' G heads
  * share every block of keys and every chunk of values read from the cache (a 16-token verification call
- * reads the cache twice per layer, not 16 times). Plain C with AVX2+FMA intrinsics where the compiler
+ * reads the cache twice per layer, not 16 times). A token's visible slots are a list; its head, the slots
+ * 0 .. p-1 that every token of a verification call sees (the cache before the call), is found with one
+ * memchr and read with straight vector loads in the max and the sum: the list's operations, so the same
+ * bits. Plain C with AVX2+FMA intrinsics where the compiler
  * targets them, portable scalar C elsewhere (same formulas, its own bits; the engine's invariance holds
  * per machine, not across machines). The loader compiles without AVX-512 on x86; where the CPU has it
  * (and PARADECODE_NO_AVX512 is unset) the scores and the weighted sums run 16 lanes wide, each lane doing
@@ -82,11 +85,17 @@ static void scores(const float *const *q, int rows, const float *K, long ldk, in
 #endif
 }
 
-/* the largest of sc[slot[i]] over the list: eight independent running maxima (a max does not depend on
- * the order it is taken in), so no chain of n dependent compares */
-static float visible_max(const float *sc, const int *slot, int n) {
+/* the largest of sc[slot[i]] over the list, whose first p entries are the slots 0 .. p-1: eight
+ * independent running maxima (a max does not depend on the order it is taken in), so no chain of n
+ * dependent compares; over the contiguous head, straight vector loads */
+static float visible_max(const float *sc, const int *slot, int n, int p) {
     float m[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
     int i = 0;
+#if defined(VW) && VW == 8
+    vf acc = vset1(-INFINITY);
+    for (; i + 8 <= p; i += 8) acc = vmax(vload(sc + i), acc);     /* a NaN score is passed over, as below */
+    vstore(m, acc);
+#endif
     for (; i + 8 <= n; i += 8)
         for (int j = 0; j < 8; j++) m[j] = sc[slot[i + j]] > m[j] ? sc[slot[i + j]] : m[j];
     for (; i < n; i++) m[0] = sc[slot[i]] > m[0] ? sc[slot[i]] : m[0];
@@ -104,10 +113,17 @@ static void exps(float *sc, int S, float m) {
 #endif
 }
 
-/* the sum of e[slot[i]] over the list: eight partial sums (entry i into i % 8), added in a fixed order */
-static float visible_sum(const float *e, const int *slot, int n) {
+/* the sum of e[slot[i]] over the list, whose first p entries are the slots 0 .. p-1: eight partial sums
+ * (entry i into i % 8, each in list order; over the contiguous head, the lanes of one vector), added in a
+ * fixed order */
+static float visible_sum(const float *e, const int *slot, int n, int p) {
     float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int i = 0;
+#if defined(VW) && VW == 8
+    vf acc = vzero();
+    for (; i + 8 <= p; i += 8) acc = vadd(acc, vload(e + i));
+    vstore(part, acc);
+#endif
     for (; i + 8 <= n; i += 8)
         for (int j = 0; j < 8; j++) part[j] += e[slot[i + j]];
     for (int j = 0; i < n; i++, j++) part[j] += e[slot[i]];
@@ -223,6 +239,27 @@ T512 static inline __attribute__((always_inline)) void weighted_rows_512(const f
         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) _mm512_storeu_ps(o[r] + d0 + 16 * j, acc[r][j]);
 }
 
+/* exps's numbers 16 lanes at a time: simd.h's vexp, each instruction its 512-bit twin (the same roundings) */
+T512 static void exps_512(float *sc, int S, float m) {
+    const __m512 vm = _mm512_set1_ps(m);
+    for (int s0 = 0; s0 < S; s0 += 16) {
+        __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(sc + s0), vm), _mm512_set1_ps(-87.0f));
+        const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+        r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+        __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+        p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+        const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+        _mm512_storeu_ps(sc + s0, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
+    }
+}
+
 /* o[r] += e[r][s] * V[s] over one slot list for `rows` rows; D a multiple of 64 */
 T512 static void weighted_512(const float *const *e, int rows, const int *slot, int n, const float *V, long ldv,
                               int D, float *const *o) {
@@ -278,16 +315,16 @@ int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, cons
             for (long it = 0; it < items; it++) {
                 const int b = (int)(it / ((long)Hkv * NB)), kv = (int)(it / NB % Hkv), t0 = (int)(it % NB) * TB;
                 const int tn = T - t0 < TB ? T - t0 : TB, rows = tn * G;
-                int n[TB], at[TB];                          /* each token's visible slots, and a cursor in them */
+                /* each token's visible slots, how many of them are the slots 0 .. p-1, and a cursor in them */
+                int n[TB], p[TB], at[TB];
                 for (int u = 0; u < tn; u++) {
                     int *sl = slot + u * S, c = 0;
-                    if (allow) {
-                        const uint8_t *a = allow + ((long)b * T + t0 + u) * S;
-                        for (int s = 0; s < S; s++)
-                            if (a[s]) sl[c++] = s;
-                    } else {
-                        for (int s = 0; s < S; s++) sl[c++] = s;
-                    }
+                    const uint8_t *a = allow ? allow + ((long)b * T + t0 + u) * S : NULL;
+                    const uint8_t *z = a ? (const uint8_t *)memchr(a, 0, (size_t)S) : NULL;
+                    p[u] = z ? (int)(z - a) : S;              /* the cache's head is visible to every token */
+                    for (; c < p[u]; c++) sl[c] = c;
+                    for (int s = p[u]; s < S; s++)
+                        if (a[s]) sl[c++] = s;
                     n[u] = c;
                     at[u] = 0;
                     for (int g = 0; g < G; g++) {         /* row u*G + g: head kv*G + g of token t0 + u */
@@ -305,8 +342,14 @@ int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, cons
                     scores(q, rows, K, ldk, D, S, scale, sc, Sp);
                 for (int r = 0; r < rows; r++) {
                     const int *sl = slot + r / G * S, c = n[r / G];
-                    exps(sc + r * Sp, S, c ? visible_max(sc + r * Sp, sl, c) : 0.0f);
-                    den[r] = visible_sum(sc + r * Sp, sl, c);
+                    const float mx = c ? visible_max(sc + r * Sp, sl, c, p[r / G]) : 0.0f;
+#ifdef HAVE_512
+                    if (fast)
+                        exps_512(sc + r * Sp, S, mx);
+                    else
+#endif
+                        exps(sc + r * Sp, S, mx);
+                    den[r] = visible_sum(sc + r * Sp, sl, c, p[r / G]);
                     memset(o[r], 0, sizeof(float) * D);
                 }
                 /* out = sum over visible slots, in order, of e[s] * V[s]: the slots in chunks of CH, each
@@ -314,7 +357,7 @@ int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, cons
                 for (int c0 = 0; c0 < S; c0 += CH) {
                     for (int u = 0; u < tn; u++) {
                         const int *sl = slot + u * S;
-                        int e = at[u];
+                        int e = c0 + CH <= p[u] ? c0 + CH : at[u] > p[u] ? at[u] : p[u];
                         while (e < n[u] && sl[e] < c0 + CH) e++;
 #ifdef HAVE_512
                         if (fast && D % 64 == 0) {
