@@ -52,7 +52,11 @@ void pd_add_rmsnorm(float *x, const void *delta, int delta_kind, long ldd, long 
             for (int c = 0; c < H; c += CH) {
                 const int n = H - c < CH ? H - c : CH;
                 to_f32(delta, delta_kind, r * ldd + c, n, buf);
-                for (int d = 0; d < n; d++) xr[c + d] += buf[d];
+                int d = 0;
+#ifdef VW
+                for (; d + VW <= n; d += VW) vstore(xr + c + d, vadd(vload(xr + c + d), vload(buf + d)));
+#endif
+                for (; d < n; d++) xr[c + d] += buf[d];
             }
         float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         int d = 0;
@@ -70,7 +74,11 @@ void pd_add_rmsnorm(float *x, const void *delta, int delta_kind, long ldd, long 
         const float inv = 1.0f / sqrtf(ss / (float)H + eps);
         for (int c = 0; c < H; c += CH) {
             const int n = H - c < CH ? H - c : CH;
-            for (int k = 0; k < n; k++) buf[k] = w[c + k] * (xr[c + k] * inv);
+            int k = 0;
+#ifdef VW
+            for (; k + VW <= n; k += VW) vstore(buf + k, vmul(vload(w + c + k), vmul(vload(xr + c + k), vset1(inv))));
+#endif
+            for (; k < n; k++) buf[k] = w[c + k] * (xr[c + k] * inv);
             from_f32(out, out_kind, r * H + c, n, buf);
         }
     }
@@ -111,31 +119,41 @@ int pd_rope_attend(const void *qkv, int qkv_kind, long ldq, const float *cos, co
                    long kh, long ldk, float *v, long vb, long vh, long ldv, const uint8_t *allow, float *qk,
                    float *att, void *out, int out_kind, int B, int T, int Hkv, int G, int D, int L0, float scale,
                    int nt) {
-    const int Hq = Hkv * G, h2 = D / 2;
+    const int Hq = Hkv * G, h2 = D / 2, W = (Hq + 2 * Hkv) * D;
+    float *xf = (float *)malloc(sizeof(float) * (size_t)W);   /* one row of qkv as float32 */
+    if (!xf) return -1;
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
             const long row = (long)b * T + t;
             const float *c = cos + row * D, *s = sin + row * D;
             float *dst = qk + row * (Hq + Hkv) * D;
+            to_f32(qkv, qkv_kind, row * ldq, W, xf);
             for (int h = 0; h < Hq + Hkv; h++) {         /* rotate_half(x) = cat(-x2, x1) */
-                const long src = row * ldq + (long)h * D;
+                const float *x = xf + (long)h * D;
                 float *o = dst + (long)h * D;
-                for (int d = 0; d < h2; d++) {
-                    const float x1 = load(qkv, qkv_kind, src + d), x2 = load(qkv, qkv_kind, src + h2 + d);
-                    o[d] = x1 * c[d] + (-x2) * s[d];
-                    o[h2 + d] = x2 * c[h2 + d] + x1 * s[h2 + d];
+                int d = 0;
+#ifdef VW
+                const vf sign = vset1(-0.0f);
+                for (; d + VW <= h2; d += VW) {            /* the scalar loop's operations, lane by lane */
+                    const vf x1 = vload(x + d), x2 = vload(x + h2 + d);
+                    vstore(o + d, vfma(x1, vload(c + d), vmul(_mm256_xor_ps(x2, sign), vload(s + d))));
+                    vstore(o + h2 + d, vfma(x2, vload(c + h2 + d), vmul(x1, vload(s + h2 + d))));
+                }
+#endif
+                for (; d < h2; d++) {
+                    const float x1 = x[d], x2 = x[h2 + d];
+                    o[d] = fmaf(x1, c[d], (-x2) * s[d]);
+                    o[h2 + d] = fmaf(x2, c[h2 + d], x1 * s[h2 + d]);
                 }
             }
             for (int kv = 0; kv < Hkv; kv++) {
                 const float *kr = dst + (long)(Hq + kv) * D;
-                const long vsrc = row * ldq + (long)(Hq + Hkv + kv) * D;
                 float *K = kt + b * kb + kv * kh + L0 + t, *V = v + b * vb + kv * vh + (long)(L0 + t) * ldv;
-                for (int d = 0; d < D; d++) {
-                    K[(long)d * ldk] = kr[d];
-                    V[d] = load(qkv, qkv_kind, vsrc + d);
-                }
+                for (int d = 0; d < D; d++) K[(long)d * ldk] = kr[d];
+                memcpy(V, xf + (long)(Hq + Hkv + kv) * D, sizeof(float) * D);
             }
         }
+    free(xf);
     const int rc = pd_attend(qk, kt, kb, kh, ldk, v, vb, vh, ldv, allow, att, B, T, Hkv, G, D, L0 + T, scale, nt);
     if (rc == 0 && out_kind == KIND_BF16) from_f32(out, KIND_BF16, 0, B * T * Hq * D, att);
     return rc;
