@@ -334,27 +334,30 @@ int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, cons
                 }
                 const float *K = kt + b * kb + kv * kh;
                 const float *Vh = v + b * vb + kv * vh;
+                int Se = 0;             /* the slots below the last one any of the tokens sees: all they need */
+                for (int u = 0; u < tn; u++)
+                    if (n[u] && slot[u * S + n[u] - 1] + 1 > Se) Se = slot[u * S + n[u] - 1] + 1;
 #ifdef HAVE_512
                 if (fast)
-                    scores_512(q, rows, K, ldk, D, S, scale, sc, Sp);
+                    scores_512(q, rows, K, ldk, D, Se, scale, sc, Sp);
                 else
 #endif
-                    scores(q, rows, K, ldk, D, S, scale, sc, Sp);
+                    scores(q, rows, K, ldk, D, Se, scale, sc, Sp);
                 for (int r = 0; r < rows; r++) {
                     const int *sl = slot + r / G * S, c = n[r / G];
                     const float mx = c ? visible_max(sc + r * Sp, sl, c, p[r / G]) : 0.0f;
 #ifdef HAVE_512
                     if (fast)
-                        exps_512(sc + r * Sp, S, mx);
+                        exps_512(sc + r * Sp, Se, mx);
                     else
 #endif
-                        exps(sc + r * Sp, S, mx);
+                        exps(sc + r * Sp, Se, mx);
                     den[r] = visible_sum(sc + r * Sp, sl, c, p[r / G]);
                     memset(o[r], 0, sizeof(float) * D);
                 }
                 /* out = sum over visible slots, in order, of e[s] * V[s]: the slots in chunks of CH, each
                  * chunk's values read once for all the rows; a row's running sums wait in its output */
-                for (int c0 = 0; c0 < S; c0 += CH) {
+                for (int c0 = 0; c0 < Se; c0 += CH) {
                     for (int u = 0; u < tn; u++) {
                         const int *sl = slot + u * S;
                         int e = c0 + CH <= p[u] ? c0 + CH : at[u] > p[u] ? at[u] : p[u];
