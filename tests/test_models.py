@@ -248,19 +248,22 @@ def test_invariance_off_still_close(tiny_llama_pair):
 
 
 def test_perplexity_of_formats_within_one_percent(default_formats):
-    """Quality of the low-precision formats: perplexity on the shipped text within 1% of float32."""
+    """Quality of the low-precision formats: perplexity on the shipped text (all of it, as the engine
+    benchmark measures it) within 1% of float32. The prompt runs through the kernels that decode, so this is
+    the decoding path's quality; int4 (8-bit activations) has the least margin: +0.87% over the 841 tokens,
+    +1.09% over their first 512 (session 13)."""
     from importlib import resources
 
     text = resources.files("paradecode").joinpath("data/ppl_text.txt").read_text()
     ppl = {}
     for fmt, m in default_formats.items():
-        ids = torch.tensor([m.tokenizer.encode(text)[:512]])              # the full text: benchmarks/engine.py
+        ids = torch.tensor([m.tokenizer.encode(text)])                     # as benchmarks/engine.py
         logits = m.forward(m.new_cache(1, ids.shape[1]), ids)[0]
         ppl[fmt] = float(torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).exp())
     assert 5 < ppl["float32"] < 100, ppl
     for fmt in FORMATS[1:]:
         assert abs(ppl[fmt] / ppl["float32"] - 1) < 0.01, ppl
-    print("perplexity (512 tokens):", ppl)
+    print("perplexity (the shipped text):", ppl)
 
 
 def test_int8_greedy_mostly_agrees(default_formats):
@@ -386,26 +389,34 @@ def test_row_block_probes_run_in_the_first_call_not_in_a_later_block(tiny_llama_
         assert not native._MAX_ROWS
 
 
+@pytest.mark.parametrize("attention", ["auto", "torch"])
 @pytest.mark.parametrize("prompt_len", [7, 168])
-def test_prompt_prefill_runs_whole_with_causal_flash_attention(tiny_llama_pair, monkeypatch, prompt_len):
+def test_prompt_prefill_runs_whole(tiny_llama_pair, monkeypatch, prompt_len, attention):
     """A prompt into an empty cache (a prefill: every method encodes its prompt with this one call, so nothing
-    has to reproduce its bits) attends with SDPA's causal kernel and projects its rows in one unpadded GEMM;
-    its logits and the calls after it agree with transformers, and those calls keep the invariant path."""
+    has to reproduce its bits) projects its rows in one GEMM, without row blocks, and attends causally: with
+    the compiled kernels through them, as every other call (their attention stops at the causal boundary),
+    without them (attention="torch") with SDPA's causal kernel. Its logits and the calls after it agree with
+    transformers, and those calls keep the invariant path."""
     import paradecode.models.native as native
 
     hf, nat = tiny_llama_pair
-    calls, splits = [], []
-    sdpa, split = native.F.scaled_dot_product_attention, native._split_rows
+    if attention == "torch":
+        nat = tiny_native(hf.model, attention="torch")
+    kernel = nat._attn_kernel is not None
+    calls, splits, kernel_calls = [], [], []
+    sdpa, split, fwd = native.F.scaled_dot_product_attention, native._split_rows, native.NativeLlama._forward_kernel
     monkeypatch.setattr(native.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
     monkeypatch.setattr(native, "_split_rows", lambda *a, **k: splits.append(1) or split(*a, **k))
+    monkeypatch.setattr(native.NativeLlama, "_forward_kernel", lambda *a, **k: kernel_calls.append(a[-1]) or fwd(*a, **k))
     ids = _ids(prompt_len, nat.vocab_size, seed=5)
     c_nat, c_hf = nat.new_cache(1, 256), hf.new_cache(1, 256)
     got = nat.forward(c_nat, ids)
-    assert len(calls) == nat.shape.layers and not splits
+    assert not splits and len(calls) == (0 if kernel else nat.shape.layers)
+    assert kernel_calls == ([True] if kernel else [])          # the kernel path, told it is a whole prompt
     step = _ids(3, nat.vocab_size, seed=6)
     got_step = nat.forward(c_nat, step)
     # later calls keep the invariant path: padded row blocks, or the float32 kernel (invariant unpadded)
-    assert len(calls) == nat.shape.layers and bool(splits) == nat._pad_rows
+    assert len(calls) == (0 if kernel else nat.shape.layers) and bool(splits) == nat._pad_rows
     assert (got - hf.forward(c_hf, ids)).abs().max() < TOL
     assert (got_step - hf.forward(c_hf, step)).abs().max() < TOL
 
@@ -434,6 +445,7 @@ def test_fused_layers_have_the_bits_of_the_layer_loop(fmt):
             m.fused = fused
             B = case.get("batch", 1)
             c = m.new_cache(B, 64)
+            c.k.zero_(), c.v.zero_()              # slots a layer subset skips stay as allocated: make them equal
             m.forward(c, ids[:, :30].expand(B, 30))
             T = case["T"]
             new = ids[:, 30:30 + T].expand(B, T)
