@@ -95,9 +95,15 @@ def can_pack_bf16() -> bool:
             and hasattr(mk, "_linear_pointwise") and bool(mk._is_mkldnn_bf16_supported()))
 
 
+PACK_HINT = 16      # the batch size oneDNN lays a packed weight out for (see pack_bf16)
+
+
 def pack_bf16(w: torch.Tensor) -> PackedBF16Weight:
-    """Reorder a (N, K) weight, as bfloat16, into oneDNN's layout (the batch-size hint 1: decode steps)."""
-    return PackedBF16Weight(torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16).contiguous(), 1))
+    """Reorder a (N, K) weight, as bfloat16, into oneDNN's layout for batches of ``PACK_HINT`` rows. On the
+    Xeon with AMX a forward of the default model took 0.76-0.88x the time with the hint 16 than with the
+    hint 1 for 1, 8 and 16 new tokens (interleaved, session 13); the row blocks that keep a one-token call's
+    bits are probed on the packed kernel whatever the hint (native._max_rows)."""
+    return PackedBF16Weight(torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16).contiguous(), PACK_HINT))
 
 
 INT4_GROUP = 32     # weights per (scale, zero) pair along K, as GGUF's Q4_0/Q4_1 blocks
