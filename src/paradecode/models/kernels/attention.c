@@ -196,9 +196,51 @@ T512 static inline __attribute__((always_inline)) void score_block_512(const flo
         _mm512_storeu_ps(sc + r * ldsc + s0, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
 }
 
+/* score_block_512's numbers for four blocks (64 slots) at once and up to 6 rows: each key row's four
+ * lines are read together, so a block of 64 slots reads 256 contiguous bytes per dimension */
+T512 static inline __attribute__((always_inline)) void score_wide_512(const float *const *q, const int ROWS,
+                                                                     const float *K, long ldk, int D, int s0,
+                                                                     float scale, float *sc, long ldsc) {
+    __m512 acc[6][4];
+    _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++)
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d++) {
+        const float *kd = K + (long)d * ldk + s0;
+        _mm_prefetch((const char *)(kd + 4 * SB), _MM_HINT_T0);
+        _mm_prefetch((const char *)(kd + 5 * SB), _MM_HINT_T0);
+        _mm_prefetch((const char *)(kd + 6 * SB), _MM_HINT_T0);
+        _mm_prefetch((const char *)(kd + 7 * SB), _MM_HINT_T0);
+        const __m512 k0 = _mm512_loadu_ps(kd), k1 = _mm512_loadu_ps(kd + SB), k2 = _mm512_loadu_ps(kd + 2 * SB),
+                     k3 = _mm512_loadu_ps(kd + 3 * SB);
+        _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++) {
+            const __m512 x = _mm512_set1_ps(q[r][d]);
+            acc[r][0] = _mm512_fmadd_ps(x, k0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(x, k1, acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(x, k2, acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(x, k3, acc[r][3]);
+        }
+    }
+    _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++)
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++)
+            _mm512_storeu_ps(sc + r * ldsc + s0 + j * SB, _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
+}
+
 T512 static void scores_512(const float *const *q, int rows, const float *K, long ldk, int D, int S, float scale,
                             float *sc, long ldsc) {
-    for (int s0 = 0; s0 < S; s0 += SB)
+    int s0 = 0;
+    for (; rows >= 6 && s0 + 4 * SB <= S; s0 += 4 * SB)      /* few rows: the narrow blocks below are faster */
+        for (int r0 = 0; r0 < rows; r0 += 6) {
+            float *o = sc + r0 * ldsc;
+            switch (rows - r0 < 6 ? rows - r0 : 6) {
+                case 1: score_wide_512(q + r0, 1, K, ldk, D, s0, scale, o, ldsc); break;
+                case 2: score_wide_512(q + r0, 2, K, ldk, D, s0, scale, o, ldsc); break;
+                case 3: score_wide_512(q + r0, 3, K, ldk, D, s0, scale, o, ldsc); break;
+                case 4: score_wide_512(q + r0, 4, K, ldk, D, s0, scale, o, ldsc); break;
+                case 5: score_wide_512(q + r0, 5, K, ldk, D, s0, scale, o, ldsc); break;
+                default: score_wide_512(q + r0, 6, K, ldk, D, s0, scale, o, ldsc); break;
+            }
+        }
+    for (; s0 < S; s0 += SB)
         for (int r0 = 0; r0 < rows; r0 += 8) {
             float *o = sc + r0 * ldsc;
             switch (rows - r0 < 8 ? rows - r0 : 8) {
