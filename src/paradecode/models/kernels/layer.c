@@ -26,17 +26,6 @@ int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, cons
               long ldv, const uint8_t *allow, float *out, int B, int T, int Hkv, int G, int D, int S,
               float scale, int nt);
 
-static inline float load(const void *p, int kind, long i) {
-    return kind == KIND_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void store(void *p, int kind, long i, float f) {
-    if (kind == KIND_BF16)
-        ((uint16_t *)p)[i] = f32_to_bf16(f);
-    else
-        ((float *)p)[i] = f;
-}
-
 #define CH 512   /* columns per chunk of a row's float32 scratch */
 
 /* x (rows, H) float32, row stride H: x += delta (delta_kind 0: no delta; row stride ldd), then
