@@ -42,20 +42,33 @@ typedef __m256 vf;
 #define vpow2i(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
 #endif
 
+/* the constants of the vector exp (vexp, and attention.c's 512-bit twin of it): x = n ln2 + r with ln2 split
+ * in a high and a low part, and the degree-6 polynomial for e^r (Cephes) */
+#define EXP_MIN -87.0f
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO -2.12194440e-4f
+#define EXP_P0 1.9875691500e-4f
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
+
 #ifdef VW
 /* exp for x <= 88 (a softmax after subtracting the max; SiLU's e^-x, clamped), Cephes-style: x = n ln2 + r, |r| <= ln2 / 2,
  * a degree-6 polynomial for e^r, times 2^n; one fixed instruction sequence per lane */
 static inline vf vexp(vf x) {
-    x = vmax(x, vset1(-87.0f));
-    vf n = vround(vmul(x, vset1(1.44269504088896341f)));
-    vf r = vfnma(n, vset1(0.693359375f), x);
-    r = vfnma(n, vset1(-2.12194440e-4f), r);
-    vf p = vset1(1.9875691500e-4f);
-    p = vfma(p, r, vset1(1.3981999507e-3f));
-    p = vfma(p, r, vset1(8.3334519073e-3f));
-    p = vfma(p, r, vset1(4.1665795894e-2f));
-    p = vfma(p, r, vset1(1.6666665459e-1f));
-    p = vfma(p, r, vset1(5.0000001201e-1f));
+    x = vmax(x, vset1(EXP_MIN));
+    vf n = vround(vmul(x, vset1(EXP_LOG2E)));
+    vf r = vfnma(n, vset1(EXP_LN2_HI), x);
+    r = vfnma(n, vset1(EXP_LN2_LO), r);
+    vf p = vset1(EXP_P0);
+    p = vfma(p, r, vset1(EXP_P1));
+    p = vfma(p, r, vset1(EXP_P2));
+    p = vfma(p, r, vset1(EXP_P3));
+    p = vfma(p, r, vset1(EXP_P4));
+    p = vfma(p, r, vset1(EXP_P5));
     p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
     return vmul(p, vpow2i(n));
 }
