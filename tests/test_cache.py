@@ -12,15 +12,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paradecode.models.tiny import tiny_pair
+from paradecode.models.tiny import tiny_model, tiny_pair
 
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["native", "transformers", "native-qwen2"])
+@pytest.fixture(scope="module", params=["native", "transformers", "native-qwen2", "native-int8", "native-torch"])
 def model(request):
+    """native: the compiled kernels' float32 cache with blocked keys; native-int8: their bfloat16 cache;
+    native-torch: PyTorch's attention path, keys transposed."""
     if request.param == "native-qwen2":
         return tiny_pair("qwen2", seed=5)[1]
+    if request.param in ("native-int8", "native-torch"):
+        m = tiny_model(seed=5, dtype="int8" if request.param == "native-int8" else "float32",
+                       attention="kernel" if request.param == "native-int8" else "torch")
+        c = m.new_cache(1, 32)
+        assert (c.k.dtype, c.blocked) == ((torch.bfloat16, True) if request.param == "native-int8" else
+                                          (torch.float32, False))
+        return m
     hf, nat = tiny_pair("llama", seed=5)
     return nat if request.param == "native" else hf
 

@@ -40,18 +40,42 @@ def glue(lib):
     return kernels.LayerGlue(lib)
 
 
-def _case(B, T, Hkv, G, D, S, slots, seed):
+# the KV caches the kernels take: float32 or bfloat16, keys transposed or in 16-slot blocks (the engine's)
+CACHES = [("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
+
+
+def _case(B, T, Hkv, G, D, S, slots, seed, dtype="float32", blocked=False):
+    """Queries and new keys, and a cache of ``slots`` slots whose first S hold keys and values (transposed keys,
+    float32: the reference's layout; see :func:`_stored` for the others)."""
     g = torch.Generator().manual_seed(seed)
     qk = torch.randn(B, T, Hkv * G + Hkv, D, generator=g)
     kt = torch.full((B, Hkv, D, slots), float("nan"))          # slots past S are never read into a result
     v = torch.full((B, Hkv, slots, D), float("nan"))
     kt[..., :S] = torch.randn(B, Hkv, D, S, generator=g)
     v[:, :, :S] = torch.randn(B, Hkv, S, D, generator=g)
-    return qk, kt, v
+    return (qk, *_stored(kt, v, dtype, blocked))
+
+
+def _stored(kt, v, dtype="float32", blocked=False):
+    """Transposed float32 keys and values as a cache of ``dtype`` stores them, keys blocked or not."""
+    kt, v = kt.to(getattr(torch, dtype)), v.to(getattr(torch, dtype))
+    if blocked:
+        B, Hkv, D, slots = kt.shape
+        kt = kt.view(B, Hkv, D, slots // 16, 16).permute(0, 1, 3, 2, 4).contiguous()
+    return kt, v
+
+
+def _transposed(kt):
+    """Keys as float32 (B, Hkv, D, slots), from either layout."""
+    if kt.dim() == 5:
+        B, Hkv, NB, D, _ = kt.shape
+        kt = kt.transpose(2, 3).reshape(B, Hkv, D, NB * 16)
+    return kt.float()
 
 
 def _reference(qk, kt, v, allow, G, S):
     B, T, _, D = qk.shape
+    kt, v = _transposed(kt), v.float()
     Hkv = kt.shape[1]
     q = qk[:, :, :Hkv * G].double().view(B, T, Hkv, G, D)
     sc = torch.einsum("btkgd,bkds->btkgs", q, kt[..., :S].double()) / math.sqrt(D)
@@ -60,14 +84,16 @@ def _reference(qk, kt, v, allow, G, S):
     return torch.einsum("btkgs,bksd->btkgd", sc.softmax(-1), v[:, :, :S].double()).reshape(B, T, Hkv * G, D)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(B=st.integers(1, 2), T=st.integers(1, 9), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 5, 8]),
        D=st.sampled_from([8, 24, 64, 72, 80, 128]), S0=st.integers(0, 300), masked=st.booleans(),
-       seed=st.integers(0, 1000))
-def test_attention_kernel_matches_softmax_attention(fn, B, T, Hkv, G, D, S0, masked, seed):
+       cache=st.sampled_from(CACHES), seed=st.integers(0, 1000))
+def test_attention_kernel_matches_softmax_attention(fn, B, T, Hkv, G, D, S0, masked, cache, seed):
+    """Against softmax attention in float64 over the stored keys and values (a bfloat16 cache's elements
+    widen exactly), for every cache the kernels take."""
     S = S0 + T
     slots = -(-S // 256) * 256
-    qk, kt, v = _case(B, T, Hkv, G, D, S, slots, seed)
+    qk, kt, v = _case(B, T, Hkv, G, D, S, slots, seed, *cache)
     allow = None
     if masked or T > 1 or B > 1:
         g = torch.Generator().manual_seed(seed + 1)
@@ -78,14 +104,15 @@ def test_attention_kernel_matches_softmax_attention(fn, B, T, Hkv, G, D, S0, mas
     torch.testing.assert_close(out.double(), _reference(qk, kt, v, allow, G, S), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("cache", CACHES)
 @pytest.mark.parametrize("head", [0, 150])
-def test_attention_rows_do_not_depend_on_their_call(fn, head):
+def test_attention_rows_do_not_depend_on_their_call(fn, head, cache):
     """A row's bits depend only on its query and on the keys/values it sees, in cache order: not on the
     other rows of the call, nor on masked slots between the visible ones, nor on the storage beyond. With
     head = 150 every token sees the first 150 slots (a cached prefix, as in verification), which the
     kernel takes with straight vector loads, and scattered slots after them."""
     B, Hkv, G, D, S = 1, 3, 3, 64, 203
-    qk, kt, v = _case(B, 11, Hkv, G, D, S, 256, 0)
+    qk, kt, v = _case(B, 11, Hkv, G, D, S, 256, 0, *cache)
     g = torch.Generator().manual_seed(9)
     allow = torch.rand(B, 11, S, generator=g) < 0.6
     allow[:, :, :head] = True
@@ -97,21 +124,24 @@ def test_attention_rows_do_not_depend_on_their_call(fn, head):
         # the same query alone, against a compacted cache holding only the slots it may see
         seen = allow[0, t].nonzero().flatten()
         kt1, v1 = torch.zeros(B, Hkv, D, 512), torch.zeros(B, Hkv, 512, D)
-        kt1[..., :len(seen)], v1[:, :, :len(seen)] = kt[..., seen], v[:, :, seen]
+        kt1[..., :len(seen)], v1[:, :, :len(seen)] = _transposed(kt)[..., seen], v[:, :, seen].float()
+        kt1, v1 = _stored(kt1, v1, *cache)
         one = torch.empty(B, 1, Hkv * G, D)
         kernels.attend(fn, qk[:, t:t + 1].contiguous(), kt1, v1, None, one, G, scale, len(seen))
         assert torch.equal(one[:, 0], whole[:, t]), t
 
 
+@pytest.mark.parametrize("cache", [("float32", False), ("bfloat16", True)])
 @pytest.mark.parametrize("G, D", [(3, 64), (8, 80), (2, 128)])
-def test_attention_has_the_same_bits_with_and_without_avx512(tmp_path, G, D):
+def test_attention_has_the_same_bits_with_and_without_avx512(tmp_path, G, D, cache):
     """The AVX-512 scores and weighted sums (where the CPU has them) do each lane's operations in the AVX2
     code's order: the same bits (D = 80: AVX-512 scores, AVX2 weighted sums)."""
-    code = (f"import math; from test_kernels import _case; qk, kt, v = _case(1, 11, 2, {G}, {D}, 300, 320, 4);"
+    code = (f"import math; from test_kernels import _case; qk, kt, v = _case(1, 11, 2, {G}, {D}, 300, 320, 4,"
+            f" *{cache!r});"
             f"g = torch.Generator().manual_seed(2); allow = torch.rand(1, 11, 300, generator=g) < 0.7;"
             f"y = torch.empty(1, 11, 2 * {G}, {D});"
             f"kernels.attend(kernels.attention_kernel(), qk, kt, v, allow, y, {G}, 1 / math.sqrt({D}), 300)")
-    qk, kt, v = _case(1, 11, 2, G, D, 300, 320, 4)
+    qk, kt, v = _case(1, 11, 2, G, D, 300, 320, 4, *cache)
     allow = torch.rand(1, 11, 300, generator=torch.Generator().manual_seed(2)) < 0.7
     y = torch.empty(1, 11, 2 * G, D)
     kernels.attend(kernels.attention_kernel(), qk, kt, v, allow, y, G, 1 / math.sqrt(D), 300)
@@ -170,7 +200,7 @@ def test_silu_mul_matches_torch(glue, R, I, kind, seed):
         _bf16_close(out, want)
 
 
-def _rope_case(B, T, Hkv, G, D, L0, kind, seed):
+def _rope_case(B, T, Hkv, G, D, L0, kind, seed, cache=("float32", False)):
     g = torch.Generator().manual_seed(seed)
     Hq = Hkv * G
     qkv = torch.randn(B * T, (Hq + 2 * Hkv) * D, generator=g).to(getattr(torch, kind))
@@ -178,39 +208,45 @@ def _rope_case(B, T, Hkv, G, D, L0, kind, seed):
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
     kt = torch.randn(B, Hkv, D, 256, generator=g)
     v = torch.randn(B, Hkv, 256, D, generator=g)
-    return qkv, cos.contiguous(), sin.contiguous(), kt, v
+    return (qkv, cos.contiguous(), sin.contiguous(), *_stored(kt, v, *cache))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(B=st.integers(1, 2), T=st.integers(1, 6), Hkv=st.integers(1, 3), G=st.sampled_from([1, 3]),
        D=st.sampled_from([8, 64]), L0=st.integers(0, 40), kind=st.sampled_from(["float32", "bfloat16"]),
-       seed=st.integers(0, 1000))
-def test_rope_attend_matches_rope_then_attention(glue, B, T, Hkv, G, D, L0, kind, seed):
-    """RoPE (rotate_half, as transformers), the new keys and values written to slots L0.., causal attention."""
-    qkv, cos, sin, kt, v = _rope_case(B, T, Hkv, G, D, L0, kind, seed)
+       cache=st.sampled_from(CACHES), seed=st.integers(0, 1000))
+def test_rope_attend_matches_rope_then_attention(glue, B, T, Hkv, G, D, L0, kind, cache, seed):
+    """RoPE (rotate_half, as transformers), the new keys and values written to slots L0.. (rounded to a
+    bfloat16 cache's precision), causal attention over what the cache then holds."""
+    qkv, cos, sin, kt, v = _rope_case(B, T, Hkv, G, D, L0, kind, seed, cache)
     Hq, S = Hkv * G, L0 + T
     x = qkv.double().view(B, T, Hq + 2 * Hkv, D)
     c, s = cos.double().view(B, T, 1, D), sin.double().view(B, T, 1, D)
     rot = torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1)
     qk = x * c + rot * s                                                     # rotated q, k (and v: unused)
-    want_k, want_v = kt.clone().double(), v.clone().double()
-    want_k[..., L0:S] = qk[:, :, Hq:Hq + Hkv].permute(0, 2, 3, 1)
-    want_v[:, :, L0:S] = x[:, :, Hq + Hkv:].transpose(1, 2)
+    want_k = qk[:, :, Hq:Hq + Hkv].permute(0, 2, 3, 1)                     # (B, Hkv, D, T)
+    want_v = x[:, :, Hq + Hkv:].transpose(1, 2)                              # (B, Hkv, T, D)
+    before_k, before_v = _transposed(kt).clone(), v.float().clone()
     allow = torch.ones(B, T, S, dtype=torch.bool)
     allow[:, :, L0:] = torch.ones(T, T, dtype=torch.bool).tril()
-    want = _reference(qk[:, :, :Hq + Hkv].float(), want_k.float(), want_v.float(), allow, G, S).reshape(B * T, Hq * D)
     scratch, att = torch.empty(B * T, Hq + Hkv, D), torch.empty(B * T, Hq * D)
     out = att if kind == "float32" else torch.empty(B * T + 3, Hq * D, dtype=torch.bfloat16)
     glue.rope_attend(qkv, cos, sin, kt, v, allow, scratch, att, out, G, L0, 1 / math.sqrt(D))
-    torch.testing.assert_close(kt[..., L0:S].double(), want_k[..., L0:S], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(v[:, :, L0:S].double(), want_v[:, :, L0:S], atol=1e-5, rtol=1e-5)
+    tol = dict(atol=1e-5, rtol=1e-5) if cache[0] == "float32" else dict(atol=1e-6, rtol=2 ** -8)
+    got_k, got_v = _transposed(kt), v.float()
+    torch.testing.assert_close(got_k[..., L0:S].double(), want_k, **tol)
+    torch.testing.assert_close(got_v[:, :, L0:S].double(), want_v, **tol)
+    assert torch.equal(got_k[..., :L0], before_k[..., :L0]) and torch.equal(got_k[..., S:], before_k[..., S:])
+    assert torch.equal(got_v[:, :, :L0], before_v[:, :, :L0]) and torch.equal(got_v[:, :, S:], before_v[:, :, S:])
+    want = _reference(qk[:, :, :Hq + Hkv].float(), kt, v, allow, G, S).reshape(B * T, Hq * D)
     torch.testing.assert_close(att.double(), want, atol=1e-4, rtol=1e-4)
     if kind == "bfloat16":
         assert torch.equal(out[:B * T], att.to(torch.bfloat16))              # the cast, rounded as torch rounds
 
 
-@pytest.mark.parametrize("kind", ["float32", "bfloat16"])
-def test_layer_glue_rows_do_not_depend_on_their_call(glue, kind):
+@pytest.mark.parametrize("kind, cache", [("float32", ("float32", False)), ("float32", ("float32", True)),
+                                         ("bfloat16", ("bfloat16", False)), ("bfloat16", ("bfloat16", True))])
+def test_layer_glue_rows_do_not_depend_on_their_call(glue, kind, cache):
     """Each row of a 7-row call has the bits it gets alone (norm, SiLU) and a token's attention output has
     the bits it gets when its block is fed one token at a time (RoPE, cache write, attention)."""
     dt = getattr(torch, kind)
@@ -228,7 +264,7 @@ def test_layer_glue_rows_do_not_depend_on_their_call(glue, kind):
         glue.silu_mul(gu[r:r + 1], mr)
         assert torch.equal(one, whole[r:r + 1]) and torch.equal(xr, xw[r:r + 1]) and torch.equal(mr, mw[r:r + 1]), r
     T, Hkv, G, D, L0 = 5, 3, 3, 64, 37
-    qkv, cos, sin, kt, v = _rope_case(1, T, Hkv, G, D, L0, kind, 4)
+    qkv, cos, sin, kt, v = _rope_case(1, T, Hkv, G, D, L0, kind, 4, cache)
     Hq = Hkv * G
     att = torch.empty(T, Hq * D)
     glue.rope_attend(qkv, cos, sin, kt, v, None if T == 1 else
@@ -506,8 +542,8 @@ def test_attention_has_the_same_bits_on_any_thread_count(fn):
     B, T, Hkv, G, D, S = 2, 3, 3, 3, 64, 300
     qk = torch.randn(B, T, Hkv * G + Hkv, D, generator=g)
     slots = -(-S // 64) * 64
-    kt = torch.randn(B, Hkv, D, slots, generator=g)
-    v = torch.randn(B, Hkv, slots, D, generator=g)
+    kt, v = _stored(torch.randn(B, Hkv, D, slots, generator=g), torch.randn(B, Hkv, slots, D, generator=g),
+                    "bfloat16", True)                       # the engine's cache
     allow = torch.rand(B, T, S, generator=g) < 0.8
     before = torch.get_num_threads()
     outs = []

@@ -455,7 +455,7 @@ def test_fused_layers_have_the_bits_of_the_layer_loop(fmt):
             if B == 2:
                 kw.update(input_valid=valid)
             logits = m.forward(c, new, **kw)
-            got[fused] = (logits, c.k[:, :, :, :, :30 + T].clone(), c.v[:, :, :, :30 + T].clone())
+            got[fused] = (logits, c.keys(30 + T).clone(), c.v[:, :, :, :30 + T].clone())
         m.fused = True
         for a, b in zip(got[True], got[False]):
             assert torch.equal(a, b), (fmt, case)

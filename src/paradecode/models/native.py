@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .base import CausalLM, KVCache, ModelInfo, causal_mask
+from .kernels import KEY_BLOCK
 from .quant import (Int4W4A8Weight, Int4Weight, Int8I15Weight, Int8PanelWeight, Int8Weight, PackedBF16Weight,
                     PanelWeight, can_pack_bf16, linear, pack_bf16, pack_f32, pack_int4_w4a8, pack_int8_i15,
                     pack_int8_panels, quantize_int4, quantize_int8)
@@ -89,22 +90,30 @@ class LlamaShape:
 
 
 class StaticKVCache(KVCache):
-    """Preallocated float32 keys (layers, B, kv_heads, head_dim, capacity) and values
-    (layers, B, kv_heads, capacity, head_dim).
+    """Preallocated keys and values (layers, B, kv_heads, capacity, head_dim): float32, or
+    bfloat16 for the compiled kernels of a model whose projections take bfloat16
+    (``NativeLlama.kv_dtype``).
 
-    Keys are stored transposed so that ``q @ K^T`` reads them as a plain
-    strided matrix (about a quarter faster attention than a transposed view).
+    Keys are stored transposed, (layers, B, kv_heads, head_dim, capacity), so that
+    ``q @ K^T`` reads them as a plain strided matrix (about a quarter faster attention
+    than a transposed view); ``blocked`` (the compiled kernels' layout): transposed per
+    block of 16 slots, (layers, B, kv_heads, capacity / 16, head_dim, 16), so that the
+    keys of a block are one contiguous tile instead of head_dim rows a capacity apart.
 
     Allocated with ``torch.empty``: pages are only touched (and count towards
     resident memory) once tokens are written, so a large capacity is cheap
     until used. Slots below ``length`` are always written before being read.
     """
 
-    def __init__(self, shape: LlamaShape, batch_size: int, capacity: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, shape: LlamaShape, batch_size: int, capacity: int, dtype: torch.dtype = torch.float32,
+                 blocked: bool = False):
         self.batch_size = batch_size
         self.capacity = capacity
+        self.blocked = blocked
         slots = -(-capacity // KV_CHUNK) * KV_CHUNK      # storage for whole attention chunks
-        self.k = torch.empty(shape.layers, batch_size, shape.kv_heads, shape.head_dim, slots, dtype=dtype)
+        L, Hkv, D = shape.layers, shape.kv_heads, shape.head_dim
+        self.k = (torch.empty(L, batch_size, Hkv, slots // KEY_BLOCK, D, KEY_BLOCK, dtype=dtype) if blocked else
+                  torch.empty(L, batch_size, Hkv, D, slots, dtype=dtype))
         self.v = torch.empty(shape.layers, batch_size, shape.kv_heads, slots, shape.head_dim, dtype=dtype)
         self.finite = 0         # slots below this hold finite numbers (written, or zeroed once)
         self.valid = torch.ones(batch_size, capacity, dtype=torch.bool)  # False: padding slot
@@ -114,6 +123,13 @@ class StaticKVCache(KVCache):
     @property
     def length(self) -> int:
         return self._length
+
+    def keys(self, n: int) -> torch.Tensor:
+        """The keys of the first n slots, (layers, B, kv_heads, head_dim, n), whatever the layout."""
+        if not self.blocked:
+            return self.k[..., :n]
+        L, B, Hkv, NB, D, _ = self.k.shape
+        return self.k.transpose(3, 4).reshape(L, B, Hkv, D, NB * KEY_BLOCK)[..., :n]
 
     def rollback(self, length: int) -> None:
         if not 0 <= length <= self._length:
@@ -129,7 +145,11 @@ class StaticKVCache(KVCache):
             raise ValueError("compact indices beyond the filled cache")
         src = keep + start
         if n and not torch.equal(src, torch.arange(start, start + n)):
-            self.k[..., start:start + n] = self.k[..., src]
+            if self.blocked:          # slot s: block s // 16, column s % 16 of the (D, 16) tile
+                k, dst = self.k.transpose(3, 4), torch.arange(start, start + n)
+                k[..., dst // KEY_BLOCK, dst % KEY_BLOCK] = k[..., src // KEY_BLOCK, src % KEY_BLOCK]
+            else:
+                self.k[..., start:start + n] = self.k[..., src]
             self.v[:, :, :, start:start + n] = self.v[:, :, :, src]
             self.valid[:, start:start + n] = self.valid[:, src]
         self._length = start + n
@@ -271,6 +291,11 @@ class NativeLlama(CausalLM):
         self.exact_tree_logits = self._attn_kernel is not None and invariant
         self.format = dtype
         self.dtype = DTYPES[dtype]          # activations fed to the projections
+        # The KV cache: with the kernels, bfloat16 where the projections take bfloat16 (their values come out
+        # of a bfloat16 product already; the keys are rounded once, after RoPE): half the bytes a step's
+        # attention reads. float32 for the float32 format and for PyTorch's attention path.
+        self.kv_dtype = torch.bfloat16 if self._attn_kernel is not None and self.dtype == torch.bfloat16 \
+            else torch.float32
         self.quantized = dtype in ("int8", "int4")
         self.invariant = invariant
         self.packed = can_pack_bf16() if packed is None else bool(packed and can_pack_bf16())
@@ -443,7 +468,7 @@ class NativeLlama(CausalLM):
     # -- interface -----------------------------------------------------------
     def new_cache(self, batch_size: int = 1, capacity: int | None = None) -> StaticKVCache:
         cap = min(capacity or self.shape.max_context, self.shape.max_context)
-        return StaticKVCache(self.shape, batch_size, cap)
+        return StaticKVCache(self.shape, batch_size, cap, self.kv_dtype, blocked=self._attn_kernel is not None)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.embed, (Int8Weight, PanelWeight, Int8I15Weight)):
@@ -484,6 +509,9 @@ class NativeLlama(CausalLM):
         if self._attn_kernel is not None:
             return self._forward_kernel(cache, input_ids, cos, sin, attn_mask, input_valid, logits_for, layers,
                                         whole_prompt)
+        if cache.blocked:
+            raise ValueError("a cache in the kernels' blocked key layout: PyTorch's attention path takes transposed "
+                             "keys (new_cache of this model)")
         bias = None if whole_prompt else self._mask_bias(cache, T, attn_mask, input_valid)  # (B, 1, 1, T, S)
         # Attention spans the cache rounded up to whole KV_CHUNK-slot chunks, the extra slots masked
         # (and finite: zeroed once), and p @ V sums the chunks in order: every product then has the

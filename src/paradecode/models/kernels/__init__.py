@@ -137,13 +137,14 @@ def load_library(path: Path) -> ctypes.CDLL:
     """Load a built library and declare its functions' signatures."""
     lib = ctypes.CDLL(str(path))
     p, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-    lib.pd_attend.argtypes = [p, p, L, L, L, p, L, L, L, p, p, I, I, I, I, I, I, F, I]
+    lib.pd_attend.argtypes = [p, p, L, L, L, L, p, L, L, L, I, p, p, I, I, I, I, I, I, F, I]
     lib.pd_attend.restype = I
     lib.pd_add_rmsnorm.argtypes = [p, p, I, L, L, I, p, F, p, I]
     lib.pd_add_rmsnorm.restype = None
     lib.pd_silu_mul.argtypes = [p, I, L, L, I, p]
     lib.pd_silu_mul.restype = None
-    lib.pd_rope_attend.argtypes = [p, I, L, p, p, p, L, L, L, p, L, L, L, p, p, p, p, I, I, I, I, I, I, I, F, I]
+    lib.pd_rope_attend.argtypes = [p, I, L, p, p, p, L, L, L, L, p, L, L, L, I, p, p, p, p, I, I, I, I, I, I, I, F,
+                                   I]
     lib.pd_rope_attend.restype = I
     lib.pd_int4_mm.argtypes = [p, I, L, I, I, p, I, p, I, L, I]
     lib.pd_int4_mm.restype = I
@@ -153,8 +154,8 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.pd_i8_mm.restype = I
     lib.pd_i8_i15_mm.argtypes = [p, I, L, I, I, p, p, I, p, I, L, I]
     lib.pd_i8_i15_mm.restype = I
-    lib.pd_layers.argtypes = [p, p, I, p, p, p, p, p, I, p, p, p, p, p, p, p, p, p, L, L, L, L, p, L, L, L, L, p,
-                              I, I, I, I, I, I, I, I, F, F, I]
+    lib.pd_layers.argtypes = [p, p, I, p, p, p, p, p, I, p, p, p, p, p, p, p, p, p, L, L, L, L, L, p, L, L, L, L,
+                              I, p, I, I, I, I, I, I, I, I, F, F, I]
     lib.pd_layers.restype = I
     lib.pd_layer_products.argtypes = [p, p, I, p, p, p, I, p, p, p, p, I, I, I, I, I]
     lib.pd_layer_products.restype = I
@@ -192,13 +193,14 @@ def attention_kernel():
 def attend(fn, qk: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, allow: torch.Tensor | None,
            out: torch.Tensor, G: int, scale: float, S: int) -> None:
     """Run ``pd_attend`` over the first S slots: queries and new keys ``qk`` (B, T, Hq + Hkv, D) float32
-    contiguous, the cache's transposed keys ``kt`` (B, Hkv, D, slots) and values ``v`` (B, Hkv, slots, D)
-    of one layer, ``allow`` (B, T, S) bool or None (every slot below S), into ``out`` (B, T, Hq, D)
-    float32. The key storage must hold S rounded up to a multiple of 64 slots (the cache's does)."""
+    contiguous, the cache's keys ``kt`` (see :func:`key_strides`) and values ``v`` (B, Hkv, slots, D)
+    of one layer (float32 or bfloat16, both the same), ``allow`` (B, T, S) bool or None (every slot below
+    S), into ``out`` (B, T, Hq, D) float32. The key storage must hold S rounded up to a multiple of 64
+    slots (the cache's does)."""
     B, T, _, D = qk.shape
     Hkv = kt.shape[1]
-    ks, vs = kt.stride(), v.stride()
-    rc = fn(qk.data_ptr(), kt.data_ptr(), ks[0], ks[1], ks[2], v.data_ptr(), vs[0], vs[1], vs[2],
+    vs = v.stride()
+    rc = fn(qk.data_ptr(), kt.data_ptr(), *key_strides(kt), v.data_ptr(), vs[0], vs[1], vs[2], _kv_kind(kt, v),
             None if allow is None else allow.data_ptr(), out.data_ptr(), B, T, Hkv, G, D, S, scale,
             torch.get_num_threads())
     if rc != 0:
@@ -206,6 +208,30 @@ def attend(fn, qk: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, allow: torch
 
 
 _KIND = {torch.float32: 1, torch.bfloat16: 2}      # layer.c's activation types
+
+
+KEY_BLOCK = 16      # slots per block of the blocked key layout (attention.c's SB)
+
+
+def key_strides(kt: torch.Tensor) -> tuple[int, int, int, int]:
+    """``(kb, kh, ldk, kbs)`` of one layer's keys for ``attention.c``: kt (B, Hkv, D, slots), transposed, or
+    (B, Hkv, slots / 16, D, 16), blocked (each block of 16 slots one contiguous (D, 16) tile)."""
+    st = kt.stride()
+    if kt.dim() == 4:
+        if st[3] != 1:
+            raise ValueError("transposed keys need unit slot stride")
+        return st[0], st[1], st[2], KEY_BLOCK
+    if kt.dim() != 5 or kt.shape[4] != KEY_BLOCK or st[4] != 1 or st[3] != KEY_BLOCK:
+        raise ValueError(f"keys of shape {tuple(kt.shape)}: expected (B, Hkv, D, slots) or (B, Hkv, slots/16, D, 16)")
+    return st[0], st[1], st[3], st[2]
+
+
+def _kv_kind(k: torch.Tensor, v: torch.Tensor) -> int:
+    """The kernels' kind of a KV cache's elements (float32 or bfloat16, keys and values alike)."""
+    if k.dtype != v.dtype or k.dtype not in _KIND:
+        raise ValueError(f"a KV cache of {k.dtype} keys and {v.dtype} values: the kernels take float32 or "
+                         "bfloat16, the same for both")
+    return _KIND[k.dtype]
 
 
 class LayerGlue:
@@ -236,14 +262,15 @@ class LayerGlue:
                     out: torch.Tensor, G: int, L0: int, scale: float) -> None:
         """One layer's attention for B sequences of T new tokens: RoPE on the queries and keys of qkv
         (B*T, (Hq + 2 Hkv) * D) with cos, sin (B*T, D) float32, the keys and values into this layer's cache
-        kt (B, Hkv, D, slots), v (B, Hkv, slots, D) at slots L0.., attention as :func:`attend` with
+        kt (:func:`key_strides`), v (B, Hkv, slots, D) (float32, or bfloat16: rounded to nearest even) at
+        slots L0.., attention as :func:`attend` with
         ``allow`` (B, T, L0 + T) bool or None. Scratch: qk (B*T, Hq + Hkv, D) float32; the output goes to
         att (B*T, Hq*D) float32 and, cast, to the first B*T rows of out (bfloat16; float32: out's rows are att)."""
-        B, Hkv, D = kt.shape[0], kt.shape[1], kt.shape[2]
+        B, Hkv, D = v.shape[0], v.shape[1], v.shape[3]
         T = qk.shape[0] // B
-        ks, vs = kt.stride(), v.stride()
+        vs = v.stride()
         rc = self._rope(qkv.data_ptr(), _KIND[qkv.dtype], qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
-                        kt.data_ptr(), ks[0], ks[1], ks[2], v.data_ptr(), vs[0], vs[1], vs[2],
+                        kt.data_ptr(), *key_strides(kt), v.data_ptr(), vs[0], vs[1], vs[2], _kv_kind(kt, v),
                         None if allow is None else allow.data_ptr(), qk.data_ptr(), att.data_ptr(), out.data_ptr(),
                         _KIND[out.dtype], B, T, Hkv, G, D, L0, scale, torch.get_num_threads())
         if rc != 0:
@@ -310,18 +337,19 @@ class LayerStack:
             G: int, L0: int, scale: float, eps: float) -> None:
         """The layers ``order`` over x (B*T, H) float32 in place, then h = the norm after the last one (the
         next layer's ln1, or ``final_norm``): h (B*T, H), a (B*T, Hq*D), m (B*T, I) of the activations' dtype;
-        qk, att, cos, sin as :meth:`LayerGlue.rope_attend`; k (layers, B, Hkv, D, slots), v (layers, B, Hkv,
-        slots, D) the whole cache."""
+        qk, att, cos, sin as :meth:`LayerGlue.rope_attend`; k (layers, ...) and v (layers, B, Hkv, slots, D)
+        the whole cache (float32 or bfloat16; each layer's keys as :func:`key_strides` takes them)."""
         R, H = x.shape
         ys = [torch.empty(R, w, dtype=self.act) for w in self.widths]
-        ks, vs = k.stride(), v.stride()
+        vs = v.stride()
         order_arr = (ctypes.c_int * len(order))(*order)
         rc = self._fn(ctypes.addressof(self._table), ctypes.addressof(order_arr), len(order), final_norm.data_ptr(),
                       x.data_ptr(), h.data_ptr(), a.data_ptr(), m.data_ptr(), _KIND[self.act],
                       *(y.data_ptr() for y in ys), qk.data_ptr(), att.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                      k.data_ptr(), ks[0], ks[1], ks[2], ks[3],
-                      v.data_ptr(), vs[0], vs[1], vs[2], vs[3], None if allow is None else allow.data_ptr(), B, T,
-                      k.shape[2], G, k.shape[3], H, m.shape[1], L0, scale, eps, torch.get_num_threads())
+                      k.data_ptr(), k.stride(0), *key_strides(k[0]),
+                      v.data_ptr(), vs[0], vs[1], vs[2], vs[3], _kv_kind(k, v),
+                      None if allow is None else allow.data_ptr(), B, T, v.shape[2], G, v.shape[4], H, m.shape[1],
+                      L0, scale, eps, torch.get_num_threads())
         _check(rc)
 
     def products(self, order: tuple[int, ...], h: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> None:

@@ -23,6 +23,9 @@
  * per machine, not across machines). The loader compiles without AVX-512 on x86; where the CPU has it
  * (and PARADECODE_NO_AVX512 is unset) the scores and the weighted sums run 16 lanes wide, each lane doing
  * the AVX2 code's operations in its order, so the bits are the same (tested).
+ * The cache holds float32 or bfloat16 keys and values (kk: KIND_F32 or KIND_BF16, one kind for both); a
+ * bfloat16 element is widened to float32 exactly where it is read, so the formulas above and their order are
+ * the same for either storage, and a bfloat16 cache reads half the bytes.
  * Loaded with ctypes by paradecode/models/kernels/__init__.py, which compiles it once per CPU.
  */
 #include <math.h>
@@ -32,26 +35,41 @@
 
 #include "simd.h"
 
-#define SB 16   /* slots per score block; the key storage holds whole blocks */
+#define SB 16   /* slots per score block; the key storage holds whole blocks (kbs: elements between blocks) */
 #define RB 4    /* query rows per register block */
 #define TB 8    /* new tokens per work item: their query rows share every block of keys and values read */
 #define CH 32   /* slots per chunk of values that the rows of a work item take in turn */
-#define PF 64   /* floats ahead in each key row that score_block prefetches (the rows are 4 KB+ apart) */
+#define PFS 64  /* slots ahead whose keys score_block prefetches */
+
+/* element i of the cache storage p of kind kk, as float32 (a bfloat16 widens exactly) */
+static inline __attribute__((always_inline)) float kv_at(const void *p, const int kk, long i) {
+    return kk == KIND_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* the address of element i of the cache storage p of kind kk */
+static inline __attribute__((always_inline)) const char *kv_addr(const void *p, const int kk, long i) {
+    return (const char *)p + i * (kk == KIND_BF16 ? 2 : 4);
+}
 
 #ifdef VW
 #define TV (SB / VW)   /* vectors per slot block */
+
+/* VW elements of the cache storage from element i, as float32 */
+static inline __attribute__((always_inline)) vf kv_vload(const void *p, const int kk, long i) {
+    return kk == KIND_BF16 ? vload_bf16((const uint16_t *)p + i) : vload((const float *)p + i);
+}
 /* scores of ROWS query rows against the slots of [s0, s0 + SB): each lane one slot, d in order */
 static inline __attribute__((always_inline)) void score_block(const float *const *q, const int ROWS,
-                                                              const float *K, long ldk, int D, int s0,
-                                                              float scale, float *sc, long ldsc) {
+                                                              const void *K, const int KK, long ldk, long kbs, int D,
+                                                              int s0, float scale, float *sc, long ldsc) {
     vf acc[RB][TV];
     _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++)
         _Pragma("GCC unroll 4") for (int j = 0; j < TV; j++) acc[r][j] = vzero();
     for (int d = 0; d < D; d++) {
-        const float *kd = K + (long)d * ldk + s0;
-        _mm_prefetch((const char *)(kd + PF), _MM_HINT_T0);
+        const long kd = (long)(s0 / SB) * kbs + (long)d * ldk;
+        _mm_prefetch(kv_addr(K, KK, kd + PFS / SB * kbs), _MM_HINT_T0);
         _Pragma("GCC unroll 4") for (int j = 0; j < TV; j++) {
-            const vf k = vload(kd + j * VW);
+            const vf k = kv_vload(K, KK, kd + j * VW);
             _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) acc[r][j] = vfma(vset1(q[r][d]), k, acc[r][j]);
         }
     }
@@ -61,28 +79,39 @@ static inline __attribute__((always_inline)) void score_block(const float *const
 #endif
 
 /* scores of `rows` query rows (q[r]) against slots [0, S) rounded up to whole blocks of SB: sc[r*ldsc + s].
- * Keys are stored transposed: K[d*ldk + s]. Each block of keys is read once for all the rows. */
-static void scores(const float *const *q, int rows, const float *K, long ldk, int D, int S, float scale, float *sc,
-                   long ldsc) {
+ * Keys of kind KK, slot s of dimension d at K[(s / SB)*kbs + d*ldk + s % SB] (pd_attend). Each block of keys is
+ * read once for all the rows. */
+static inline __attribute__((always_inline)) void scores_kind(const float *const *q, int rows, const void *K,
+                                                              const int KK, long ldk, long kbs, int D, int S,
+                                                              float scale, float *sc, long ldsc) {
 #ifdef VW
     for (int s0 = 0; s0 < S; s0 += SB)
         for (int r0 = 0; r0 < rows; r0 += RB) {
             float *o = sc + r0 * ldsc;
             switch (rows - r0 < RB ? rows - r0 : RB) {
-                case 1: score_block(q + r0, 1, K, ldk, D, s0, scale, o, ldsc); break;
-                case 2: score_block(q + r0, 2, K, ldk, D, s0, scale, o, ldsc); break;
-                case 3: score_block(q + r0, 3, K, ldk, D, s0, scale, o, ldsc); break;
-                default: score_block(q + r0, 4, K, ldk, D, s0, scale, o, ldsc); break;
+                case 1: score_block(q + r0, 1, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
+                case 2: score_block(q + r0, 2, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
+                case 3: score_block(q + r0, 3, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
+                default: score_block(q + r0, 4, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
             }
         }
 #else
     for (int r = 0; r < rows; r++)
         for (int s = 0; s < S; s++) {
             float a = 0.0f;
-            for (int d = 0; d < D; d++) a = fmaf(q[r][d], K[(long)d * ldk + s], a);
+            for (int d = 0; d < D; d++)
+                a = fmaf(q[r][d], kv_at(K, KK, (long)(s / SB) * kbs + (long)d * ldk + s % SB), a);
             sc[r * ldsc + s] = a * scale;
         }
 #endif
+}
+
+static void scores(const float *const *q, int rows, const void *K, int kk, long ldk, long kbs, int D, int S,
+                   float scale, float *sc, long ldsc) {
+    if (kk == KIND_BF16)
+        scores_kind(q, rows, K, KIND_BF16, ldk, kbs, D, S, scale, sc, ldsc);
+    else
+        scores_kind(q, rows, K, KIND_F32, ldk, kbs, D, S, scale, sc, ldsc);
 }
 
 /* the largest of sc[slot[i]] over the list, whose first p entries are the slots 0 .. p-1: eight
@@ -133,35 +162,37 @@ static float visible_sum(const float *e, const int *slot, int n, int p) {
 #ifdef VW
 /* o[0:NV*VW) += e[s] * V[s][0:NV*VW) over the listed slots, in order (o holds the running sums) */
 static inline __attribute__((always_inline)) void weighted_chunk(const float *e, const int *slot, int n,
-                                                                 const float *V, long ldv, const int NV,
-                                                                 float *o) {
+                                                                 const void *V, const int KK, long ldv, int d0,
+                                                                 const int NV, float *o) {
     vf acc[8];
     _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) acc[j] = vload(o + j * VW);
     for (int i = 0; i < n; i++) {
         const int s = slot[i];
         const vf w = vset1(e[s]);
-        const float *v = V + (long)s * ldv;
-        _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) acc[j] = vfma(w, vload(v + j * VW), acc[j]);
+        const long v = (long)s * ldv + d0;
+        _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) acc[j] = vfma(w, kv_vload(V, KK, v + j * VW), acc[j]);
     }
     _Pragma("GCC unroll 8") for (int j = 0; j < NV; j++) vstore(o + j * VW, acc[j]);
 }
 #endif
 
 /* o[0:D) += e[s] * V[s] over the listed slots, in order: one running sum per output element */
-static void weighted(const float *e, const int *slot, int n, const float *V, long ldv, int D, float *o) {
+static inline __attribute__((always_inline)) void weighted_kind(const float *e, const int *slot, int n,
+                                                                const void *V, const int KK, long ldv, int D,
+                                                                float *o) {
 #ifdef VW
     if (D % VW == 0) {
         for (int d0 = 0; d0 < D; d0 += 8 * VW) {
             const int nv = (D - d0) / VW < 8 ? (D - d0) / VW : 8;
             switch (nv) {
-                case 1: weighted_chunk(e, slot, n, V + d0, ldv, 1, o + d0); break;
-                case 2: weighted_chunk(e, slot, n, V + d0, ldv, 2, o + d0); break;
-                case 3: weighted_chunk(e, slot, n, V + d0, ldv, 3, o + d0); break;
-                case 4: weighted_chunk(e, slot, n, V + d0, ldv, 4, o + d0); break;
-                case 5: weighted_chunk(e, slot, n, V + d0, ldv, 5, o + d0); break;
-                case 6: weighted_chunk(e, slot, n, V + d0, ldv, 6, o + d0); break;
-                case 7: weighted_chunk(e, slot, n, V + d0, ldv, 7, o + d0); break;
-                default: weighted_chunk(e, slot, n, V + d0, ldv, 8, o + d0); break;
+                case 1: weighted_chunk(e, slot, n, V, KK, ldv, d0, 1, o + d0); break;
+                case 2: weighted_chunk(e, slot, n, V, KK, ldv, d0, 2, o + d0); break;
+                case 3: weighted_chunk(e, slot, n, V, KK, ldv, d0, 3, o + d0); break;
+                case 4: weighted_chunk(e, slot, n, V, KK, ldv, d0, 4, o + d0); break;
+                case 5: weighted_chunk(e, slot, n, V, KK, ldv, d0, 5, o + d0); break;
+                case 6: weighted_chunk(e, slot, n, V, KK, ldv, d0, 6, o + d0); break;
+                case 7: weighted_chunk(e, slot, n, V, KK, ldv, d0, 7, o + d0); break;
+                default: weighted_chunk(e, slot, n, V, KK, ldv, d0, 8, o + d0); break;
             }
         }
         return;
@@ -170,9 +201,16 @@ static void weighted(const float *e, const int *slot, int n, const float *V, lon
     for (int i = 0; i < n; i++) {
         const int s = slot[i];
         const float w = e[s];
-        const float *v = V + (long)s * ldv;
-        for (int d = 0; d < D; d++) o[d] = fmaf(w, v[d], o[d]);
+        const long v = (long)s * ldv;
+        for (int d = 0; d < D; d++) o[d] = fmaf(w, kv_at(V, KK, v + d), o[d]);
     }
+}
+
+static void weighted(const float *e, const int *slot, int n, const void *V, int kk, long ldv, int D, float *o) {
+    if (kk == KIND_BF16)
+        weighted_kind(e, slot, n, V, KIND_BF16, ldv, D, o);
+    else
+        weighted_kind(e, slot, n, V, KIND_F32, ldv, D, o);
 }
 
 #if defined(__AVX2__) && defined(__x86_64__) && defined(__GNUC__)   /* upgrades of the AVX2 build */
@@ -180,38 +218,45 @@ static void weighted(const float *e, const int *slot, int n, const float *V, lon
 #define T512 __attribute__((target("avx512f")))
 #define RW 4    /* rows (heads of one token) per value register block with AVX-512 */
 
+/* 16 elements of the cache storage from element i, as float32 */
+T512 static inline __attribute__((always_inline)) __m512 kv_vload_512(const void *p, const int kk, long i) {
+    if (kk == KIND_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
+    return _mm512_loadu_ps((const float *)p + i);
+}
+
 /* score_block's numbers for one block of SB = 16 slots (one vector) and up to 8 rows */
 T512 static inline __attribute__((always_inline)) void score_block_512(const float *const *q, const int ROWS,
-                                                                      const float *K, long ldk, int D, int s0,
-                                                                      float scale, float *sc, long ldsc) {
+                                                                      const void *K, const int KK, long ldk, long kbs,
+                                                                      int D, int s0, float scale, float *sc,
+                                                                      long ldsc) {
     __m512 acc[8];
     _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
     for (int d = 0; d < D; d++) {
-        const float *kd = K + (long)d * ldk + s0;
-        _mm_prefetch((const char *)(kd + PF), _MM_HINT_T0);
-        const __m512 k = _mm512_loadu_ps(kd);
+        const long kd = (long)(s0 / SB) * kbs + (long)d * ldk;
+        _mm_prefetch(kv_addr(K, KK, kd + PFS / SB * kbs), _MM_HINT_T0);
+        const __m512 k = kv_vload_512(K, KK, kd);
         _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d]), k, acc[r]);
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++)
         _mm512_storeu_ps(sc + r * ldsc + s0, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
 }
 
-/* score_block_512's numbers for four blocks (64 slots) at once and up to 6 rows: each key row's four
- * lines are read together, so a block of 64 slots reads 256 contiguous bytes per dimension */
+/* score_block_512's numbers for four blocks (64 slots) at once and up to 6 rows: the four blocks' keys of
+ * each dimension read together, those of the next four blocks prefetched */
 T512 static inline __attribute__((always_inline)) void score_wide_512(const float *const *q, const int ROWS,
-                                                                     const float *K, long ldk, int D, int s0,
-                                                                     float scale, float *sc, long ldsc) {
+                                                                     const void *K, const int KK, long ldk, long kbs,
+                                                                     int D, int s0, float scale, float *sc,
+                                                                     long ldsc) {
     __m512 acc[6][4];
     _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++)
         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
     for (int d = 0; d < D; d++) {
-        const float *kd = K + (long)d * ldk + s0;
-        _mm_prefetch((const char *)(kd + 4 * SB), _MM_HINT_T0);
-        _mm_prefetch((const char *)(kd + 5 * SB), _MM_HINT_T0);
-        _mm_prefetch((const char *)(kd + 6 * SB), _MM_HINT_T0);
-        _mm_prefetch((const char *)(kd + 7 * SB), _MM_HINT_T0);
-        const __m512 k0 = _mm512_loadu_ps(kd), k1 = _mm512_loadu_ps(kd + SB), k2 = _mm512_loadu_ps(kd + 2 * SB),
-                     k3 = _mm512_loadu_ps(kd + 3 * SB);
+        const long kd = (long)(s0 / SB) * kbs + (long)d * ldk;
+        _Pragma("GCC unroll 4") for (int j = 4; j < 8; j++) _mm_prefetch(kv_addr(K, KK, kd + j * kbs), _MM_HINT_T0);
+        const __m512 k0 = kv_vload_512(K, KK, kd), k1 = kv_vload_512(K, KK, kd + kbs),
+                     k2 = kv_vload_512(K, KK, kd + 2 * kbs), k3 = kv_vload_512(K, KK, kd + 3 * kbs);
         _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++) {
             const __m512 x = _mm512_set1_ps(q[r][d]);
             acc[r][0] = _mm512_fmadd_ps(x, k0, acc[r][0]);
@@ -225,50 +270,61 @@ T512 static inline __attribute__((always_inline)) void score_wide_512(const floa
             _mm512_storeu_ps(sc + r * ldsc + s0 + j * SB, _mm512_mul_ps(acc[r][j], _mm512_set1_ps(scale)));
 }
 
-T512 static void scores_512(const float *const *q, int rows, const float *K, long ldk, int D, int S, float scale,
-                            float *sc, long ldsc) {
+T512 static inline __attribute__((always_inline)) void scores_512_kind(const float *const *q, int rows,
+                                                                      const void *K, const int KK, long ldk, long kbs,
+                                                                      int D, int S, float scale, float *sc,
+                                                                      long ldsc) {
     int s0 = 0;
     for (; rows >= 6 && s0 + 4 * SB <= S; s0 += 4 * SB)      /* few rows: the narrow blocks below are faster */
         for (int r0 = 0; r0 < rows; r0 += 6) {
             float *o = sc + r0 * ldsc;
             switch (rows - r0 < 6 ? rows - r0 : 6) {
-                case 1: score_wide_512(q + r0, 1, K, ldk, D, s0, scale, o, ldsc); break;
-                case 2: score_wide_512(q + r0, 2, K, ldk, D, s0, scale, o, ldsc); break;
-                case 3: score_wide_512(q + r0, 3, K, ldk, D, s0, scale, o, ldsc); break;
-                case 4: score_wide_512(q + r0, 4, K, ldk, D, s0, scale, o, ldsc); break;
-                case 5: score_wide_512(q + r0, 5, K, ldk, D, s0, scale, o, ldsc); break;
-                default: score_wide_512(q + r0, 6, K, ldk, D, s0, scale, o, ldsc); break;
+                case 1: score_wide_512(q + r0, 1, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
+                case 2: score_wide_512(q + r0, 2, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
+                case 3: score_wide_512(q + r0, 3, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
+                case 4: score_wide_512(q + r0, 4, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
+                case 5: score_wide_512(q + r0, 5, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
+                default: score_wide_512(q + r0, 6, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
             }
         }
     for (; s0 < S; s0 += SB)
         for (int r0 = 0; r0 < rows; r0 += 8) {
             float *o = sc + r0 * ldsc;
             switch (rows - r0 < 8 ? rows - r0 : 8) {
-                case 1: score_block_512(q + r0, 1, K, ldk, D, s0, scale, o, ldsc); break;
-                case 2: score_block_512(q + r0, 2, K, ldk, D, s0, scale, o, ldsc); break;
-                case 3: score_block_512(q + r0, 3, K, ldk, D, s0, scale, o, ldsc); break;
-                case 4: score_block_512(q + r0, 4, K, ldk, D, s0, scale, o, ldsc); break;
-                case 5: score_block_512(q + r0, 5, K, ldk, D, s0, scale, o, ldsc); break;
-                case 6: score_block_512(q + r0, 6, K, ldk, D, s0, scale, o, ldsc); break;
-                case 7: score_block_512(q + r0, 7, K, ldk, D, s0, scale, o, ldsc); break;
-                default: score_block_512(q + r0, 8, K, ldk, D, s0, scale, o, ldsc); break;
+                case 1: score_block_512(q + r0, 1, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
+                case 2: score_block_512(q + r0, 2, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
+                case 3: score_block_512(q + r0, 3, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
+                case 4: score_block_512(q + r0, 4, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
+                case 5: score_block_512(q + r0, 5, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
+                case 6: score_block_512(q + r0, 6, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
+                case 7: score_block_512(q + r0, 7, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
+                default: score_block_512(q + r0, 8, K, KK, ldk, kbs, D, s0, scale, o, ldsc); break;
             }
         }
+}
+
+T512 static void scores_512(const float *const *q, int rows, const void *K, int kk, long ldk, long kbs, int D, int S,
+                            float scale, float *sc, long ldsc) {
+    if (kk == KIND_BF16)
+        scores_512_kind(q, rows, K, KIND_BF16, ldk, kbs, D, S, scale, sc, ldsc);
+    else
+        scores_512_kind(q, rows, K, KIND_F32, ldk, kbs, D, S, scale, sc, ldsc);
 }
 
 /* weighted's numbers for ROWS rows that share one slot list (heads of one token), 64 outputs (d0 ..) at a
  * time: each value vector read once for all the rows */
 T512 static inline __attribute__((always_inline)) void weighted_rows_512(const float *const *e, const int ROWS,
-                                                                        const int *slot, int n, const float *V,
-                                                                        long ldv, int d0, float *const *o) {
+                                                                        const int *slot, int n, const void *V,
+                                                                        const int KK, long ldv, int d0,
+                                                                        float *const *o) {
     __m512 acc[RW][4];
     _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++)
         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[r][j] = _mm512_loadu_ps(o[r] + d0 + 16 * j);
     for (int i = 0; i < n; i++) {
         const int s = slot[i];
-        const float *v = V + (long)s * ldv + d0;
-        const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
-                     v3 = _mm512_loadu_ps(v + 48);
+        const long v = (long)s * ldv + d0;
+        const __m512 v0 = kv_vload_512(V, KK, v), v1 = kv_vload_512(V, KK, v + 16),
+                     v2 = kv_vload_512(V, KK, v + 32), v3 = kv_vload_512(V, KK, v + 48);
         _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) {
             const __m512 w = _mm512_set1_ps(e[r][s]);
             acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]);
@@ -304,31 +360,44 @@ T512 static void exps_512(float *sc, int S, float m) {
 }
 
 /* o[r] += e[r][s] * V[s] over one slot list for `rows` rows; D a multiple of 64 */
-T512 static void weighted_512(const float *const *e, int rows, const int *slot, int n, const float *V, long ldv,
-                              int D, float *const *o) {
+T512 static inline __attribute__((always_inline)) void weighted_512_kind(const float *const *e, int rows,
+                                                                        const int *slot, int n, const void *V,
+                                                                        const int KK, long ldv, int D,
+                                                                        float *const *o) {
     for (int r0 = 0; r0 < rows; r0 += RW)
         for (int d0 = 0; d0 < D; d0 += 64) {
             switch (rows - r0 < RW ? rows - r0 : RW) {
-                case 1: weighted_rows_512(e + r0, 1, slot, n, V, ldv, d0, o + r0); break;
-                case 2: weighted_rows_512(e + r0, 2, slot, n, V, ldv, d0, o + r0); break;
-                case 3: weighted_rows_512(e + r0, 3, slot, n, V, ldv, d0, o + r0); break;
-                default: weighted_rows_512(e + r0, 4, slot, n, V, ldv, d0, o + r0); break;
+                case 1: weighted_rows_512(e + r0, 1, slot, n, V, KK, ldv, d0, o + r0); break;
+                case 2: weighted_rows_512(e + r0, 2, slot, n, V, KK, ldv, d0, o + r0); break;
+                case 3: weighted_rows_512(e + r0, 3, slot, n, V, KK, ldv, d0, o + r0); break;
+                default: weighted_rows_512(e + r0, 4, slot, n, V, KK, ldv, d0, o + r0); break;
             }
         }
+}
+
+T512 static void weighted_512(const float *const *e, int rows, const int *slot, int n, const void *V, int kk,
+                              long ldv, int D, float *const *o) {
+    if (kk == KIND_BF16)
+        weighted_512_kind(e, rows, slot, n, V, KIND_BF16, ldv, D, o);
+    else
+        weighted_512_kind(e, rows, slot, n, V, KIND_F32, ldv, D, o);
 }
 #endif
 
 /* Attention for B sequences, Hkv key/value heads of G query heads each, T new tokens.
  *
  * qk:    (B, T, Hq + Hkv, D) float32 contiguous: the rotated queries (head h = kv * G + g) then keys
- * kt:    keys, transposed: element [b][kv][d][s] at kt[b*kb + kv*kh + d*ldk + s]
+ * kt:    keys, transposed in blocks of 16 slots: element [b][kv][d][s] at
+ *        kt[b*kb + kv*kh + (s / 16)*kbs + d*ldk + s % 16] (kbs = 16, ldk = slots: one transposed matrix;
+ *        kbs = 16 D, ldk = 16: each block of 16 slots one contiguous (D, 16) tile)
  * v:     values [b][kv][s][d] at v[b*vb + kv*vh + s*ldv + d]
+ * kk:    the kind of kt's and v's elements, KIND_F32 or KIND_BF16 (strides count elements)
  * allow: (B, T, S) uint8, 1 where token t may see slot s; NULL: every slot below S
  * out:   (B, T, Hq, D) float32
- * S:     slots in use; the storage must hold S rounded up to a multiple of 16 readable floats.
+ * S:     slots in use; the storage must hold S rounded up to a multiple of 16 readable elements.
  * Returns 0, or -1 when scratch memory could not be allocated. */
-int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, const float *v, long vb, long vh,
-              long ldv, const uint8_t *allow, float *out, int B, int T, int Hkv, int G, int D, int S,
+int pd_attend(const float *qk, const void *kt, long kb, long kh, long ldk, long kbs, const void *v, long vb,
+              long vh, long ldv, int kk, const uint8_t *allow, float *out, int B, int T, int Hkv, int G, int D, int S,
               float scale, int nt) {
     const int Sp = (S + SB - 1) / SB * SB;
     const int Hq = Hkv * G, NB = (T + TB - 1) / TB, R = TB * G;
@@ -375,17 +444,17 @@ int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, cons
                         o[u * G + g] = out + (((long)b * T + t0 + u) * Hq + kv * G + g) * D;
                     }
                 }
-                const float *K = kt + b * kb + kv * kh;
-                const float *Vh = v + b * vb + kv * vh;
+                const void *K = kv_addr(kt, kk, b * kb + kv * kh);
+                const void *Vh = kv_addr(v, kk, b * vb + kv * vh);
                 int Se = 0;             /* the slots below the last one any of the tokens sees: all they need */
                 for (int u = 0; u < tn; u++)
                     if (n[u] && slot[u * S + n[u] - 1] + 1 > Se) Se = slot[u * S + n[u] - 1] + 1;
 #ifdef HAVE_512
                 if (fast)
-                    scores_512(q, rows, K, ldk, D, Se, scale, sc, Sp);
+                    scores_512(q, rows, K, kk, ldk, kbs, D, Se, scale, sc, Sp);
                 else
 #endif
-                    scores(q, rows, K, ldk, D, Se, scale, sc, Sp);
+                    scores(q, rows, K, kk, ldk, kbs, D, Se, scale, sc, Sp);
                 for (int r = 0; r < rows; r++) {
                     const int *sl = slot + r / G * S, c = n[r / G];
                     const float mx = c ? visible_max(sc + r * Sp, sl, c, p[r / G]) : 0.0f;
@@ -407,13 +476,13 @@ int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, cons
                         while (e < n[u] && sl[e] < c0 + CH) e++;
 #ifdef HAVE_512
                         if (fast && D % 64 == 0) {
-                            weighted_512(ew + u * G, G, sl + at[u], e - at[u], Vh, ldv, D, o + u * G);
+                            weighted_512(ew + u * G, G, sl + at[u], e - at[u], Vh, kk, ldv, D, o + u * G);
                             at[u] = e;
                             continue;
                         }
 #endif
                         for (int g = 0; g < G; g++)
-                            weighted(sc + (u * G + g) * Sp, sl + at[u], e - at[u], Vh, ldv, D, o[u * G + g]);
+                            weighted(sc + (u * G + g) * Sp, sl + at[u], e - at[u], Vh, kk, ldv, D, o[u * G + g]);
                         at[u] = e;
                     }
                 }

@@ -22,8 +22,8 @@
 
 #include "simd.h"
 
-int pd_attend(const float *qk, const float *kt, long kb, long kh, long ldk, const float *v, long vb, long vh,
-              long ldv, const uint8_t *allow, float *out, int B, int T, int Hkv, int G, int D, int S,
+int pd_attend(const float *qk, const void *kt, long kb, long kh, long ldk, long kbs, const void *v, long vb,
+              long vh, long ldv, int kk, const uint8_t *allow, float *out, int B, int T, int Hkv, int G, int D, int S,
               float scale, int nt);
 
 #define CH 512   /* columns per chunk of a row's float32 scratch */
@@ -99,15 +99,16 @@ void pd_silu_mul(const void *gu, int kind, long ldg, long rows, int I, void *out
  *
  * qkv:     (B*T rows, row stride ldq) in qkv_kind: the projected queries (head h = kv * G + g), keys, values
  * cos/sin: (B*T, D) float32, the RoPE tables at each token's position (attention scaling folded in)
- * kt, v:   this layer's cache as pd_attend takes it; the new keys and values go to slots L0 .. L0 + T - 1
+ * kt, v:   this layer's cache as pd_attend takes it (elements of kind kk); the new keys and values go to
+ *          slots L0 .. L0 + T - 1, rounded to nearest even into a bfloat16 cache
  * allow:   (B, T, L0 + T) uint8 or NULL, as pd_attend
  * qk:      scratch (B*T, Hq + Hkv, D) float32: the rotated queries and keys
  * att:     (B*T, Hq*D) float32: the attention output; when out_kind is bfloat16 it is cast into out
  * Returns pd_attend's code. */
-int pd_rope_attend(const void *qkv, int qkv_kind, long ldq, const float *cos, const float *sin, float *kt, long kb,
-                   long kh, long ldk, float *v, long vb, long vh, long ldv, const uint8_t *allow, float *qk,
-                   float *att, void *out, int out_kind, int B, int T, int Hkv, int G, int D, int L0, float scale,
-                   int nt) {
+int pd_rope_attend(const void *qkv, int qkv_kind, long ldq, const float *cos, const float *sin, void *kt, long kb,
+                   long kh, long ldk, long kbs, void *v, long vb, long vh, long ldv, int kk, const uint8_t *allow,
+                   float *qk, float *att, void *out, int out_kind, int B, int T, int Hkv, int G, int D, int L0,
+                   float scale, int nt) {
     const int Hq = Hkv * G, h2 = D / 2, W = (Hq + 2 * Hkv) * D;
     float *xf = (float *)malloc(sizeof(float) * (size_t)W);   /* one row of qkv as float32 */
     if (!xf) return -1;
@@ -137,13 +138,17 @@ int pd_rope_attend(const void *qkv, int qkv_kind, long ldq, const float *cos, co
             }
             for (int kv = 0; kv < Hkv; kv++) {
                 const float *kr = dst + (long)(Hq + kv) * D;
-                float *K = kt + b * kb + kv * kh + L0 + t, *V = v + b * vb + kv * vh + (long)(L0 + t) * ldv;
-                for (int d = 0; d < D; d++) K[(long)d * ldk] = kr[d];
-                memcpy(V, xf + (long)(Hq + Hkv + kv) * D, sizeof(float) * D);
+                const long k0 = b * kb + kv * kh + (long)((L0 + t) / 16) * kbs + (L0 + t) % 16;
+                if (kk == KIND_BF16)
+                    for (int d = 0; d < D; d++) ((uint16_t *)kt)[k0 + (long)d * ldk] = f32_to_bf16(kr[d]);
+                else
+                    for (int d = 0; d < D; d++) ((float *)kt)[k0 + (long)d * ldk] = kr[d];
+                from_f32(v, kk, b * vb + kv * vh + (long)(L0 + t) * ldv, D, xf + (long)(Hq + Hkv + kv) * D);
             }
         }
     free(xf);
-    const int rc = pd_attend(qk, kt, kb, kh, ldk, v, vb, vh, ldv, allow, att, B, T, Hkv, G, D, L0 + T, scale, nt);
+    const int rc = pd_attend(qk, kt, kb, kh, ldk, kbs, v, vb, vh, ldv, kk, allow, att, B, T, Hkv, G, D, L0 + T, scale,
+                             nt);
     if (rc == 0 && out_kind == KIND_BF16) from_f32(out, KIND_BF16, 0, B * T * Hq * D, att);
     return rc;
 }

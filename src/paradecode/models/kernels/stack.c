@@ -22,10 +22,10 @@ int pd_int4_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t 
 void pd_add_rmsnorm(float *x, const void *delta, int delta_kind, long ldd, long rows, int H, const float *w,
                     float eps, void *out, int out_kind);
 void pd_silu_mul(const void *gu, int kind, long ldg, long rows, int I, void *out);
-int pd_rope_attend(const void *qkv, int qkv_kind, long ldq, const float *cos, const float *sin, float *kt, long kb,
-                   long kh, long ldk, float *v, long vb, long vh, long ldv, const uint8_t *allow, float *qk,
-                   float *att, void *out, int out_kind, int B, int T, int Hkv, int G, int D, int L0, float scale,
-                   int nt);
+int pd_rope_attend(const void *qkv, int qkv_kind, long ldq, const float *cos, const float *sin, void *kt, long kb,
+                   long kh, long ldk, long kbs, void *v, long vb, long vh, long ldv, int kk, const uint8_t *allow,
+                   float *qk, float *att, void *out, int out_kind, int B, int T, int Hkv, int G, int D, int L0,
+                   float scale, int nt);
 
 enum { W_I15 = 1, W_I8 = 2, W_F32 = 3, W_INT4 = 4 };   /* Int8I15Weight, Int8PanelWeight, F32PanelWeight, Int4W4A8Weight */
 
@@ -63,13 +63,13 @@ static int product(const pd_mat *m, const void *x, int x_kind, long ldx, int M, 
  * x (R, H) float32 is the residual stream (updated in place); h (R, H), a (R, Hq*D) and m (R, I) are
  * activations of kind act; yqkv, yo, ygu, ydown the four products' outputs (row stride: the matrix's
  * padded width); qk, att scratch as pd_rope_attend takes them (att may be a when act is float32). kt, v:
- * layer 0's cache (keys transposed, values), layer i's at + i * k_layer / v_layer floats. With n = 0
- * only h = rmsnorm(x) * final_norm. Returns 0, or the first failing kernel's code. */
+ * layer 0's cache (keys transposed, values; elements of kind kk), layer i's at + i * k_layer / v_layer
+ * elements. With n = 0 only h = rmsnorm(x) * final_norm. Returns 0, or the first failing kernel's code. */
 int pd_layers(const pd_layer *L, const int *order, int n, const float *final_norm, float *x, void *h, void *a,
               void *m, int act, void *yqkv, void *yo, void *ygu, void *ydown, float *qk, float *att,
-              const float *cos, const float *sin, float *kt, long k_layer, long kb, long kh, long ldk, float *v,
-              long v_layer, long vb, long vh, long ldv, const uint8_t *allow, int B, int T, int Hkv, int G, int D,
-              int H, int I, int L0, float scale, float eps, int nt) {
+              const float *cos, const float *sin, void *kt, long k_layer, long kb, long kh, long ldk, long kbs,
+              void *v, long v_layer, long vb, long vh, long ldv, int kk, const uint8_t *allow, int B, int T, int Hkv,
+              int G, int D, int H, int I, int L0, float scale, float eps, int nt) {
     const int R = B * T, Hq = Hkv * G;
     pd_add_rmsnorm(x, NULL, 0, 0, R, H, n ? L[order[0]].ln1 : final_norm, eps, h, act);
     for (int j = 0; j < n; j++) {
@@ -77,9 +77,10 @@ int pd_layers(const pd_layer *L, const int *order, int n, const float *final_nor
         const float *after = j + 1 < n ? L[order[j + 1]].ln1 : final_norm;
         int rc = product(&l->qkv, h, act, H, R, yqkv, nt);
         if (rc) return rc;
-        rc = pd_rope_attend(yqkv, l->qkv.out_kind, l->qkv.N, cos, sin, kt + order[j] * k_layer, kb, kh, ldk,
-                            v + order[j] * v_layer, vb, vh, ldv, allow, qk, att, a, act, B, T, Hkv, G, D, L0, scale,
-                            nt);
+        const long esz = kk == KIND_BF16 ? 2 : 4;        /* bytes per cache element */
+        rc = pd_rope_attend(yqkv, l->qkv.out_kind, l->qkv.N, cos, sin, (char *)kt + order[j] * k_layer * esz, kb,
+                            kh, ldk, kbs, (char *)v + order[j] * v_layer * esz, vb, vh, ldv, kk, allow, qk, att, a, act,
+                            B, T, Hkv, G, D, L0, scale, nt);
         if (rc) return rc;
         if ((rc = product(&l->o, a, act, (long)Hq * D, R, yo, nt))) return rc;
         pd_add_rmsnorm(x, yo, l->o.out_kind, l->o.N, R, H, l->ln2, eps, h, act);
