@@ -216,7 +216,7 @@ static void weighted(const float *e, const int *slot, int n, const void *V, int 
 #if defined(__AVX2__) && defined(__x86_64__) && defined(__GNUC__)   /* upgrades of the AVX2 build */
 #define HAVE_512 1
 #define T512 __attribute__((target("avx512f")))
-#define RW 4    /* rows (heads of one token) per value register block with AVX-512 */
+#define RW 6    /* rows per value register block with AVX-512 */
 
 /* 16 elements of the cache storage from element i, as float32 */
 T512 static inline __attribute__((always_inline)) __m512 kv_vload_512(const void *p, const int kk, long i) {
@@ -318,14 +318,14 @@ T512 static inline __attribute__((always_inline)) void weighted_rows_512(const f
                                                                         const int KK, long ldv, int d0,
                                                                         float *const *o) {
     __m512 acc[RW][4];
-    _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++)
+    _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++)
         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[r][j] = _mm512_loadu_ps(o[r] + d0 + 16 * j);
     for (int i = 0; i < n; i++) {
         const int s = slot[i];
         const long v = (long)s * ldv + d0;
         const __m512 v0 = kv_vload_512(V, KK, v), v1 = kv_vload_512(V, KK, v + 16),
                      v2 = kv_vload_512(V, KK, v + 32), v3 = kv_vload_512(V, KK, v + 48);
-        _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) {
+        _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++) {
             const __m512 w = _mm512_set1_ps(e[r][s]);
             acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]);
             acc[r][1] = _mm512_fmadd_ps(w, v1, acc[r][1]);
@@ -333,7 +333,7 @@ T512 static inline __attribute__((always_inline)) void weighted_rows_512(const f
             acc[r][3] = _mm512_fmadd_ps(w, v3, acc[r][3]);
         }
     }
-    _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++)
+    _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++)
         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) _mm512_storeu_ps(o[r] + d0 + 16 * j, acc[r][j]);
 }
 
@@ -370,7 +370,9 @@ T512 static inline __attribute__((always_inline)) void weighted_512_kind(const f
                 case 1: weighted_rows_512(e + r0, 1, slot, n, V, KK, ldv, d0, o + r0); break;
                 case 2: weighted_rows_512(e + r0, 2, slot, n, V, KK, ldv, d0, o + r0); break;
                 case 3: weighted_rows_512(e + r0, 3, slot, n, V, KK, ldv, d0, o + r0); break;
-                default: weighted_rows_512(e + r0, 4, slot, n, V, KK, ldv, d0, o + r0); break;
+                case 4: weighted_rows_512(e + r0, 4, slot, n, V, KK, ldv, d0, o + r0); break;
+                case 5: weighted_rows_512(e + r0, 5, slot, n, V, KK, ldv, d0, o + r0); break;
+                default: weighted_rows_512(e + r0, 6, slot, n, V, KK, ldv, d0, o + r0); break;
             }
         }
 }
@@ -468,8 +470,23 @@ int pd_attend(const float *qk, const void *kt, long kb, long kh, long ldk, long 
                     memset(o[r], 0, sizeof(float) * D);
                 }
                 /* out = sum over visible slots, in order, of e[s] * V[s]: the slots in chunks of CH, each
-                 * chunk's values read once for all the rows; a row's running sums wait in its output */
+                 * chunk's values read once for all the rows; a row's running sums wait in its output. A chunk
+                 * inside every token's head (the slots all of them see) is one list for all the rows: its
+                 * values go through the registers once per block of RW rows, not once per token. */
+                int pmin = S;
+                for (int u = 0; u < tn; u++) pmin = p[u] < pmin ? p[u] : pmin;
                 for (int c0 = 0; c0 < Se; c0 += CH) {
+                    if (c0 + CH <= pmin) {          /* token 0's list holds the slots c0 .. c0 + CH - 1 there */
+#ifdef HAVE_512
+                        if (fast && D % 64 == 0)
+                            weighted_512(ew, rows, slot + c0, CH, Vh, kk, ldv, D, o);
+                        else
+#endif
+                            for (int r = 0; r < rows; r++)
+                                weighted(sc + r * Sp, slot + c0, CH, Vh, kk, ldv, D, o[r]);
+                        for (int u = 0; u < tn; u++) at[u] = c0 + CH;
+                        continue;
+                    }
                     for (int u = 0; u < tn; u++) {
                         const int *sl = slot + u * S;
                         int e = c0 + CH <= p[u] ? c0 + CH : at[u] > p[u] ? at[u] : p[u];
