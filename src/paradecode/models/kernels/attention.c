@@ -121,9 +121,15 @@ static float visible_max(const float *sc, const int *slot, int n, int p) {
     float m[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
     int i = 0;
 #if defined(VW) && VW == 8
-    vf acc = vset1(-INFINITY);
-    for (; i + 8 <= p; i += 8) acc = vmax(vload(sc + i), acc);     /* a NaN score is passed over, as below */
-    vstore(m, acc);
+    vf acc = vset1(-INFINITY), acc1 = acc, acc2 = acc, acc3 = acc;      /* four chains: no wait on one */
+    for (; i + 32 <= p; i += 32) {             /* a NaN score is passed over (the accumulator stays), as below */
+        acc = vmax(vload(sc + i), acc);
+        acc1 = vmax(vload(sc + i + 8), acc1);
+        acc2 = vmax(vload(sc + i + 16), acc2);
+        acc3 = vmax(vload(sc + i + 24), acc3);
+    }
+    for (; i + 8 <= p; i += 8) acc = vmax(vload(sc + i), acc);
+    vstore(m, vmax(vmax(acc, acc1), vmax(acc2, acc3)));
 #endif
     for (; i + 8 <= n; i += 8)
         for (int j = 0; j < 8; j++) m[j] = sc[slot[i + j]] > m[j] ? sc[slot[i + j]] : m[j];
@@ -436,6 +442,12 @@ int pd_attend(const float *qk, const void *kt, long kb, long kh, long ldk, long 
                     const uint8_t *a = allow ? allow + ((long)b * T + t0 + u) * S : NULL;
                     const uint8_t *z = a ? (const uint8_t *)memchr(a, 0, (size_t)S) : NULL;
                     p[u] = z ? (int)(z - a) : S;              /* the cache's head is visible to every token */
+#ifdef VW
+                    for (__m256i at8 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); c + 8 <= p[u]; c += 8) {
+                        _mm256_storeu_si256((__m256i *)(sl + c), at8);
+                        at8 = _mm256_add_epi32(at8, _mm256_set1_epi32(8));
+                    }
+#endif
                     for (; c < p[u]; c++) sl[c] = c;
                     for (int s = p[u]; s < S; s++)
                         if (a[s]) sl[c++] = s;
