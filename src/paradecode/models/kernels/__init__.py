@@ -210,7 +210,7 @@ def attend(fn, qk: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, allow: torch
 _KIND = {torch.float32: 1, torch.bfloat16: 2}      # layer.c's activation types
 
 
-KEY_BLOCK = 16      # slots per block of the blocked key layout (attention.c's SB)
+KEY_BLOCK = 16      # slots per block of the blocked key layout (simd.h's PD_KEY_BLOCK)
 
 
 def key_strides(kt: torch.Tensor) -> tuple[int, int, int, int]:

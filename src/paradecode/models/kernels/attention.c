@@ -35,7 +35,7 @@
 
 #include "simd.h"
 
-#define SB 16   /* slots per score block; the key storage holds whole blocks (kbs: elements between blocks) */
+#define SB PD_KEY_BLOCK   /* slots per score block; the keys are stored in whole blocks (kbs: elements apart) */
 #define RB 4    /* query rows per register block */
 #define TB 8    /* new tokens per work item: their query rows share every block of keys and values read */
 #define CH 32   /* slots per chunk of values that the rows of a work item take in turn */

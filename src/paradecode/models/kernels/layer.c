@@ -138,7 +138,7 @@ int pd_rope_attend(const void *qkv, int qkv_kind, long ldq, const float *cos, co
             }
             for (int kv = 0; kv < Hkv; kv++) {
                 const float *kr = dst + (long)(Hq + kv) * D;
-                const long k0 = b * kb + kv * kh + (long)((L0 + t) / 16) * kbs + (L0 + t) % 16;
+                const long k0 = b * kb + kv * kh + (long)((L0 + t) / PD_KEY_BLOCK) * kbs + (L0 + t) % PD_KEY_BLOCK;
                 if (kk == KIND_BF16)
                     for (int d = 0; d < D; d++) ((uint16_t *)kt)[k0 + (long)d * ldk] = f32_to_bf16(kr[d]);
                 else

@@ -128,8 +128,12 @@ static inline int pd_avx512f(void) {
 }
 #endif
 
-/* activation types of the kernels' arguments */
+/* activation types of the kernels' arguments (and of the KV cache's elements) */
 enum { KIND_F32 = 1, KIND_BF16 = 2 };
+
+/* slots per block of the KV cache's keys: slot s of dimension d at (s / PD_KEY_BLOCK) * kbs + d * ldk +
+ * s % PD_KEY_BLOCK (attention.c's pd_attend; kernels/__init__.py's KEY_BLOCK) */
+#define PD_KEY_BLOCK 16
 
 /* dst[0:n) = p[off:off + n) as float32 */
 static inline void to_f32(const void *p, int kind, long off, int n, float *dst) {
