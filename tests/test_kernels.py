@@ -40,8 +40,9 @@ def glue(lib):
     return kernels.LayerGlue(lib)
 
 
-# the KV caches the kernels take: float32 or bfloat16, keys transposed or in 16-slot blocks (the engine's)
-CACHES = [("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)]
+# the KV caches the kernels take: float32 keys transposed or in 16-slot blocks, bfloat16 keys in 16-slot blocks
+# with the dimensions in pairs (the engine's caches are blocked)
+CACHES = [("float32", False), ("float32", True), ("bfloat16", True)]
 
 
 def _case(B, T, Hkv, G, D, S, slots, seed, dtype="float32", blocked=False):
@@ -59,15 +60,21 @@ def _case(B, T, Hkv, G, D, S, slots, seed, dtype="float32", blocked=False):
 def _stored(kt, v, dtype="float32", blocked=False):
     """Transposed float32 keys and values as a cache of ``dtype`` stores them, keys blocked or not."""
     kt, v = kt.to(getattr(torch, dtype)), v.to(getattr(torch, dtype))
-    if blocked:
-        B, Hkv, D, slots = kt.shape
+    B, Hkv, D, slots = kt.shape
+    if dtype == "bfloat16":             # (B, Hkv, D/2, 2, blocks, 16) -> (B, Hkv, blocks, D/2, 16, 2)
+        assert blocked, "bfloat16 keys are always blocked"
+        kt = kt.view(B, Hkv, D // 2, 2, slots // 16, 16).permute(0, 1, 4, 2, 5, 3).contiguous()
+    elif blocked:
         kt = kt.view(B, Hkv, D, slots // 16, 16).permute(0, 1, 3, 2, 4).contiguous()
     return kt, v
 
 
 def _transposed(kt):
     """Keys as float32 (B, Hkv, D, slots), from either layout."""
-    if kt.dim() == 5:
+    if kt.dim() == 6:
+        B, Hkv, NB, D2, _, _ = kt.shape
+        kt = kt.permute(0, 1, 3, 5, 2, 4).reshape(B, Hkv, 2 * D2, NB * 16)
+    elif kt.dim() == 5:
         B, Hkv, NB, D, _ = kt.shape
         kt = kt.transpose(2, 3).reshape(B, Hkv, D, NB * 16)
     return kt.float()
@@ -245,7 +252,7 @@ def test_rope_attend_matches_rope_then_attention(glue, B, T, Hkv, G, D, L0, kind
 
 
 @pytest.mark.parametrize("kind, cache", [("float32", ("float32", False)), ("float32", ("float32", True)),
-                                         ("bfloat16", ("bfloat16", False)), ("bfloat16", ("bfloat16", True))])
+                                         ("bfloat16", ("bfloat16", True))])
 def test_layer_glue_rows_do_not_depend_on_their_call(glue, kind, cache):
     """Each row of a 7-row call has the bits it gets alone (norm, SiLU) and a token's attention output has
     the bits it gets when its block is fed one token at a time (RoPE, cache write, attention)."""

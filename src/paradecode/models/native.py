@@ -98,7 +98,9 @@ class StaticKVCache(KVCache):
     ``q @ K^T`` reads them as a plain strided matrix (about a quarter faster attention
     than a transposed view); ``blocked`` (the compiled kernels' layout): transposed per
     block of 16 slots, (layers, B, kv_heads, capacity / 16, head_dim, 16), so that the
-    keys of a block are one contiguous tile instead of head_dim rows a capacity apart.
+    keys of a block are one contiguous tile instead of head_dim rows a capacity apart; a
+    bfloat16 tile holds the dimensions in pairs, (..., capacity / 16, head_dim / 2, 16, 2)
+    (AMX's layout for the second operand of a bfloat16 tile product; kernels' ``key_strides``).
 
     Allocated with ``torch.empty``: pages are only touched (and count towards
     resident memory) once tokens are written, so a large capacity is cheap
@@ -112,8 +114,12 @@ class StaticKVCache(KVCache):
         self.blocked = blocked
         slots = -(-capacity // KV_CHUNK) * KV_CHUNK      # storage for whole attention chunks
         L, Hkv, D = shape.layers, shape.kv_heads, shape.head_dim
-        self.k = (torch.empty(L, batch_size, Hkv, slots // KEY_BLOCK, D, KEY_BLOCK, dtype=dtype) if blocked else
-                  torch.empty(L, batch_size, Hkv, D, slots, dtype=dtype))
+        if not blocked:
+            self.k = torch.empty(L, batch_size, Hkv, D, slots, dtype=dtype)
+        elif dtype == torch.bfloat16:
+            self.k = torch.empty(L, batch_size, Hkv, slots // KEY_BLOCK, D // 2, KEY_BLOCK, 2, dtype=dtype)
+        else:
+            self.k = torch.empty(L, batch_size, Hkv, slots // KEY_BLOCK, D, KEY_BLOCK, dtype=dtype)
         self.v = torch.empty(shape.layers, batch_size, shape.kv_heads, slots, shape.head_dim, dtype=dtype)
         self.finite = 0         # slots below this hold finite numbers (written, or zeroed once)
         self.valid = torch.ones(batch_size, capacity, dtype=torch.bool)  # False: padding slot
@@ -128,8 +134,15 @@ class StaticKVCache(KVCache):
         """The keys of the first n slots, (layers, B, kv_heads, head_dim, n), whatever the layout."""
         if not self.blocked:
             return self.k[..., :n]
-        L, B, Hkv, NB, D, _ = self.k.shape
-        return self.k.transpose(3, 4).reshape(L, B, Hkv, D, NB * KEY_BLOCK)[..., :n]
+        k = self._slot_view()
+        L, B, Hkv, D, NB, _ = k.shape
+        return k.reshape(L, B, Hkv, D, NB * KEY_BLOCK)[..., :n]
+
+    def _slot_view(self) -> torch.Tensor:
+        """The blocked keys as (layers, B, kv_heads, head_dim, capacity / 16, 16): dimension, block, column."""
+        if self.k.dim() == 7:       # bfloat16 pairs: (.., block, D / 2, 16, 2) -> (.., D / 2, 2, block, 16)
+            return self.k.permute(0, 1, 2, 4, 6, 3, 5).flatten(3, 4)
+        return self.k.transpose(3, 4)
 
     def rollback(self, length: int) -> None:
         if not 0 <= length <= self._length:
@@ -145,8 +158,9 @@ class StaticKVCache(KVCache):
             raise ValueError("compact indices beyond the filled cache")
         src = keep + start
         if n and not torch.equal(src, torch.arange(start, start + n)):
-            if self.blocked:          # slot s: block s // 16, column s % 16 of the (D, 16) tile
-                k, dst = self.k.transpose(3, 4), torch.arange(start, start + n)
+            if self.blocked:          # slot s: block s // 16, column s % 16 of the tile
+                dst = torch.arange(start, start + n)
+                k = self.k.permute(0, 1, 2, 4, 6, 3, 5) if self.k.dim() == 7 else self.k.transpose(3, 4)
                 k[..., dst // KEY_BLOCK, dst % KEY_BLOCK] = k[..., src // KEY_BLOCK, src % KEY_BLOCK]
             else:
                 self.k[..., start:start + n] = self.k[..., src]

@@ -214,9 +214,15 @@ KEY_BLOCK = 16      # slots per block of the blocked key layout (simd.h's PD_KEY
 
 
 def key_strides(kt: torch.Tensor) -> tuple[int, int, int, int]:
-    """``(kb, kh, ldk, kbs)`` of one layer's keys for ``attention.c``: kt (B, Hkv, D, slots), transposed, or
-    (B, Hkv, slots / 16, D, 16), blocked (each block of 16 slots one contiguous (D, 16) tile)."""
+    """``(kb, kh, ldk, kbs)`` of one layer's keys for ``attention.c`` (simd.h's ``pd_key_at``). float32: kt
+    (B, Hkv, D, slots), transposed, or (B, Hkv, slots / 16, D, 16), blocked (each block of 16 slots one
+    contiguous (D, 16) tile); bfloat16: (B, Hkv, slots / 16, D / 2, 16, 2), blocked with the dimensions in
+    pairs (each block one (D / 2, 16, 2) tile, AMX's layout for a bfloat16 tile product)."""
     st = kt.stride()
+    if kt.dtype == torch.bfloat16:
+        if kt.dim() != 6 or kt.shape[4:] != (KEY_BLOCK, 2) or st[5] != 1 or st[4] != 2 or st[3] != 2 * KEY_BLOCK:
+            raise ValueError(f"bfloat16 keys of shape {tuple(kt.shape)}: expected (B, Hkv, slots/16, D/2, 16, 2)")
+        return st[0], st[1], st[3], st[2]
     if kt.dim() == 4:
         if st[3] != 1:
             raise ValueError("transposed keys need unit slot stride")

@@ -58,6 +58,20 @@ static inline __attribute__((always_inline)) const char *kv_addr(const void *p, 
 static inline __attribute__((always_inline)) vf kv_vload(const void *p, const int kk, long i) {
     return kk == KIND_BF16 ? vload_bf16((const uint16_t *)p + i) : vload((const float *)p + i);
 }
+/* the keys of dimension d (odd: d % 2) for VW slots from slot j * VW of the block whose row of d starts at
+ * element kd (pd_key_at): a bfloat16 pair row holds both dimensions of a pair, each widened exactly */
+static inline __attribute__((always_inline)) vf key_vload(const void *K, const int KK, long kd, int j, int odd) {
+    if (KK != KIND_BF16) return vload((const float *)K + kd + j * VW);
+    const __m256i x = _mm256_loadu_si256((const __m256i *)((const uint16_t *)K + kd + 2 * j * VW));
+    return _mm256_castsi256_ps(odd ? _mm256_and_si256(x, _mm256_set1_epi32((int)0xFFFF0000u))
+                                   : _mm256_slli_epi32(x, 16));
+}
+
+/* element kd of the block's rows (pd_key_at) where dimension d's keys are */
+static inline __attribute__((always_inline)) long key_row(const int KK, long ldk, long blk, int d) {
+    return blk + (KK == KIND_BF16 ? (long)(d / 2) * ldk : (long)d * ldk);
+}
+
 /* scores of ROWS query rows against the slots of [s0, s0 + SB): each lane one slot, d in order */
 static inline __attribute__((always_inline)) void score_block(const float *const *q, const int ROWS,
                                                               const void *K, const int KK, long ldk, long kbs, int D,
@@ -66,10 +80,10 @@ static inline __attribute__((always_inline)) void score_block(const float *const
     _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++)
         _Pragma("GCC unroll 4") for (int j = 0; j < TV; j++) acc[r][j] = vzero();
     for (int d = 0; d < D; d++) {
-        const long kd = (long)(s0 / SB) * kbs + (long)d * ldk;
+        const long kd = key_row(KK, ldk, (long)(s0 / SB) * kbs, d);
         _mm_prefetch(kv_addr(K, KK, kd + PFS / SB * kbs), _MM_HINT_T0);
         _Pragma("GCC unroll 4") for (int j = 0; j < TV; j++) {
-            const vf k = kv_vload(K, KK, kd + j * VW);
+            const vf k = key_vload(K, KK, kd, j, d & 1);
             _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) acc[r][j] = vfma(vset1(q[r][d]), k, acc[r][j]);
         }
     }
@@ -79,8 +93,8 @@ static inline __attribute__((always_inline)) void score_block(const float *const
 #endif
 
 /* scores of `rows` query rows (q[r]) against slots [0, S) rounded up to whole blocks of SB: sc[r*ldsc + s].
- * Keys of kind KK, slot s of dimension d at K[(s / SB)*kbs + d*ldk + s % SB] (pd_attend). Each block of keys is
- * read once for all the rows. */
+ * Keys of kind KK, slot s of dimension d at K[pd_key_at(KK, ldk, kbs, d, s)]. Each block of keys is read once
+ * for all the rows. */
 static inline __attribute__((always_inline)) void scores_kind(const float *const *q, int rows, const void *K,
                                                               const int KK, long ldk, long kbs, int D, int S,
                                                               float scale, float *sc, long ldsc) {
@@ -100,7 +114,7 @@ static inline __attribute__((always_inline)) void scores_kind(const float *const
         for (int s = 0; s < S; s++) {
             float a = 0.0f;
             for (int d = 0; d < D; d++)
-                a = fmaf(q[r][d], kv_at(K, KK, (long)(s / SB) * kbs + (long)d * ldk + s % SB), a);
+                a = fmaf(q[r][d], kv_at(K, KK, pd_key_at(KK, ldk, kbs, d, s)), a);
             sc[r * ldsc + s] = a * scale;
         }
 #endif
@@ -232,6 +246,13 @@ T512 static inline __attribute__((always_inline)) __m512 kv_vload_512(const void
     return _mm512_loadu_ps((const float *)p + i);
 }
 
+/* the keys of dimension d (odd: d % 2) of the 16 slots of a block whose row of d starts at element kd */
+T512 static inline __attribute__((always_inline)) __m512 key_vload_512(const void *K, const int KK, long kd, int odd) {
+    if (KK != KIND_BF16) return _mm512_loadu_ps((const float *)K + kd);
+    const __m512i x = _mm512_loadu_si512((const void *)((const uint16_t *)K + kd));
+    return _mm512_castsi512_ps(odd ? _mm512_and_si512(x, _mm512_set1_epi32((int)0xFFFF0000u)) : _mm512_slli_epi32(x, 16));
+}
+
 /* score_block's numbers for one block of SB = 16 slots (one vector) and up to 8 rows */
 T512 static inline __attribute__((always_inline)) void score_block_512(const float *const *q, const int ROWS,
                                                                       const void *K, const int KK, long ldk, long kbs,
@@ -240,9 +261,9 @@ T512 static inline __attribute__((always_inline)) void score_block_512(const flo
     __m512 acc[8];
     _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
     for (int d = 0; d < D; d++) {
-        const long kd = (long)(s0 / SB) * kbs + (long)d * ldk;
+        const long kd = key_row(KK, ldk, (long)(s0 / SB) * kbs, d);
         _mm_prefetch(kv_addr(K, KK, kd + PFS / SB * kbs), _MM_HINT_T0);
-        const __m512 k = kv_vload_512(K, KK, kd);
+        const __m512 k = key_vload_512(K, KK, kd, d & 1);
         _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d]), k, acc[r]);
     }
     _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++)
@@ -259,10 +280,11 @@ T512 static inline __attribute__((always_inline)) void score_wide_512(const floa
     _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++)
         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
     for (int d = 0; d < D; d++) {
-        const long kd = (long)(s0 / SB) * kbs + (long)d * ldk;
+        const long kd = key_row(KK, ldk, (long)(s0 / SB) * kbs, d);
+        const int odd = d & 1;
         _Pragma("GCC unroll 4") for (int j = 4; j < 8; j++) _mm_prefetch(kv_addr(K, KK, kd + j * kbs), _MM_HINT_T0);
-        const __m512 k0 = kv_vload_512(K, KK, kd), k1 = kv_vload_512(K, KK, kd + kbs),
-                     k2 = kv_vload_512(K, KK, kd + 2 * kbs), k3 = kv_vload_512(K, KK, kd + 3 * kbs);
+        const __m512 k0 = key_vload_512(K, KK, kd, odd), k1 = key_vload_512(K, KK, kd + kbs, odd),
+                     k2 = key_vload_512(K, KK, kd + 2 * kbs, odd), k3 = key_vload_512(K, KK, kd + 3 * kbs, odd);
         _Pragma("GCC unroll 6") for (int r = 0; r < ROWS; r++) {
             const __m512 x = _mm512_set1_ps(q[r][d]);
             acc[r][0] = _mm512_fmadd_ps(x, k0, acc[r][0]);
@@ -395,9 +417,9 @@ T512 static void weighted_512(const float *const *e, int rows, const int *slot, 
 /* Attention for B sequences, Hkv key/value heads of G query heads each, T new tokens.
  *
  * qk:    (B, T, Hq + Hkv, D) float32 contiguous: the rotated queries (head h = kv * G + g) then keys
- * kt:    keys, transposed in blocks of 16 slots: element [b][kv][d][s] at
- *        kt[b*kb + kv*kh + (s / 16)*kbs + d*ldk + s % 16] (kbs = 16, ldk = slots: one transposed matrix;
- *        kbs = 16 D, ldk = 16: each block of 16 slots one contiguous (D, 16) tile)
+ * kt:    keys in blocks of 16 slots: element [b][kv][d][s] at kt[b*kb + kv*kh + pd_key_at(kk, ldk, kbs, d, s)]
+ *        (simd.h). float32: kbs = 16, ldk = slots: one transposed matrix; kbs = 16 D, ldk = 16: each block of
+ *        16 slots one contiguous (D, 16) tile. bfloat16: kbs = 16 D, ldk = 32: each block a (D / 2, 16, 2) tile
  * v:     values [b][kv][s][d] at v[b*vb + kv*vh + s*ldv + d]
  * kk:    the kind of kt's and v's elements, KIND_F32 or KIND_BF16 (strides count elements)
  * allow: (B, T, S) uint8, 1 where token t may see slot s; NULL: every slot below S

@@ -138,11 +138,12 @@ int pd_rope_attend(const void *qkv, int qkv_kind, long ldq, const float *cos, co
             }
             for (int kv = 0; kv < Hkv; kv++) {
                 const float *kr = dst + (long)(Hq + kv) * D;
-                const long k0 = b * kb + kv * kh + (long)((L0 + t) / PD_KEY_BLOCK) * kbs + (L0 + t) % PD_KEY_BLOCK;
+                const long k0 = b * kb + kv * kh;
                 if (kk == KIND_BF16)
-                    for (int d = 0; d < D; d++) ((uint16_t *)kt)[k0 + (long)d * ldk] = f32_to_bf16(kr[d]);
+                    for (int d = 0; d < D; d++)
+                        ((uint16_t *)kt)[k0 + pd_key_at(kk, ldk, kbs, d, L0 + t)] = f32_to_bf16(kr[d]);
                 else
-                    for (int d = 0; d < D; d++) ((float *)kt)[k0 + (long)d * ldk] = kr[d];
+                    for (int d = 0; d < D; d++) ((float *)kt)[k0 + pd_key_at(kk, ldk, kbs, d, L0 + t)] = kr[d];
                 from_f32(v, kk, b * vb + kv * vh + (long)(L0 + t) * ldv, D, xf + (long)(Hq + Hkv + kv) * D);
             }
         }

@@ -131,9 +131,17 @@ static inline int pd_avx512f(void) {
 /* activation types of the kernels' arguments (and of the KV cache's elements) */
 enum { KIND_F32 = 1, KIND_BF16 = 2 };
 
-/* slots per block of the KV cache's keys: slot s of dimension d at (s / PD_KEY_BLOCK) * kbs + d * ldk +
- * s % PD_KEY_BLOCK (attention.c's pd_attend; kernels/__init__.py's KEY_BLOCK) */
+/* slots per block of the KV cache's keys (attention.c's pd_attend; kernels/__init__.py's KEY_BLOCK) */
 #define PD_KEY_BLOCK 16
+
+/* where slot s of dimension d of a head's keys is: float32, (s / 16) * kbs + d * ldk + s % 16; bfloat16,
+ * dimensions in pairs, (s / 16) * kbs + (d / 2) * ldk + 2 (s % 16) + d % 2: each pair row of a block is 16
+ * slots x 2 dimensions, the layout AMX takes for the second operand of a bfloat16 tile product */
+static inline long pd_key_at(int kk, long ldk, long kbs, int d, int s) {
+    const long blk = (long)(s / PD_KEY_BLOCK) * kbs;
+    return kk == KIND_BF16 ? blk + (long)(d / 2) * ldk + 2 * (s % PD_KEY_BLOCK) + d % 2
+                           : blk + (long)d * ldk + s % PD_KEY_BLOCK;
+}
 
 /* dst[0:n) = p[off:off + n) as float32 */
 static inline void to_f32(const void *p, int kind, long off, int n, float *dst) {
