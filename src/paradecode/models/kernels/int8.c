@@ -243,10 +243,9 @@ typedef struct {
 /* tiles 0, 1: the int32 sums (16 rows x 16 channels) of hi and lo for one panel, 2, 3: for the next;
  * 4, 5: the hi and lo digits of 16 rows x 64 inputs; 6, 7: the two panels' weights for one step */
 TAMX static void amx_configure(void) {
-    tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) c.rows[t] = TR, c.colsb[t] = 64;
+    /* a constant: GCC may drop stores to a stack copy as dead (it did in attention.c: ldtilecfg faulted) */
+    static const tile_config c __attribute__((aligned(64))) = {
+        1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {TR, TR, TR, TR, TR, TR, TR, TR}};
     _tile_loadconfig(&c);
 }
 
