@@ -52,7 +52,7 @@ from .pld import prompt_lookup
 class QuantSpecConfig(ChainDraftOptions):
     num_draft_tokens: int = option(6, "draft tokens per step at the start (k)")
     max_draft_tokens: int = option(12, "upper bound for k under the heuristic schedule")
-    confidence_threshold: float = option(0.3, "stop drafting once the draft's probability of its token "
+    confidence_threshold: float = option(0.1, "stop drafting once the draft's probability of its token "
                                               "falls below this (0 disables)")
     draft_format: Literal["int4", "int8"] = option("int4", "weight format of the draft copy")
     lookup_ngram: int = option(2, "first try prompt lookup with the context's last n-gram, n from 3 down to "
