@@ -207,6 +207,21 @@ def test_silu_mul_matches_torch(glue, R, I, kind, seed):
         _bf16_close(out, want)
 
 
+@pytest.mark.parametrize("I", [21, 1536])
+def test_silu_mul_has_the_same_bits_with_and_without_avx512(tmp_path, I):
+    """The AVX-512 SiLU (where the CPU has it) does each lane's operations of the AVX2 loop: the same bits,
+    including gates whose exponential underflows or overflows."""
+    code = (f"g = torch.Generator().manual_seed(7); gu = torch.randn(5, 2 * {I}, generator=g) * 12;"
+            f"gu[0, :4] = torch.tensor([100.0, -100.0, 88.5, -87.0]); y = torch.empty(5, {I});"
+            f"kernels.layer_glue().silu_mul(gu, y)")
+    g = torch.Generator().manual_seed(7)
+    gu = torch.randn(5, 2 * I, generator=g) * 12
+    gu[0, :4] = torch.tensor([100.0, -100.0, 88.5, -87.0])
+    y = torch.empty(5, I)
+    kernels.layer_glue().silu_mul(gu, y)
+    assert torch.equal(_without_avx512(tmp_path, code), y)
+
+
 def _rope_case(B, T, Hkv, G, D, L0, kind, seed, cache=("float32", False)):
     g = torch.Generator().manual_seed(seed)
     Hq = Hkv * G

@@ -365,26 +365,10 @@ T512 static inline __attribute__((always_inline)) void weighted_rows_512(const f
         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) _mm512_storeu_ps(o[r] + d0 + 16 * j, acc[r][j]);
 }
 
-/* exps's numbers 16 lanes at a time: simd.h's vexp (its constants), each instruction its 512-bit twin (the
- * same roundings) */
+/* exps's numbers 16 lanes at a time (simd.h's vexp_512: the same roundings) */
 T512 static void exps_512(float *sc, int S, float m) {
     const __m512 vm = _mm512_set1_ps(m);
-    for (int s0 = 0; s0 < S; s0 += 16) {
-        __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(sc + s0), vm), _mm512_set1_ps(EXP_MIN));
-        const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), x);
-        r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
-        __m512 p = _mm512_set1_ps(EXP_P0);
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P1));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P2));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P3));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P4));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P5));
-        p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-        const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-        _mm512_storeu_ps(sc + s0, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
-    }
+    for (int s0 = 0; s0 < S; s0 += 16) _mm512_storeu_ps(sc + s0, vexp_512(_mm512_sub_ps(_mm512_loadu_ps(sc + s0), vm)));
 }
 
 /* o[r] += e[r][s] * V[s] over one slot list for `rows` rows; D a multiple of 64 */
