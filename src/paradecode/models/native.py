@@ -134,15 +134,14 @@ class StaticKVCache(KVCache):
         """The keys of the first n slots, (layers, B, kv_heads, head_dim, n), whatever the layout."""
         if not self.blocked:
             return self.k[..., :n]
-        k = self._slot_view()
-        L, B, Hkv, D, NB, _ = k.shape
-        return k.reshape(L, B, Hkv, D, NB * KEY_BLOCK)[..., :n]
+        k = self._block_view()
+        return k.reshape(*k.shape[:3], -1, k.shape[-2] * KEY_BLOCK)[..., :n]
 
-    def _slot_view(self) -> torch.Tensor:
-        """The blocked keys as (layers, B, kv_heads, head_dim, capacity / 16, 16): dimension, block, column."""
-        if self.k.dim() == 7:       # bfloat16 pairs: (.., block, D / 2, 16, 2) -> (.., D / 2, 2, block, 16)
-            return self.k.permute(0, 1, 2, 4, 6, 3, 5).flatten(3, 4)
-        return self.k.transpose(3, 4)
+    def _block_view(self) -> torch.Tensor:
+        """The blocked keys as a view whose last two dimensions are the block and the column (slot s: block
+        s // 16, column s % 16): (layers, B, kv_heads, head_dim, capacity / 16, 16), bfloat16 pairs
+        (layers, B, kv_heads, head_dim / 2, 2, capacity / 16, 16)."""
+        return self.k.permute(0, 1, 2, 4, 6, 3, 5) if self.k.dim() == 7 else self.k.transpose(3, 4)
 
     def rollback(self, length: int) -> None:
         if not 0 <= length <= self._length:
@@ -159,8 +158,7 @@ class StaticKVCache(KVCache):
         src = keep + start
         if n and not torch.equal(src, torch.arange(start, start + n)):
             if self.blocked:          # slot s: block s // 16, column s % 16 of the tile
-                dst = torch.arange(start, start + n)
-                k = self.k.permute(0, 1, 2, 4, 6, 3, 5) if self.k.dim() == 7 else self.k.transpose(3, 4)
+                k, dst = self._block_view(), torch.arange(start, start + n)
                 k[..., dst // KEY_BLOCK, dst % KEY_BLOCK] = k[..., src // KEY_BLOCK, src % KEY_BLOCK]
             else:
                 self.k[..., start:start + n] = self.k[..., src]
