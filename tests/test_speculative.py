@@ -325,7 +325,7 @@ def test_sampling_end_to_end_negative_control(small, monkeypatch):
 
 def test_backoff_is_cost_aware():
     """Drafts that are accepted but cost more per token than plain steps are dropped, then probed again."""
-    b = BackOff(8, first_wait=2, max_wait=8, alpha=1.0)
+    b = BackOff(8, first_wait=2, max_wait=8, alpha=1.0, min_samples=1)
     assert b.allow() == 0                                  # the first step is plain: measure its cost
     b.update(0, 0, seconds=0.010)
     assert b.allow() == 8
@@ -335,7 +335,7 @@ def test_backoff_is_cost_aware():
     b.update(0, 0, seconds=0.010)
     b.update(8, 7, seconds=0.040)                          # 5 ms per token: drafting pays again
     assert b.allow() == 8
-    cheap = BackOff(8, first_wait=2, max_wait=64, alpha=1.0)
+    cheap = BackOff(8, first_wait=2, max_wait=64, alpha=1.0, min_samples=1)
     cheap.allow()
     cheap.update(0, 0, seconds=0.010)
     cheap.update(8, 0, seconds=0.0105)                     # a free draft rejected: lost 0.5 ms only
@@ -346,9 +346,23 @@ def test_backoff_is_cost_aware():
     assert off.allow() == 8
 
 
+def test_backoff_costs_decide_only_after_min_samples_drafted_calls():
+    """One costly draft rejected at its first token does not end drafting; three do (then a long wait)."""
+    b = BackOff(8, first_wait=2, max_wait=64, alpha=0.3)
+    assert b.allow() == 0
+    b.update(0, 0, seconds=0.010)
+    assert b.allow() == 8
+    b.update(8, 0, seconds=0.080)                          # 80 ms for one token: 8x a plain step
+    assert b.allow() == 8                                  # one sample: acceptance (ema 1.05) still decides
+    b.update(8, 0, seconds=0.080)
+    assert b.allow() == 4                                  # ema 0.74: half the budget
+    b.update(4, 0, seconds=0.050)
+    assert [b.allow() for _ in range(64)] == [0] * 64      # three samples: the cost decides, a long wait
+
+
 def test_backoff_resumes_what_it_learned():
     """A later request starts from the earlier one's costs: a drafter that did not pay waits first."""
-    b = BackOff(8, first_wait=2, max_wait=8, alpha=1.0)
+    b = BackOff(8, first_wait=2, max_wait=8, alpha=1.0, min_samples=1)
     b.allow()
     b.update(0, 0, seconds=0.010)
     b.update(8, 0, seconds=0.040)                          # costly and rejected
@@ -368,7 +382,7 @@ def test_backoff_resumes_what_it_learned():
 def _sized(max_nodes: int, calls: list[tuple[int, list[int]]], seconds_per_token: float, base: float) -> BackOff:
     """A policy that saw a plain step (``base`` s) and full-budget drafted calls of (nodes proposed, proposal
     positions of the accepted nodes), each costing ``base + seconds_per_token * nodes``."""
-    b = BackOff(max_nodes, alpha=1.0, explore_every=1000)
+    b = BackOff(max_nodes, alpha=1.0, explore_every=1000, min_samples=1)
     b.allow()
     b.update(0, 0, seconds=base)
     for n, path in calls:

@@ -128,7 +128,10 @@ class BackOff:
     for them: a cheap draft pays even when half of it is rejected); drafting
     must save at least ``1 - margin`` of the plain cost per token, so a
     drafter at break-even, which only adds timing noise, steps aside. The first
-    step is a plain one, so the plain cost is known early.
+    step is a plain one, so the plain cost is known early. The drafted cost
+    decides only once ``min_samples`` drafted calls measured it: until then
+    acceptance does, so one unlucky first draft (a costly one rejected at its
+    first token) does not send the rest of a short request to plain steps.
 
     Sizing (``sizing``, on by default): while drafting pays, the budget is the
     one of :data:`SIZES` (up to the cap) with the most tokens per second
@@ -162,6 +165,7 @@ class BackOff:
     plain_avg: tuple[float, float] | None = None
     draft_avg: tuple[float, float] | None = None
     margin: float = 0.9                # draft only while it costs at most this share of plain per token
+    min_samples: int = 3               # drafted calls the drafted cost must rest on before it decides
     probe_overhead: float = 0.04       # failed probes may cost at most this share of the plain steps between them
     probe_nodes: int | None = None     # nodes a probe may carry (None: max_nodes)
     sizing: bool = True
@@ -170,6 +174,7 @@ class BackOff:
     wait: int = field(init=False, default=0)
     plain_steps: int = field(init=False, default=0)
     _next_wait: int = field(init=False, default=0)
+    _samples: int = field(init=False, default=0)     # drafted calls measured into draft_avg
     _spacing: int = field(init=False, default=0)     # plain steps set after the last failed draft
     # sizing: (budget, nodes proposed, proposal positions of the accepted nodes) of recent drafted calls,
     # and moving averages of a step's seconds per size (tokens in the call, in blocks of 4)
@@ -268,7 +273,7 @@ class BackOff:
 
     def snapshot(self) -> tuple:
         """What this policy learned (costs, acceptance, probe spacing), to start a later request from."""
-        return self.plain_avg, self.draft_avg, self.ema, self._next_wait, self._spacing
+        return self.plain_avg, self.draft_avg, self.ema, self._next_wait, self._spacing, self._samples
 
     def restore(self, learned: tuple | None) -> "BackOff":
         """Start from what an earlier request on the same model and drafter learned (see :meth:`snapshot`).
@@ -279,13 +284,14 @@ class BackOff:
         again early in every request.
         """
         if learned is not None:
-            self.plain_avg, self.draft_avg, self.ema, self._next_wait, self._spacing = learned
+            self.plain_avg, self.draft_avg, self.ema, self._next_wait, self._spacing, self._samples = learned
             if self.enabled and self._struggling():
                 self.wait = max(self._next_wait, self._spacing)
         return self
 
     def _costs_known(self) -> bool:
-        return self.cost_aware and self.plain_cost is not None and self.draft_cost is not None
+        return self.cost_aware and self.plain_cost is not None and self.draft_cost is not None \
+            and self._samples >= self.min_samples
 
     def _struggling(self) -> bool:
         if self._costs_known():                  # time per token decides; acceptance is only a proxy for it
@@ -320,6 +326,7 @@ class BackOff:
                 self.plain_avg = _mix(self.plain_avg, step, self.alpha)
             else:
                 self.draft_avg = _mix(self.draft_avg, step, self.alpha)
+                self._samples += 1
         if proposed == 0:
             return
         self.ema = (1 - self.alpha) * self.ema + self.alpha * accepted
@@ -337,7 +344,7 @@ class BackOff:
         step; one of a costly drafter (a skipped-layer draft) loses several,
         so it waits proportionally longer before probing again (up to ``max_wait``).
         """
-        if seconds is None or not self.cost_aware or self.plain_cost is None:
+        if seconds is None or not self._costs_known():
             return 0
         lost = seconds - self.plain_cost * (accepted + 1)               # versus plain steps for those tokens
         if lost <= 0:

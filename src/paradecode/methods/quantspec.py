@@ -27,6 +27,10 @@ long verbatim spans then cost a few calls, not one per ``lookup_tokens``.
 And where the twin drafts, it stops as soon as its tokens end on an n-gram
 of the context, and what followed that n-gram there continues the draft
 for free (``lookup_after_draft``).
+
+The twin's LM head scores only part of the vocabulary (``draft_vocab``,
+:mod:`..drafters.vocab`): the first ids, which a BPE vocabulary lists by
+frequency, plus the request's own tokens.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from ..decoding.speculative import speculative_decode
 from ..decoding.tree import Draft
 from ..decoding.verify import Verdict
 from ..drafters.chain import ChainDraftOptions, SharedCacheDrafter
+from ..drafters.vocab import DraftVocab
 from ..errors import UserError
 from ..models.base import CausalLM, KVCache
 from ..sampling import GenerationConfig
@@ -62,6 +67,9 @@ class QuantSpecConfig(ChainDraftOptions):
                                         "this (= lookup_tokens: fixed length)")
     lookup_after_draft: bool = option(True, "once the twin's draft ends on an n-gram of the context, stop the "
                                             "twin and continue with what followed it there (free tokens)")
+    draft_vocab: int = option(24576, "the twin's LM head scores only the vocabulary's first N ids plus the "
+                                     "request's prompt and output tokens, until its first miss (FR-Spec; "
+                                     "0: the whole vocabulary)")
 
     def validate(self) -> None:
         super().validate()
@@ -71,6 +79,8 @@ class QuantSpecConfig(ChainDraftOptions):
         check(self.lookup_tokens <= self.max_lookup_tokens <= 64, "max_lookup_tokens",
               f"must be in lookup_tokens..64 ({self.lookup_tokens}..64), got {self.max_lookup_tokens}",
               f"e.g. max_lookup_tokens={max(32, self.lookup_tokens)}")
+        check(self.draft_vocab == 0 or self.draft_vocab >= 16, "draft_vocab",
+              f"must be 0 (the whole vocabulary) or at least 16, got {self.draft_vocab}", "e.g. draft_vocab=24576")
 
 
 class TwinDrafter(SharedCacheDrafter):
@@ -83,9 +93,14 @@ class TwinDrafter(SharedCacheDrafter):
         self.max_nodes = max(self.max_nodes, config.max_lookup_tokens if config.lookup_ngram else 0)
         self.looked_up = False                   # whether the last draft came from prompt lookup
         self.lookup_len = config.lookup_tokens   # grows while copies are accepted whole
+        self.vocab: DraftVocab | None = None     # what the twin's head scores (None: every token)
 
     def setup(self, model: CausalLM, prompt_ids: list[int], gen: GenerationConfig, capacity: int) -> KVCache:
         self.stats.extra.update(draft_format=self.twin.info.dtype, lookup_drafts=0, lookup_extensions=0)
+        self.vocab = DraftVocab.build(self.twin, self.config.draft_vocab)
+        if self.vocab is not None:
+            self.vocab.add(list(prompt_ids) + list(model.info.eos_token_ids))
+            self.stats.extra["draft_vocab"] = len(self.vocab)
         return super().setup(model, prompt_ids, gen, capacity)
 
     def propose(self, context: list[int], max_nodes: int) -> Draft:
@@ -107,6 +122,8 @@ class TwinDrafter(SharedCacheDrafter):
         return more
 
     def observe(self, context: list[int], verdict: Verdict, logits: torch.Tensor) -> None:
+        if self.vocab is not None:
+            self._learn_vocab(verdict)
         if not self.looked_up:                   # the twin's draft length learns from its own tokens only
             super().observe(context, verdict, logits)
             return
@@ -116,8 +133,24 @@ class TwinDrafter(SharedCacheDrafter):
         elif drafted >= self.lookup_len:         # copied whole (not cut short by the match): copy more next time
             self.lookup_len = min(2 * self.lookup_len, self.config.max_lookup_tokens)
 
+    def _learn_vocab(self, verdict: Verdict) -> None:
+        """Keep what the target wrote proposable, or give up the vocabulary at the twin's first miss: a
+        rejected twin token where the target's own token lay outside it (an answer in another language or
+        full of rare words; one miss costs more than many steps of the cheaper head save)."""
+        v, extra = self.vocab, self.stats.extra
+        if not self.looked_up:
+            drafted = self.last_drafted if verdict.draft is None else min(self.last_drafted, verdict.draft.depth)
+            j = verdict.num_accepted
+            if j < drafted and verdict.tokens[j] not in v:
+                extra["draft_vocab_missed"] = True
+                self.vocab = None                # the whole head from here on
+                extra["draft_vocab"] = self.twin.vocab_size
+                return
+        v.add(verdict.tokens)
+        extra["draft_vocab"] = len(v)
+
     def draft_forward(self, cache: KVCache, ids: torch.Tensor, logits_for: torch.Tensor) -> torch.Tensor:
-        return self.twin.forward(cache, ids, logits_for=logits_for)      # (1, T', V)
+        return self.twin.forward(cache, ids, logits_for=logits_for, vocab=self.vocab)    # (1, T', V)
 
     def memory_bytes(self) -> int:
         return self.twin.weight_bytes(held=True)

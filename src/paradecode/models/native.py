@@ -55,8 +55,8 @@ from . import kernels
 from .base import CausalLM, KVCache, ModelInfo, causal_mask
 from .kernels import KEY_BLOCK
 from .quant import (Int4W4A8Weight, Int4Weight, Int8I15Weight, Int8PanelWeight, Int8Weight, PackedBF16Weight,
-                    PanelWeight, can_pack_bf16, linear, pack_bf16, pack_f32, pack_int4_w4a8, pack_int8_i15,
-                    pack_int8_panels, quantize_int4, quantize_int8)
+                    PanelWeight, can_pack_bf16, first_channels, linear, pack_bf16, pack_f32, pack_int4_w4a8,
+                    pack_int8_i15, pack_int8_panels, quantize_int4, quantize_int8)
 from ..errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -489,8 +489,10 @@ class NativeLlama(CausalLM):
 
     @torch.inference_mode()
     def forward(self, cache, input_ids, positions=None, attn_mask=None, *, input_valid=None,
-                logits_for=None, layers: Sequence[int] | None = None):
-        """See :mod:`paradecode.models.base`. ``layers`` runs only those layers (self-speculation)."""
+                logits_for=None, layers: Sequence[int] | None = None, vocab=None):
+        """See :mod:`paradecode.models.base`. ``layers`` runs only those layers (self-speculation);
+        ``vocab`` (a :class:`~paradecode.drafters.vocab.DraftVocab` of this model) scores only its tokens,
+        the others' logits -inf (a draft's cheaper LM head)."""
         s = self.shape
         B, T = input_ids.shape
         L0 = cache.length
@@ -520,7 +522,7 @@ class NativeLlama(CausalLM):
         whole_prompt = B == 1 and L0 == 0 and T > 1 and attn_mask is None and cache._all_valid
         if self._attn_kernel is not None:
             return self._forward_kernel(cache, input_ids, cos, sin, attn_mask, input_valid, logits_for, layers,
-                                        whole_prompt)
+                                        whole_prompt, vocab=vocab)
         if cache.blocked:
             raise ValueError("a cache in the kernels' blocked key layout: PyTorch's attention path takes transposed "
                              "keys (new_cache of this model)")
@@ -599,16 +601,20 @@ class NativeLlama(CausalLM):
             gate, up = proj(h, self.wgu[i]).chunk(2, dim=-1)           # (R, I) each
             x.add_(proj(F.silu(gate) * up, self.wdown[i]))
         cache._length = S
-        return self._logits(x[:BT].view(B, T, H), logits_for, pad_rows)
+        return self._logits(x[:BT].view(B, T, H), logits_for, pad_rows, vocab)
 
-    def _logits(self, x: torch.Tensor, logits_for, pad_rows: bool) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, logits_for, pad_rows: bool, vocab=None) -> torch.Tensor:
         """Final norm and LM head for the rows of x (B, T, H) that ``logits_for`` asks for."""
         if logits_for is not None:
             x = x[:, logits_for]
         return self._head(F.rms_norm(x, (self.shape.hidden,), self.norm, self.shape.eps).to(self.dtype), None,
-                          pad_rows)
+                          pad_rows, vocab)
 
-    def _head(self, h: torch.Tensor, logits_for, pad_rows: bool) -> torch.Tensor:
+    def head_prefix(self, n: int):
+        """The LM head of the vocabulary's first ``n`` tokens (a view), or None where its layout has none."""
+        return first_channels(self.lm_head, n)
+
+    def _head(self, h: torch.Tensor, logits_for, pad_rows: bool, vocab=None) -> torch.Tensor:
         """LM head for the rows of the final norm's output h (B, T, H) that ``logits_for`` asks for."""
         if logits_for is not None:
             h = h[:, logits_for]
@@ -617,10 +623,12 @@ class NativeLlama(CausalLM):
         if pad_rows and B2 * T2 % MIN_ROWS:
             h = torch.cat([h, h.new_zeros(_padded(B2 * T2) - B2 * T2, H)])
         proj = _split_rows if pad_rows else linear
+        if vocab is not None:
+            return vocab.logits(h, proj)[:B2 * T2].view(B2, T2, -1)      # (B, T', V), -inf outside vocab
         return proj(h, self.lm_head)[:B2 * T2].float().view(B2, T2, -1)  # (B, T', V)
 
     def _forward_kernel(self, cache, input_ids, cos, sin, attn_mask, input_valid, logits_for, layers,
-                        whole_prompt: bool = False):
+                        whole_prompt: bool = False, vocab=None):
         """A forward with the compiled kernels (:mod:`.kernels`): attention reads the cache over exactly the
         visible slots (no KV_CHUNK padding, no padded query rows), and what a layer does between its four
         projections is three calls of ``layer.c`` instead of ~25 PyTorch ops. ``whole_prompt``: a prefill,
@@ -659,7 +667,7 @@ class NativeLlama(CausalLM):
                 glue.silu_mul(proj(h, self.wgu[i]), mv)
                 glue.add_rmsnorm(x, proj(mlp, self.wdown[i]), after, eps, hv)
         cache._length = L0 + T
-        return self._head(hv.view(B, T, H), logits_for, pad_rows)
+        return self._head(hv.view(B, T, H), logits_for, pad_rows, vocab)
 
     @staticmethod
     def _attend_blocked(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,

@@ -20,6 +20,7 @@ the int8 format's weights for the compiled int8 kernel (:class:`Int8I15Weight`, 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -401,3 +402,23 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
     if x.dim() != 2:
         y = y.view(*x.shape[:-1], y.shape[-1])
     return y if bias is None else y + bias
+
+
+def first_channels(w, n: int):
+    """The weight of ``w``'s first ``n`` output channels, as a view (no copy), or None for a layout that has
+    no such view (oneDNN's prepacked bfloat16, PyTorch's int4 tiles). ``n``: a multiple of 16, at most N.
+
+    What a draft vocabulary (``drafters/vocab.py``) scores: the panels hold 16 channels each, in order, so
+    the first ``n`` channels are the first ``n / 16`` panels."""
+    if n % F32_CHANNELS or not 0 < n <= w.shape[0]:
+        raise ValueError(f"n must be a multiple of {F32_CHANNELS} in 1..{w.shape[0]}, got {n}")
+    if isinstance(w, torch.Tensor):
+        return w[:n]
+    if isinstance(w, Int8Weight):
+        return Int8Weight(w.q[:n], w.scale[:n])
+    if isinstance(w, (PanelWeight, Int8I15Weight)):
+        fields = {"panels": w.panels[:n // F32_CHANNELS], "n": n}
+        if hasattr(w, "scale"):
+            fields["scale"] = w.scale[:n]
+        return dataclasses.replace(w, **fields)
+    return None
