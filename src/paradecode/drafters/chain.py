@@ -249,13 +249,16 @@ class ChainDrafter(Drafter):
         return Draft(tokens, parents, q).select(order)
 
     def observe(self, context: list[int], verdict: Verdict, logits: torch.Tensor) -> None:
-        # k learns from the draft LM's own tokens (not a free tail), as many as survived truncation
-        drafted = self.last_drafted if verdict.draft is None else min(self.last_drafted, verdict.draft.depth)
+        drafted = self.own_drafted(verdict)     # k learns from the draft LM's own tokens
         if self.opt.siblings:
             self._count_sibling_hits(context, verdict)
         o = self.opt
         self.k = next_draft_length(self.k, drafted, min(verdict.num_accepted, drafted), o.min_draft_tokens,
                                    o.max_draft_tokens, o.schedule)
+
+    def own_drafted(self, verdict: Verdict) -> int:
+        """The draft LM's own tokens (not a free tail) in the verified draft, as many as survived truncation."""
+        return self.last_drafted if verdict.draft is None else min(self.last_drafted, verdict.draft.depth)
 
     def _count_sibling_hits(self, context: list[int], verdict: Verdict) -> None:
         """Count the calls whose accepted path ends on a sibling leaf (``stats.extra["sibling_hits"]``)."""

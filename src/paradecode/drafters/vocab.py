@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 
 import torch
 
-CHANNELS = 16           # output channels per panel of the packed heads (models/quant.py)
+from ..models.quant import F32_CHANNELS as CHANNELS     # output channels per panel of the packed heads
 
 
 class DraftVocab:
@@ -42,10 +42,9 @@ class DraftVocab:
         self.size = size                       # ids [0, size) are scored through ``head``
         self.head = head                       # the head of those ids: a view of the model's own
         self.vocab_size = model.vocab_size
-        self._extra: list[int] = []            # ids >= size added since, in order
-        self._known: set[int] = set()          # the same ids
-        self._rows: torch.Tensor | None = None     # (len(_extra), H) float32: their head rows
-        self._index: torch.Tensor | None = None    # (len(_extra),) long
+        self._known: set[int] = set()          # ids >= size added since
+        self._index: torch.Tensor | None = None    # (n,) long: those ids, in the order added
+        self._rows: torch.Tensor | None = None     # (n, H) float32: their head rows
 
     @classmethod
     def build(cls, model, size: int) -> "DraftVocab | None":
@@ -60,7 +59,7 @@ class DraftVocab:
         return None if head is None else cls(model, size, head)
 
     def __len__(self) -> int:
-        return self.size + len(self._extra)
+        return self.size + len(self._known)
 
     def __contains__(self, token: int) -> bool:
         return token < self.size or token in self._known
@@ -72,10 +71,9 @@ class DraftVocab:
             return
         ids = torch.tensor(new)
         rows = self.model.lm_head.rows(ids).float()                  # (n, H)
-        self._extra += new
         self._known.update(new)
+        self._index = ids if self._index is None else torch.cat([self._index, ids])
         self._rows = rows if self._rows is None else torch.cat([self._rows, rows])
-        self._index = torch.tensor(self._extra)
 
     def logits(self, h: torch.Tensor, proj: Callable) -> torch.Tensor:
         """Logits (R, V) of the final norm's output h (R, H): -inf outside this vocabulary. ``proj`` is the

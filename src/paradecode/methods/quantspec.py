@@ -139,9 +139,8 @@ class TwinDrafter(SharedCacheDrafter):
         full of rare words; one miss costs more than many steps of the cheaper head save)."""
         v, extra = self.vocab, self.stats.extra
         if not self.looked_up:
-            drafted = self.last_drafted if verdict.draft is None else min(self.last_drafted, verdict.draft.depth)
             j = verdict.num_accepted
-            if j < drafted and verdict.tokens[j] not in v:
+            if j < self.own_drafted(verdict) and verdict.tokens[j] not in v:
                 extra["draft_vocab_missed"] = True
                 self.vocab = None                # the whole head from here on
                 extra["draft_vocab"] = self.twin.vocab_size
