@@ -75,15 +75,19 @@ def _compare_model_pair(hf, nat, vocab: int, prefix: int = 11, chunk: int = 5) -
     # 1. a whole prompt in one call
     a = hf.forward(hf.new_cache(1, 64), ids)
     b = nat.forward(nat.new_cache(1, 64), ids)
-    assert (a - b).abs().max() < TOL
+    # float32 sums ordered differently (transformers' GEMM vs the native kernels, which also differ
+    # by CPU) differ by a few units in the last place of the largest logit: TOL, or 1e-5 of the
+    # logits' scale where that is larger (the default model's reach ~20)
+    tol = max(TOL, 1e-5 * float(a.abs().max()))
+    assert (a - b).abs().max() < tol
     # 2. a causal chunk after a cached prefix equals the same positions of the whole prompt
     ch, cn = hf.new_cache(1, 64), nat.new_cache(1, 64)
     hf.forward(ch, ids[:, :prefix])
     nat.forward(cn, ids[:, :prefix])
     a2 = hf.forward(ch, ids[:, prefix:])
     b2 = nat.forward(cn, ids[:, prefix:])
-    assert (a2 - b2).abs().max() < TOL
-    assert (b2 - b[:, prefix:]).abs().max() < TOL
+    assert (a2 - b2).abs().max() < tol
+    assert (b2 - b[:, prefix:]).abs().max() < tol
     # 3. a token tree with its mask and positions
     mask, depth = tree_block()
     T = mask.shape[0]
@@ -93,7 +97,7 @@ def _compare_model_pair(hf, nat, vocab: int, prefix: int = 11, chunk: int = 5) -
     cn.rollback(prefix)
     a3 = hf.forward(ch, tree, pos, mask[None])
     b3 = nat.forward(cn, tree, pos, mask[None])
-    assert (a3 - b3).abs().max() < TOL
+    assert (a3 - b3).abs().max() < tol
     # the mask matters: the causal result differs on every non-root node ...
     cn.rollback(prefix)
     causal = nat.forward(cn, tree, pos)
@@ -102,7 +106,7 @@ def _compare_model_pair(hf, nat, vocab: int, prefix: int = 11, chunk: int = 5) -
     path = [0, 2, 4]
     cn.rollback(prefix)
     chain = nat.forward(cn, tree[:, path])
-    assert (chain - b3[:, path]).abs().max() < TOL
+    assert (chain - b3[:, path]).abs().max() < tol
 
 
 def test_tiny_native_matches_transformers(pair):
