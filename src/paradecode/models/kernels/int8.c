@@ -376,6 +376,7 @@ int pd_i8_i15_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_
              * layer matrices, interleaved: 5 to 8 rows 0.6-0.66x the time, 16 rows 0.75x, 2 to 4 rows (one
              * pass) 0.76-0.97x; not for one row, which reads at the memory's bandwidth already (1.1x there). */
             const uint8_t *next = M > 1 && c + 1 < C ? wp + (long)K * CG : NULL;
+            (void)next;
             for (int m0 = 0; m0 < M; m0 += MR) {
                 const int rows = M - m0 < MR ? M - m0 : MR;
                 const int8_t *qh = hi + (long)m0 * K, *ql = lo + (long)m0 * K;
