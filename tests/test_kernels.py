@@ -578,3 +578,87 @@ def test_attention_has_the_same_bits_on_any_thread_count(fn):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+needs_bf16_kernel = pytest.mark.skipif(not kernels.bf16_native(),
+                                       reason="the bfloat16 kernel (bf16.c) needs a CPU with AVX-512 BF16")
+
+
+def _bf16_pairs_reference(x: torch.Tensor, w: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """``bf16.c``'s definition in float32 steps: x and w rounded to bfloat16 (K padded to even with a zero), per
+    block of 64 inputs and per pair of inputs 2p, 2p + 1 in order, acc = (acc + x[2p+1] w[2p+1]) + x[2p] w[2p]
+    (each product exact in float32, each add rounded), the blocks' sums then added in order."""
+    M, K = x.shape
+    K2 = -(-K // 2)
+    xb = torch.zeros(M, 2 * K2)
+    xb[:, :K] = x.to(torch.bfloat16).float()
+    wb = torch.zeros(w.shape[0], 2 * K2)
+    wb[:, :K] = w.to(torch.bfloat16).float()
+    total = None
+    for p0 in range(0, K2, block // 2):
+        acc = torch.zeros(M, w.shape[0])
+        for p in range(p0, min(K2, p0 + block // 2)):
+            acc = acc + xb[:, 2 * p + 1, None] * wb[None, :, 2 * p + 1]
+            acc = acc + xb[:, 2 * p, None] * wb[None, :, 2 * p]
+        total = acc if total is None else total + acc
+    return total
+
+
+@needs_bf16_kernel
+@settings(max_examples=20, deadline=None)
+@given(M=st.integers(1, 19), N=st.integers(1, 70), K=st.integers(1, 90), kind=st.sampled_from(["float32", "bfloat16"]),
+       seed=st.integers(0, 1000))
+def test_bf16_kernel_computes_its_definition(M, N, K, kind, seed):
+    """Any shape (odd K, partial panels and panel groups, row blocks of every size): the bits of the pair sums
+    vdpbf16ps defines, float32 activations rounded to bfloat16 first; bfloat16 outputs are those rounded."""
+    from paradecode.models.quant import pack_bf16_panels
+
+    g = torch.Generator().manual_seed(seed)
+    w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g).to(getattr(torch, kind))
+    packed = pack_bf16_panels(w, float_out=True)
+    y = kernels.bf16_mm(x, packed, torch.float32)
+    want = _bf16_pairs_reference(x.float(), w)
+    assert y.shape == (M, N) and torch.equal(y, want)
+    assert torch.equal(kernels.bf16_mm(x, packed, torch.bfloat16), want.to(torch.bfloat16))
+    ref = x.to(torch.bfloat16).double() @ w.to(torch.bfloat16).double().T
+    assert float((y.double() - ref).abs().max()) <= 1e-5 * K * max(1.0, float(ref.abs().max()))
+
+
+@needs_bf16_kernel
+def test_bf16_kernel_rows_and_threads_agree_bit_for_bit():
+    """An output's bits depend on its row and channel only: alone or with up to 18 other rows (the kernel's
+    blocks of 4 rows x 4 panels up to 4 rows, 8 rows x 2 panels above), and on 1, 2 or 3 threads."""
+    from paradecode.models.quant import pack_bf16_panels
+
+    g = torch.Generator().manual_seed(4)
+    w, x = torch.randn(1000, 576, generator=g) * 0.05, torch.randn(19, 576, generator=g).to(torch.bfloat16)
+    packed = pack_bf16_panels(w)
+    whole = kernels.bf16_mm(x, packed, torch.float32)
+    for r in range(19):
+        assert torch.equal(kernels.bf16_mm(x[r:r + 1], packed, torch.float32), whole[r:r + 1]), r
+    for n in (2, 3, 4, 5, 8, 9, 16):
+        assert torch.equal(kernels.bf16_mm(x[:n], packed, torch.float32), whole[:n]), n
+    before = torch.get_num_threads()
+    try:
+        for nt in (2, 3):
+            torch.set_num_threads(nt)
+            assert torch.equal(kernels.bf16_mm(x, packed, torch.float32), whole), nt
+            assert torch.equal(kernels.bf16_mm(x[:1], packed, torch.float32), whole[:1]), nt
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bf16_panels_hold_the_matrix():
+    """The packing rounds to bfloat16 and reorders: the rounded matrix and its rows come back exactly, and the
+    first 16 n channels are a view of the first n panels (a draft vocabulary's head)."""
+    from paradecode.models.quant import first_channels, pack_bf16_panels
+
+    w = torch.randn(37, 25)
+    packed = pack_bf16_panels(w)
+    assert packed.shape == (37, 25) and packed.padded == 48 and packed.nbytes() == 48 * 26 * 2
+    assert torch.equal(packed.dequantize(torch.bfloat16), w.to(torch.bfloat16))
+    ids = torch.tensor([[0, 36, 17], [16, 15, 1]])
+    assert torch.equal(packed.rows(ids), w.to(torch.bfloat16).float()[ids])
+    head = first_channels(packed, 32)
+    assert head.shape == (32, 25) and head.panels.data_ptr() == packed.panels.data_ptr()
+    assert torch.equal(head.dequantize(), w[:32].to(torch.bfloat16).float())

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from paradecode.models import kernels
 from paradecode.models.base import causal_mask
 from paradecode.models.quant import can_pack_bf16
 from paradecode.models.tiny import tiny_hf_model, tiny_native, tiny_pair
@@ -318,15 +319,16 @@ def test_low_precision_close_to_float32(dtype):
 
 @needs_packed_bf16
 def test_bfloat16_projections_are_prepacked_for_onednn():
-    """bfloat16 weights go to oneDNN prepacked where this CPU runs bfloat16 natively: same arithmetic as the
-    plain layout up to the kernel's summation order, same bytes per step, and a tied embedding keeps a
-    plain copy to look rows up in."""
+    """Without the compiled bfloat16 kernel (``bf16_kernel=False``; the default on CPUs with AMX), bfloat16
+    weights go to oneDNN prepacked where this CPU runs bfloat16 natively: same arithmetic as the plain layout
+    up to the kernel's summation order, same bytes per step, and a tied embedding keeps a plain copy to look
+    rows up in."""
     from paradecode.models.native import NativeLlama
     from paradecode.models.quant import PackedBF16Weight
 
     hf = tiny_hf_model("llama", seed=4, hidden=128, intermediate=384)
-    packed = NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16")
-    plain = NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16", packed=False)
+    packed = NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16", bf16_kernel=False)
+    plain = NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16", packed=False, bf16_kernel=False)
     assert isinstance(packed.wqkv[0], PackedBF16Weight) and isinstance(packed.lm_head, PackedBF16Weight)
     assert isinstance(plain.wqkv[0], torch.Tensor) and isinstance(packed.embed, torch.Tensor)
     assert packed.weight_bytes() == plain.weight_bytes()
@@ -335,6 +337,46 @@ def test_bfloat16_projections_are_prepacked_for_onednn():
     b = plain.forward(plain.new_cache(1, 32), ids)
     assert (a - b).abs().max() < 0.02 * float(b.abs().max())
     assert packed.twin("int4").packed                         # twins inherit the choice (no effect on int4)
+
+
+needs_bf16_kernel = pytest.mark.skipif(not kernels.bf16_native(),
+                                       reason="the bfloat16 kernel (bf16.c) needs a CPU with AVX-512 BF16")
+
+
+@needs_bf16_kernel
+def test_bfloat16_runs_the_compiled_kernel_without_amx():
+    """On a CPU with AVX-512 BF16 and without AMX the bfloat16 format's matrices go to the compiled bfloat16
+    kernel (pair panels; the LM head with float32 logits, its rows a tied embedding) and the layers run
+    fused in one C call; ``bf16_kernel=True`` asks for it on any such CPU. Its logits are oneDNN's up to
+    summation order, the weights the same bytes; twins inherit the choice."""
+    from paradecode.models.native import NativeLlama
+    from paradecode.models.quant import BF16PanelWeight
+
+    hf = tiny_hf_model("llama", seed=4, hidden=128, intermediate=384)
+    auto = NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16")
+    assert auto.bf16_panels == (not kernels.amx())
+    native = NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16", bf16_kernel=True)
+    onednn = NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16", bf16_kernel=False)
+    assert isinstance(native.wqkv[0], BF16PanelWeight) and native.lm_head.float_out and native.fused
+    assert (native.embed is native.lm_head) == native.shape.tie_embeddings and not native.wqkv[0].float_out
+    assert not isinstance(onednn.wqkv[0], BF16PanelWeight) and not onednn.fused
+    # the same bytes but for the zero channels that pad the LM head's 97 to whole panels
+    assert onednn.weight_bytes() < native.weight_bytes() <= onednn.weight_bytes() + 15 * 128 * 2
+    ids = _ids(12, native.vocab_size, seed=6)
+    a = native.forward(native.new_cache(1, 32), ids)
+    b = onednn.forward(onednn.new_cache(1, 32), ids)
+    assert a.dtype == torch.float32 and (a - b).abs().max() < 0.02 * float(b.abs().max())
+    assert native.twin("int8").twin("bfloat16").bf16_panels
+
+
+@pytest.mark.parametrize("attention", ["kernel", "torch"])
+def test_bfloat16_through_onednn_is_position_invariant(attention):
+    """The oneDNN bfloat16 path (padded 4-row calls, probed row blocks) keeps every token's bits too, where
+    the compiled bfloat16 kernel is the default."""
+    m = tiny_native(tiny_hf_model("llama", seed=3, hidden=128, intermediate=384), dtype="bfloat16",
+                    attention=attention, bf16_kernel=False)
+    assert not m.bf16_panels
+    _assert_position_invariant(m, _ids(40, m.vocab_size, seed=5), prefix=20, block=8)
 
 
 def test_causal_mask_helper():
@@ -380,7 +422,8 @@ def test_row_block_probes_run_in_the_first_call_not_in_a_later_block(tiny_llama_
 
     _, f32 = tiny_llama_pair
     monkeypatch.setattr(native, "_MAX_ROWS", {})
-    nat = f32.twin("bfloat16")                        # padded BLAS products (float32 has its own kernel)
+    # padded oneDNN products (float32 and the bfloat16 kernel need no padding)
+    nat = native.NativeLlama(*f32._source, dtype="bfloat16", bf16_kernel=False)
     assert nat._pad_rows
     nat._probed_threads = 0
     nat.forward(nat.new_cache(1, 16), _ids(1, nat.vocab_size, seed=3))   # a single-token call
@@ -466,6 +509,9 @@ def test_fused_layers_have_the_bits_of_the_layer_loop(fmt):
 
 
 def test_fused_layers_need_compiled_formats():
-    """bfloat16 goes through PyTorch's products, Qwen2 has biases: both keep the per-layer loop."""
-    assert not tiny_native(tiny_hf_model("llama", seed=1), dtype="bfloat16").fused
+    """bfloat16 through oneDNN's products (PyTorch), Qwen2 has biases: both keep the per-layer loop; bfloat16
+    through the compiled kernel runs fused."""
+    assert not tiny_native(tiny_hf_model("llama", seed=1), dtype="bfloat16", bf16_kernel=False).fused
+    if kernels.bf16_native():
+        assert tiny_native(tiny_hf_model("llama", seed=1), dtype="bfloat16", bf16_kernel=True).fused
     assert not tiny_native(tiny_hf_model("qwen2", seed=1), dtype="int8").fused

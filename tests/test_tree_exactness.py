@@ -10,6 +10,7 @@ target, whose projections run oneDNN's prepacked kernels (``models/quant.py``).
 from __future__ import annotations
 
 import pytest
+import torch
 
 import paradecode as pd
 from paradecode.bench.prompts import load_suite
@@ -43,12 +44,14 @@ def test_tree_methods_are_greedy_exact_in_bfloat16(bf16_model, bench_prompts, me
 
 
 @pytest.mark.parametrize("method, options", [("quantspec", {}), ("pld", {})])
-def test_chain_methods_are_greedy_exact_on_the_prepacked_bfloat16_target(bf16_model, bench_prompts, method, options):
-    """The bfloat16 target runs oneDNN's prepacked GEMMs (where the CPU has native bfloat16) and prefills
-    whole: drafted chains must still reproduce its plain greedy output token for token."""
-    from paradecode.models.quant import PackedBF16Weight, can_pack_bf16
+def test_chain_methods_are_greedy_exact_on_the_bfloat16_target(bf16_model, bench_prompts, method, options):
+    """The bfloat16 target runs the compiled bfloat16 kernel (AVX-512 BF16 without AMX) or oneDNN's prepacked
+    GEMMs (where the CPU has native bfloat16) and prefills whole: drafted chains must still reproduce its
+    plain greedy output token for token."""
+    from paradecode.models.quant import BF16PanelWeight, PackedBF16Weight, can_pack_bf16
 
-    assert isinstance(bf16_model.wqkv[0], PackedBF16Weight) == can_pack_bf16()
+    kind = BF16PanelWeight if bf16_model.bf16_panels else PackedBF16Weight if can_pack_bf16() else torch.Tensor
+    assert isinstance(bf16_model.wqkv[0], kind)
     multi = 0
     for pid, ids in bench_prompts:
         ref = pd.generate(bf16_model, ids, "plain", max_new_tokens=48)

@@ -55,8 +55,8 @@ from . import kernels
 from .base import CausalLM, KVCache, ModelInfo, causal_mask
 from .kernels import KEY_BLOCK
 from .quant import (Int4W4A8Weight, Int4Weight, Int8I15Weight, Int8PanelWeight, Int8Weight, PackedBF16Weight,
-                    PanelWeight, can_pack_bf16, first_channels, linear, pack_bf16, pack_f32, pack_int4_w4a8,
-                    pack_int8_i15, pack_int8_panels, quantize_int4, quantize_int8)
+                    PanelWeight, can_pack_bf16, first_channels, linear, pack_bf16, pack_bf16_panels, pack_f32,
+                    pack_int4_w4a8, pack_int8_i15, pack_int8_panels, quantize_int4, quantize_int8)
 from ..errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -276,7 +276,7 @@ class NativeLlama(CausalLM):
 
     def __init__(self, hf_config, weights: Mapping[str, torch.Tensor], *, dtype: str = "float32",
                  tokenizer=None, name: str = "model", invariant: bool = True, packed: bool | None = None,
-                 attention: str = "auto"):
+                 attention: str = "auto", bf16_kernel: bool | None = None):
         """``invariant=False`` drops the row padding of float32/bfloat16 products: a
         single-token step then uses the GEMV kernel (float32: ~1.5x faster per
         step on this machine) but its logits differ in the last bits from the
@@ -286,7 +286,10 @@ class NativeLlama(CausalLM):
         ``attention``: ``"kernel"`` (the compiled kernels of :mod:`.kernels`: attention with every row's bits
         independent of its call, token trees included, the layer glue, and int4 x int8 products for the int4
         format), ``"torch"`` (PyTorch throughout: attention as matmuls over whole KV_CHUNK chunks, exact for
-        chains only; int4 x bfloat16 products), or ``"auto"`` (the kernels where they can be built)."""
+        chains only; int4 x bfloat16 products), or ``"auto"`` (the kernels where they can be built).
+        ``bf16_kernel`` (bfloat16 with the kernels): the compiled bfloat16 products (``kernels/bf16.c``,
+        AVX-512 BF16) instead of oneDNN's; default: where the CPU has AVX-512 BF16 and no AMX (with AMX
+        oneDNN's tile kernels were the fast path; ``docs/engine.md``)."""
         arch = (getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UserError(f"architecture {arch} is not supported by the native backend",
@@ -311,9 +314,17 @@ class NativeLlama(CausalLM):
         self.quantized = dtype in ("int8", "int4")
         self.invariant = invariant
         self.packed = can_pack_bf16() if packed is None else bool(packed and can_pack_bf16())
-        # float32 with the kernels: the compiled float32 products (kernels/f32.c), invariant by construction
+        # float32 with the kernels: the compiled float32 products (kernels/panels.c), invariant by construction
         self.panels = dtype == "float32" and self._attn_kernel is not None
-        self._pad_rows = invariant and not self.quantized and not self.panels   # see MIN_ROWS
+        # bfloat16 with the kernels on AVX-512 BF16: the compiled bfloat16 products (kernels/bf16.c), invariant too
+        native_bf16 = self._attn_kernel is not None and kernels.bf16_native()
+        if bf16_kernel and dtype == "bfloat16" and not native_bf16:
+            raise UserError("the compiled bfloat16 products need the kernels and a CPU with AVX-512 BF16",
+                            "leave bf16_kernel unset (oneDNN's products are the fallback)")
+        self._bf16_kernel = bf16_kernel                     # the choice asked for (twins inherit it)
+        self.bf16_panels = dtype == "bfloat16" and native_bf16 and (
+            not kernels.amx() if bf16_kernel is None else bool(bf16_kernel))
+        self._pad_rows = invariant and not self.quantized and not self.panels and not self.bf16_panels  # MIN_ROWS
         self._probed_threads = 0                            # thread count the row-block probes ran for
         c = hf_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -395,12 +406,15 @@ class NativeLlama(CausalLM):
             return pack_int8_i15(q, float_out=head) if i15 else pack_int8_panels(q, float_out=head)
 
         quantize = {"int8": int8, "int4": int4}.get(self.format)
-        pack = self.format == "bfloat16" and self.packed          # oneDNN's prepacked layout (see quant.py)
+        # oneDNN's prepacked layout (see quant.py)
+        pack = self.format == "bfloat16" and self.packed and not self.bf16_panels
 
-        def mat(*names: str):      # a tensor or one of quant.py's weight classes
+        def mat(*names: str, head: bool = False):      # a tensor or one of quant.py's weight classes
             m = torch.cat([raw(n) for n in names]) if len(names) > 1 else raw(names[0])
             if self.panels:
                 return pack_f32(m)
+            if self.bf16_panels:
+                return pack_bf16_panels(m, float_out=head)
             if quantize is None:
                 return pack_bf16(m) if pack else m.to(dt).contiguous()
             if self.format == "int4" and m.shape[1] % 32:
@@ -413,7 +427,7 @@ class NativeLlama(CausalLM):
         # higher precision): an int4 head costs +7% perplexity on the default model, an int8 one +0.02%
         # and an int8 kernel reads it faster than bfloat16 for a single row; an embedding row is only
         # looked up, so bfloat16 costs memory, not time
-        self.lm_head = int8(raw(head), head=True) if self.quantized else mat(head)   # (V, H)
+        self.lm_head = int8(raw(head), head=True) if self.quantized else mat(head, head=True)   # (V, H)
         # (a prepacked head has no rows to look up: the embedding keeps a plain copy)
         self.embed = (raw("model.embed_tokens.weight").to(dt).contiguous() if self.format == "int4" or pack else
                       self.lm_head if head == "model.embed_tokens.weight" else
@@ -430,7 +444,7 @@ class NativeLlama(CausalLM):
             self.wdown.append(mat(p + "mlp.down_proj.weight"))
             self.ln1.append(vec(p + "input_layernorm.weight", torch.float32))
             self.ln2.append(vec(p + "post_attention_layernorm.weight", torch.float32))
-            if self.quantized or pack or self.panels:
+            if self.quantized or pack or self.panels or self.bf16_panels:
                 release_free_memory()   # quantizing or packing leaves freed temporaries in the heap
 
     def twin(self, dtype: str) -> "NativeLlama":
@@ -445,6 +459,7 @@ class NativeLlama(CausalLM):
             config, weights = self._source
             self._twins[dtype] = NativeLlama(config, weights, dtype=dtype, tokenizer=self.tokenizer,
                                              name=self.info.name, invariant=self.invariant, packed=self.packed,
+                                             bf16_kernel=self._bf16_kernel,
                                              attention="torch" if self._attn_kernel is None else "kernel")
         return self._twins[dtype]
 

@@ -15,7 +15,8 @@ prepacked bfloat16 (:class:`PackedBF16Weight`), int4 for PyTorch's kernel
 (:class:`Int4Weight`) and for the compiled one (:class:`Int4W4A8Weight`), and
 the compiled panel kernel's float32 and int8 panels (:class:`PanelWeight`:
 :class:`F32PanelWeight`, :class:`Int8PanelWeight`: the int4 format's LM head), and
-the int8 format's weights for the compiled int8 kernel (:class:`Int8I15Weight`, where the kernels build).
+the int8 format's weights for the compiled int8 kernel (:class:`Int8I15Weight`, where the kernels build),
+and the bfloat16 format's for the compiled bfloat16 kernel (:class:`BF16PanelWeight`, AVX-512 BF16 without AMX).
 """
 
 from __future__ import annotations
@@ -287,6 +288,54 @@ def pack_f32(w: torch.Tensor) -> F32PanelWeight:
 
 
 @dataclass(frozen=True)
+class BF16PanelWeight(PanelWeight):
+    """A (N, K) weight as bfloat16 for the compiled bfloat16 kernel (``models/kernels/bf16.c``, AVX-512 BF16):
+    output channels in panels of 16, each panel K/2 rows of 32 values, row p holding inputs 2p, 2p + 1 of its
+    16 channels (channel-major pairs; K padded to even with a zero input). The same values as the matrix cast
+    to bfloat16; ``float_out``: float32 outputs (an LM head's logits), else the activations' dtype."""
+
+    k: int = field(kw_only=True)                 # true number of inputs
+    float_out: bool = field(kw_only=True, default=False)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n, self.k))
+
+    def nbytes(self) -> int:
+        return self.panels.numel() * 2
+
+    def _pairs(self, ids: torch.Tensor) -> torch.Tensor:
+        P, K2, _ = self.panels.shape
+        v = self.panels.view(P, K2, F32_CHANNELS, 2)[ids // F32_CHANNELS, :, ids % F32_CHANNELS]   # (*ids, K2, 2)
+        return v.flatten(-2)[..., :self.k]
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (any shape) of the matrix as float32: an embedding lookup without a second copy."""
+        return self._pairs(ids).float()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        P, K2, _ = self.panels.shape
+        m = self.panels.view(P, K2, F32_CHANNELS, 2).permute(0, 2, 1, 3).reshape(P * F32_CHANNELS, 2 * K2)
+        return m[:self.n, :self.k].to(dtype)
+
+
+def pack_bf16_panels(w: torch.Tensor, float_out: bool = False) -> BF16PanelWeight:
+    """``w`` (N, K) cast to bfloat16 (to nearest even) in pair panels for the compiled bfloat16 kernel."""
+    N, K = w.shape
+    C, K2 = F32_CHANNELS, -(-K // 2)
+    Np = -(-N // C) * C
+    panels = torch.zeros(Np // C, K2, 2 * C, dtype=torch.bfloat16)
+    step = 4096 // C
+    for g0 in range(0, Np // C, step):                 # in slices: temporaries stay small
+        g1 = min(Np // C, g0 + step)
+        block = torch.zeros((g1 - g0) * C, 2 * K2, dtype=torch.bfloat16)
+        rows = w[g0 * C:g1 * C]
+        block[:rows.shape[0], :K] = rows.to(torch.bfloat16)
+        panels[g0:g1] = block.view(g1 - g0, C, K2, 2).permute(0, 2, 1, 3).reshape(g1 - g0, K2, 2 * C)
+    return BF16PanelWeight(panels, N, k=K, float_out=float_out)
+
+
+@dataclass(frozen=True)
 class Int8PanelWeight(PanelWeight):
     """An :class:`Int8Weight` as a :class:`PanelWeight`: the same int8 values, the bfloat16 scales held as
     float32 (the same values). The kernel sums float32 products of the activations and the int8 values,
@@ -376,7 +425,8 @@ def pack_int8_i15(w: Int8Weight, float_out: bool = False) -> Int8I15Weight:
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` that also takes a :class:`PackedBF16Weight`, :class:`Int8Weight`, :class:`Int4Weight`
     or :class:`Int4W4A8Weight` (then ``x`` must be bfloat16), an :class:`F32PanelWeight` or
-    :class:`Int8PanelWeight` (the compiled panel kernel), or an :class:`Int8I15Weight` (the int8 kernel)."""
+    :class:`Int8PanelWeight` (the compiled panel kernel), an :class:`Int8I15Weight` (the int8 kernel) or a
+    :class:`BF16PanelWeight` (the bfloat16 kernel)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
     if isinstance(w, PackedBF16Weight):
@@ -391,6 +441,8 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
             y = kernels.int4_mm(x2, w)
         elif isinstance(w, F32PanelWeight):
             y = kernels.f32_mm(x2, w)
+        elif isinstance(w, BF16PanelWeight):
+            y = kernels.bf16_mm(x2, w, torch.float32 if w.float_out else x2.dtype)
         else:
             y = kernels.i8_mm(x2, w, torch.float32 if w.float_out else x2.dtype)
     elif isinstance(w, Int8Weight):

@@ -11,6 +11,9 @@
   int8 weights and per-channel scales (the int8 format's, the int4 format's LM head), every output
   the same block sums of fused multiply-adds (bits independent of the call and of the instruction
   set), the weights streamed once per call;
+* :func:`bf16_mm` (``bf16.c``): products with the bfloat16 format's weights in pair panels on CPUs with
+  AVX-512 BF16 (``vdpbf16ps``), every output the same pair sums whatever shares its call (:func:`bf16_native`
+  says whether this CPU has it; the engine uses it where there is no AMX, else oneDNN's products);
 * :class:`LayerGlue` (``layer.c``): what a decoder layer does between its four projections, in
   three calls instead of ~25 PyTorch ops (residual add + RMSNorm + cast; RoPE + cache write +
   attention + cast; SiLU-and-multiply + cast), every row again computed alone;
@@ -48,7 +51,7 @@ from ..loading import cache_root
 
 _HERE = Path(__file__).parent
 _SOURCES = (_HERE / "attention.c", _HERE / "layer.c", _HERE / "int4.c", _HERE / "int8.c", _HERE / "panels.c",
-            _HERE / "stack.c")
+            _HERE / "bf16.c", _HERE / "stack.c")
 _HEADERS = (_HERE / "simd.h",)
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None | bool = False      # False: not tried yet; None: unavailable
@@ -154,6 +157,10 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.pd_i8_mm.restype = I
     lib.pd_i8_i15_mm.argtypes = [p, I, L, I, I, p, p, I, p, I, L, I]
     lib.pd_i8_i15_mm.restype = I
+    lib.pd_bf16_mm.argtypes = [p, I, L, I, I, p, I, p, I, L, I]
+    lib.pd_bf16_mm.restype = I
+    lib.pd_bf16_native.argtypes = []
+    lib.pd_bf16_native.restype = I
     lib.pd_layers.argtypes = [p, p, I, p, p, p, p, p, I, p, p, p, p, p, p, p, p, p, L, L, L, L, L, p, L, L, L, L,
                               I, p, I, I, I, I, I, I, I, I, F, F, I]
     lib.pd_layers.restype = I
@@ -177,6 +184,13 @@ def amx() -> bool:
     ``PARADECODE_NO_AMX=1``: no)."""
     lib = _load()
     return lib is not None and bool(lib.pd_amx())
+
+
+def bf16_native() -> bool:
+    """Whether the bfloat16 kernel (``bf16.c``: vdpbf16ps, AVX-512 BF16) runs on this CPU
+    (``PARADECODE_NO_AVX512=1``: no)."""
+    lib = _load()
+    return lib is not None and bool(lib.pd_bf16_native())
 
 
 def compiler() -> str | None:
@@ -295,7 +309,7 @@ class _Layer(ctypes.Structure):
 
 def _mat(w, act: torch.dtype) -> _Mat | None:
     """``stack.c``'s record of a matrix whose product outputs ``act``, or None if it has no compiled format."""
-    from ..quant import F32PanelWeight, Int4W4A8Weight, Int8I15Weight, Int8PanelWeight
+    from ..quant import BF16PanelWeight, F32PanelWeight, Int4W4A8Weight, Int8I15Weight, Int8PanelWeight
 
     if isinstance(w, Int8I15Weight) and not w.float_out:
         return _Mat(1, w.padded, w.shape[1], _KIND[act], w.panels.data_ptr(), w.scale.data_ptr())
@@ -305,6 +319,8 @@ def _mat(w, act: torch.dtype) -> _Mat | None:
         return _Mat(3, w.padded, w.shape[1], 1, w.panels.data_ptr(), None)
     if isinstance(w, Int4W4A8Weight) and act == torch.bfloat16:
         return _Mat(4, w.padded, w.shape[1], 2, w.blocks.data_ptr(), None)
+    if isinstance(w, BF16PanelWeight) and not w.float_out:
+        return _Mat(5, w.padded, w.shape[1], _KIND[act], w.panels.data_ptr(), None)
     return None
 
 
@@ -372,6 +388,8 @@ class LayerStack:
 def _check(rc: int) -> None:
     if rc == -2:
         raise RuntimeError("stack.c: a matrix of unknown kind")
+    if rc == -3:
+        raise RuntimeError("the bfloat16 kernel needs a CPU with AVX-512 BF16 (kernels.bf16_native())")
     if rc:
         raise MemoryError("the layer kernels could not allocate their scratch memory")
 
@@ -415,6 +433,13 @@ def i8_i15_mm(x: torch.Tensor, w, out_dtype: torch.dtype, lib: ctypes.CDLL | Non
     return _panel_mm(x, w, out_dtype, lib)
 
 
+def bf16_mm(x: torch.Tensor, w, out_dtype: torch.dtype, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``x`` (M, K) bfloat16 or float32 (rounded to bfloat16) with unit column stride, times a
+    :class:`~paradecode.models.quant.BF16PanelWeight` (``bf16.c``): (M, N) in ``out_dtype`` (float32 or
+    bfloat16). ``lib``: another build (tests)."""
+    return _panel_mm(x, w, out_dtype, lib)
+
+
 def _panel_mm(x: torch.Tensor, w, out_dtype: torch.dtype, lib: ctypes.CDLL | None) -> torch.Tensor:
     lib = lib or _load()
     if lib is None:
@@ -427,6 +452,10 @@ def _panel_mm(x: torch.Tensor, w, out_dtype: torch.dtype, lib: ctypes.CDLL | Non
     tail = (w.padded, y.data_ptr(), _KIND[out_dtype], y.stride(0), torch.get_num_threads())
     if w.panels.dtype == torch.float32:
         rc = lib.pd_f32_mm(*args, *tail)
+    elif w.panels.dtype == torch.bfloat16:
+        rc = lib.pd_bf16_mm(*args, *tail)
+        if rc == -3:
+            raise RuntimeError("the bfloat16 kernel needs a CPU with AVX-512 BF16 (kernels.bf16_native())")
     else:                 # int8 panels (Int8PanelWeight) or the int8 kernel's u8 panels (Int8I15Weight)
         fn = lib.pd_i8_mm if w.panels.dtype == torch.int8 else lib.pd_i8_i15_mm
         rc = fn(*args, w.scale.data_ptr(), *tail)

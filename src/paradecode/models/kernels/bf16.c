@@ -1,0 +1,174 @@
+/* Products with bfloat16 weights in pair panels (the bfloat16 format's matrices on CPUs with AVX-512 BF16 and
+ * without AMX), for the native engine.
+ *
+ * Activations are rounded to bfloat16 (to nearest even, as PyTorch casts; the bfloat16 format's activations
+ * are bfloat16 already), and each output is
+ *
+ *   y[m][n] = sum over blocks b of KB inputs, in order, of
+ *             dot_b,  dot_b = pair sums over the inputs 2p, 2p + 1 of b, in order:
+ *             acc = (acc + x[2p+1] w[n][2p+1]) + x[2p] w[n][2p]
+ *
+ * which is what one vdpbf16ps lane does with a pair (each product of two bfloat16 values is exact in float32;
+ * the two adds round to nearest even in that order, denormals flushed). Every output is that sequence whatever
+ * the number of rows in the call and the thread count, so its bits depend only on its row and its channel
+ * (position invariance). tests/test_kernels.py checks the kernel against this definition computed in numpy.
+ *
+ * Why not oneDNN: without AMX, its bfloat16 GEMM read the default model's layer matrices at about half the
+ * memory's bandwidth here (Zen 4: 22 ms for 269 MB, one thread), and its single-row kernel sums in another
+ * order than its multi-row one, so the engine padded every call to 4 rows and probed row blocks per shape.
+ * A vdpbf16ps does 32 multiply-adds: at a 16-token block the arithmetic is about one more weight read.
+ *
+ * Packed layout (quant.py: pack_bf16_panels): output channels in panels of 16; a panel is K/2 rows of 64
+ * bytes (K padded to even with a zero input), row p holding inputs 2p, 2p + 1 of its 16 channels
+ * (element 2j + t: channel j, input 2p + t): one vector per pair of inputs, streamed in order.
+ * The kernel keeps up to MR rows x 2 panels of accumulators; with several rows every pass prefetches the
+ * next two panels into L2 (as panels.c and int8.c do).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"
+
+#define CG 16           /* output channels per panel */
+#define KB 64           /* inputs per block sum (32 pairs) */
+#define MR 8            /* rows per register block of one or two panels */
+#define MR4 4           /* rows per register block of three or four panels */
+#define PF_ROWS 2       /* calls of at least this many rows prefetch the next panel group */
+#define NP4_ROWS 4      /* calls of up to this many rows take four panels per pass */
+
+#if defined(__AVX2__) && defined(__x86_64__) && defined(__GNUC__)
+#define HAVE_BF16 1
+#define TBF __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+/* whether the CPU runs AVX-512 BF16 (and PARADECODE_NO_AVX512 is unset) */
+static int use_bf16(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512bf16") && getenv("PARADECODE_NO_AVX512") == NULL;
+    }
+    return known;
+}
+
+/* ROWS rows (pairs of bfloat16 as 32-bit words, row stride ldx words) of NP adjacent panels of K2 pair rows
+ * from w: per row and panel one accumulator per block, added to out (row stride ldo) in block order; next:
+ * NP panels to prefetch into L2 meanwhile, or NULL */
+TBF static inline __attribute__((always_inline)) void rows_bf16(const uint16_t *w, const int NP, const int ROWS,
+                                                                int K2, const uint32_t *x, long ldx, float *out,
+                                                                long ldo, const char *next) {
+    const long ps = (long)K2 * 2 * CG;       /* elements per panel */
+    for (int p0 = 0; p0 < K2; p0 += KB / 2) {
+        const int p1 = K2 < p0 + KB / 2 ? K2 : p0 + KB / 2;
+        __m512 a[4][MR];
+        _Pragma("GCC unroll 4") for (int q = 0; q < NP; q++)
+            _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) a[q][r] = _mm512_setzero_ps();
+        for (int p = p0; p < p1; p++) {
+            __m512bh u[4];
+            _Pragma("GCC unroll 4") for (int q = 0; q < NP; q++) {
+                u[q] = (__m512bh)_mm512_loadu_si512(w + q * ps + (long)p * 2 * CG);
+                if (next) _mm_prefetch(next + 2 * (q * ps + (long)p * 2 * CG), _MM_HINT_T1);
+            }
+            _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {
+                const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)x[r * ldx + p]);
+                _Pragma("GCC unroll 4") for (int q = 0; q < NP; q++) a[q][r] = _mm512_dpbf16_ps(a[q][r], xb, u[q]);
+            }
+        }
+        _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++)
+            _Pragma("GCC unroll 4") for (int q = 0; q < NP; q++) {
+                float *o = out + r * ldo + q * CG;
+                _mm512_storeu_ps(o, p0 ? _mm512_add_ps(_mm512_loadu_ps(o), a[q][r]) : a[q][r]);
+            }
+    }
+}
+
+#define BF16_ROWS(NP, R)                                                                     \
+    switch (rows) {                                                                          \
+        case 1: rows_bf16(w, NP, 1, K2, x, ldx, out, ldo, next); break;                      \
+        case 2: if (R >= 2) { rows_bf16(w, NP, 2, K2, x, ldx, out, ldo, next); break; }      \
+        /* fall through */                                                                   \
+        case 3: if (R >= 3) { rows_bf16(w, NP, 3, K2, x, ldx, out, ldo, next); break; }      \
+        /* fall through */                                                                   \
+        case 4: if (R >= 4) { rows_bf16(w, NP, 4, K2, x, ldx, out, ldo, next); break; }      \
+        /* fall through */                                                                   \
+        case 5: if (R >= 5) { rows_bf16(w, NP, 5, K2, x, ldx, out, ldo, next); break; }      \
+        /* fall through */                                                                   \
+        case 6: if (R >= 6) { rows_bf16(w, NP, 6, K2, x, ldx, out, ldo, next); break; }      \
+        /* fall through */                                                                   \
+        case 7: if (R >= 7) { rows_bf16(w, NP, 7, K2, x, ldx, out, ldo, next); break; }      \
+        /* fall through */                                                                   \
+        default: rows_bf16(w, NP, R, K2, x, ldx, out, ldo, next); break;                     \
+    }
+
+/* rows (<= the block's row limit for np) rows of np (1..4) adjacent panels */
+TBF static void panels_bf16(const uint16_t *w, int np, int K2, int rows, const uint32_t *x, long ldx, float *out,
+                            long ldo, const char *next) {
+    switch (np) {
+        case 4: BF16_ROWS(4, MR4) break;
+        case 3: BF16_ROWS(3, MR4) break;
+        case 2: BF16_ROWS(2, MR) break;
+        default: BF16_ROWS(1, MR) break;
+    }
+}
+#endif
+
+/* 1 when this process's bfloat16 products can run here (AVX-512 BF16) */
+int pd_bf16_native(void) {
+#ifdef HAVE_BF16
+    return use_bf16();
+#else
+    return 0;
+#endif
+}
+
+/* y (M, N) in y_kind (row stride ldy) = x (M, K) in x_kind (row stride ldx) times the packed weight of N
+ * channels (a multiple of 16: the packing pads) and K inputs, the panels on up to nt threads. Returns 0,
+ * -1 when scratch memory could not be allocated, -3 where the CPU has no AVX-512 BF16. */
+int pd_bf16_mm(const void *x, int x_kind, long ldx, int M, int K, const uint16_t *w, int N, void *y, int y_kind,
+               long ldy, int nt) {
+#ifdef HAVE_BF16
+    if (!use_bf16()) return -3;
+    const int K2 = (K + 1) / 2, P = N / CG;
+    uint16_t *scratch = NULL;       /* rows as bfloat16 with an even length; bfloat16 rows are read in place */
+    const uint32_t *xw = (const uint32_t *)x;
+    long ldw = ldx / 2;
+    if (x_kind != KIND_BF16 || K % 2 || ldx % 2) {
+        scratch = (uint16_t *)malloc(sizeof(uint16_t) * ((size_t)M * 2 * K2 + 2));
+        if (!scratch) return -1;
+        for (int m = 0; m < M; m++) {
+            uint16_t *d = scratch + (long)m * 2 * K2;
+            if (x_kind == KIND_BF16) {
+                memcpy(d, (const uint16_t *)x + (long)m * ldx, sizeof(uint16_t) * K);
+            } else {
+                const float *s = (const float *)x + (long)m * ldx;
+                for (int k = 0; k < K; k++) d[k] = f32_to_bf16(s[k]);
+            }
+            if (K % 2) d[K] = 0;
+        }
+        xw = (const uint32_t *)scratch;
+        ldw = K2;
+    }
+    nt = PD_THREADS(nt, (long)N * K);
+    (void)nt;
+    /* panel groups of NPG (4 panels when rows come in blocks of up to MR4, else 2), dealt out to the threads */
+    const int npg = M <= NP4_ROWS ? 4 : 2, mr = npg == 4 ? MR4 : MR;
+    PD_PARALLEL_FOR(nt)
+    for (int c = 0; c < P; c += npg) {
+        const int np = P - c < npg ? P - c : npg;
+        const uint16_t *w0 = w + (long)c * K2 * 2 * CG;
+        const char *next = M >= PF_ROWS && c + 2 * npg <= P ? (const char *)(w0 + (long)npg * K2 * 2 * CG) : NULL;
+        float sums[MR * 4 * CG];
+        for (int m0 = 0; m0 < M; m0 += mr) {
+            const int rows = M - m0 < mr ? M - m0 : mr;
+            panels_bf16(w0, np, K2, rows, xw + m0 * ldw, ldw, sums, 4 * CG, next);
+            for (int r = 0; r < rows; r++) from_f32(y, y_kind, (m0 + r) * ldy + (long)c * CG, np * CG, sums + r * 4 * CG);
+        }
+    }
+    free(scratch);
+    return 0;
+#else
+    (void)x, (void)x_kind, (void)ldx, (void)M, (void)K, (void)w, (void)N, (void)y, (void)y_kind, (void)ldy, (void)nt;
+    return -3;
+#endif
+}
