@@ -21,8 +21,11 @@
  * Packed layout (quant.py: pack_bf16_panels): output channels in panels of 16; a panel is K/2 rows of 64
  * bytes (K padded to even with a zero input), row p holding inputs 2p, 2p + 1 of its 16 channels
  * (element 2j + t: channel j, input 2p + t): one vector per pair of inputs, streamed in order.
- * The kernel keeps up to MR rows x 2 panels of accumulators; with several rows every pass prefetches the
- * next two panels into L2 (as panels.c and int8.c do).
+ * A pass keeps 4 rows x 4 panels of accumulators for calls of up to 4 rows, else 8 rows x 2 panels (Zen 4,
+ * interleaved: 4 panels 0.96x the time of 2 up to 4 rows, 1.05-1.09x at 8-24 rows); with several rows every
+ * pass prefetches the next panel group into L2, as panels.c and int8.c do (without: 1.46x the time at 8
+ * rows, 1.29x at 16). Tried, no gain: one panel x 16 rows (1.16-1.23x the time at 12-24 rows), 3 panels x 8
+ * rows, prefetching two groups ahead or spreading the prefetches over the passes.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -151,7 +154,7 @@ int pd_bf16_mm(const void *x, int x_kind, long ldx, int M, int K, const uint16_t
     }
     nt = PD_THREADS(nt, (long)N * K);
     (void)nt;
-    /* panel groups of NPG (4 panels when rows come in blocks of up to MR4, else 2), dealt out to the threads */
+    /* groups of npg panels (4 when rows come in blocks of up to MR4, else 2), dealt out to the threads */
     const int npg = M <= NP4_ROWS ? 4 : 2, mr = npg == 4 ? MR4 : MR;
     PD_PARALLEL_FOR(nt)
     for (int c = 0; c < P; c += npg) {
