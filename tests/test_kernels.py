@@ -580,10 +580,6 @@ def test_attention_has_the_same_bits_on_any_thread_count(fn):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
-needs_bf16_kernel = pytest.mark.skipif(not kernels.bf16_native(),
-                                       reason="the bfloat16 kernel (bf16.c) needs a CPU with AVX-512 BF16")
-
-
 def _bf16_pairs_reference(x: torch.Tensor, w: torch.Tensor, block: int = 64) -> torch.Tensor:
     """``bf16.c``'s definition in float32 steps: x and w rounded to bfloat16 (K padded to even with a zero), per
     block of 64 inputs and per pair of inputs 2p, 2p + 1 in order, acc = (acc + x[2p+1] w[2p+1]) + x[2p] w[2p]
@@ -604,36 +600,47 @@ def _bf16_pairs_reference(x: torch.Tensor, w: torch.Tensor, block: int = 64) -> 
     return total
 
 
-@needs_bf16_kernel
 @settings(max_examples=20, deadline=None)
 @given(M=st.integers(1, 19), N=st.integers(1, 70), K=st.integers(1, 90), kind=st.sampled_from(["float32", "bfloat16"]),
        seed=st.integers(0, 1000))
-def test_bf16_kernel_computes_its_definition(M, N, K, kind, seed):
+def test_bf16_kernel_computes_its_definition(lib, M, N, K, kind, seed):
     """Any shape (odd K, partial panels and panel groups, row blocks of every size): the bits of the pair sums
-    vdpbf16ps defines, float32 activations rounded to bfloat16 first; bfloat16 outputs are those rounded."""
+    vdpbf16ps defines, float32 activations rounded to bfloat16 first; bfloat16 outputs are those rounded. On
+    the engine's build (vdpbf16ps where the CPU has AVX-512 BF16) and in plain C."""
     from paradecode.models.quant import pack_bf16_panels
 
     g = torch.Generator().manual_seed(seed)
     w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g).to(getattr(torch, kind))
     packed = pack_bf16_panels(w, float_out=True)
-    y = kernels.bf16_mm(x, packed, torch.float32)
+    y = kernels.bf16_mm(x, packed, torch.float32, lib)
     want = _bf16_pairs_reference(x.float(), w)
     assert y.shape == (M, N) and torch.equal(y, want)
-    assert torch.equal(kernels.bf16_mm(x, packed, torch.bfloat16), want.to(torch.bfloat16))
+    assert torch.equal(kernels.bf16_mm(x, packed, torch.bfloat16, lib), want.to(torch.bfloat16))
     ref = x.to(torch.bfloat16).double() @ w.to(torch.bfloat16).double().T
     assert float((y.double() - ref).abs().max()) <= 1e-5 * K * max(1.0, float(ref.abs().max()))
 
 
-@needs_bf16_kernel
-def test_bf16_kernel_rows_and_threads_agree_bit_for_bit():
-    """An output's bits depend on its row and channel only: alone or with up to 18 other rows (the kernel's
-    blocks of 4 rows x 4 panels up to 4 rows, 8 rows x 2 panels above), and on 1, 2 or 3 threads."""
+def test_bf16_kernel_rows_threads_and_paths_agree_bit_for_bit(tmp_path):
+    """An output's bits depend on its row and channel only: alone or with up to 18 other rows (vdpbf16ps: blocks
+    of 4 rows x 4 panels up to 4 rows, 8 rows x 2 panels above), on 1, 2 or 3 threads, and on every path:
+    vdpbf16ps (where the CPU has AVX-512 BF16), AVX2 + FMA, plain C."""
     from paradecode.models.quant import pack_bf16_panels
 
     g = torch.Generator().manual_seed(4)
     w, x = torch.randn(1000, 576, generator=g) * 0.05, torch.randn(19, 576, generator=g).to(torch.bfloat16)
     packed = pack_bf16_panels(w)
     whole = kernels.bf16_mm(x, packed, torch.float32)
+    assert torch.equal(whole[:3, :40], _bf16_pairs_reference(x[:3].float(), w[:40]))
+    import platform
+
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        portable = kernels.load_library(kernels.build(kernels.compiler(), ("-mno-avx2", "-mno-fma")))
+        assert torch.equal(kernels.bf16_mm(x, packed, torch.float32, portable), whole)
+    avx2 = _without_avx512(tmp_path, "from paradecode.models.quant import pack_bf16_panels;"
+                           "g = torch.Generator().manual_seed(4); w = torch.randn(1000, 576, generator=g) * 0.05;"
+                           "x = torch.randn(19, 576, generator=g).to(torch.bfloat16);"
+                           "y = kernels.bf16_mm(x, pack_bf16_panels(w), torch.float32)")
+    assert torch.equal(avx2, whole)
     for r in range(19):
         assert torch.equal(kernels.bf16_mm(x[r:r + 1], packed, torch.float32), whole[r:r + 1]), r
     for n in (2, 3, 4, 5, 8, 9, 16):
@@ -654,7 +661,10 @@ def test_bf16_panels_hold_the_matrix():
     from paradecode.models.quant import first_channels, pack_bf16_panels
 
     w = torch.randn(37, 25)
+    w[3, 4] = 1e-39                                    # a denormal: zero, as vdpbf16ps reads it
     packed = pack_bf16_panels(w)
+    assert packed.rows(torch.tensor([3]))[0, 4] == 0
+    w[3, 4] = 0
     assert packed.shape == (37, 25) and packed.padded == 48 and packed.nbytes() == 48 * 26 * 2
     assert torch.equal(packed.dequantize(torch.bfloat16), w.to(torch.bfloat16))
     ids = torch.tensor([[0, 36, 17], [16, 15, 1]])

@@ -339,16 +339,11 @@ def test_bfloat16_projections_are_prepacked_for_onednn():
     assert packed.twin("int4").packed                         # twins inherit the choice (no effect on int4)
 
 
-needs_bf16_kernel = pytest.mark.skipif(not kernels.bf16_native(),
-                                       reason="the bfloat16 kernel (bf16.c) needs a CPU with AVX-512 BF16")
-
-
-@needs_bf16_kernel
 def test_bfloat16_runs_the_compiled_kernel_without_amx():
-    """On a CPU with AVX-512 BF16 and without AMX the bfloat16 format's matrices go to the compiled bfloat16
-    kernel (pair panels; the LM head with float32 logits, its rows a tied embedding) and the layers run
-    fused in one C call; ``bf16_kernel=True`` asks for it on any such CPU. Its logits are oneDNN's up to
-    summation order, the weights the same bytes; twins inherit the choice."""
+    """On a CPU without AMX the bfloat16 format's matrices go to the compiled bfloat16 kernel (pair panels; the
+    LM head with float32 logits, its rows a tied embedding) and the layers run fused in one C call;
+    ``bf16_kernel=True`` asks for it on any CPU. Its logits are PyTorch's (oneDNN's) up to summation order,
+    the weights the same bytes; twins inherit the choice."""
     from paradecode.models.native import NativeLlama
     from paradecode.models.quant import BF16PanelWeight
 
@@ -367,6 +362,10 @@ def test_bfloat16_runs_the_compiled_kernel_without_amx():
     b = onednn.forward(onednn.new_cache(1, 32), ids)
     assert a.dtype == torch.float32 and (a - b).abs().max() < 0.02 * float(b.abs().max())
     assert native.twin("int8").twin("bfloat16").bf16_panels
+    from paradecode.errors import UserError
+
+    with pytest.raises(UserError, match="need the kernels"):     # PyTorch's path asked for: no kernels
+        NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16", attention="torch", bf16_kernel=True)
 
 
 @pytest.mark.parametrize("attention", ["kernel", "torch"])
@@ -512,6 +511,5 @@ def test_fused_layers_need_compiled_formats():
     """bfloat16 through oneDNN's products (PyTorch), Qwen2 has biases: both keep the per-layer loop; bfloat16
     through the compiled kernel runs fused."""
     assert not tiny_native(tiny_hf_model("llama", seed=1), dtype="bfloat16", bf16_kernel=False).fused
-    if kernels.bf16_native():
-        assert tiny_native(tiny_hf_model("llama", seed=1), dtype="bfloat16", bf16_kernel=True).fused
+    assert tiny_native(tiny_hf_model("llama", seed=1), dtype="bfloat16", bf16_kernel=True).fused
     assert not tiny_native(tiny_hf_model("qwen2", seed=1), dtype="int8").fused

@@ -292,7 +292,7 @@ class BF16PanelWeight(PanelWeight):
     """A (N, K) weight as bfloat16 for the compiled bfloat16 kernel (``models/kernels/bf16.c``, AVX-512 BF16):
     output channels in panels of 16, each panel K/2 rows of 32 values, row p holding inputs 2p, 2p + 1 of its
     16 channels (channel-major pairs; K padded to even with a zero input). The same values as the matrix cast
-    to bfloat16; ``float_out``: float32 outputs (an LM head's logits), else the activations' dtype."""
+    to bfloat16 (denormals flushed to zero); ``float_out``: float32 outputs (an LM head's logits), else the activations' dtype."""
 
     k: int = field(kw_only=True)                 # true number of inputs
     float_out: bool = field(kw_only=True, default=False)
@@ -319,8 +319,12 @@ class BF16PanelWeight(PanelWeight):
         return m[:self.n, :self.k].to(dtype)
 
 
+BF16_TINY = 2.0 ** -126   # the smallest normal float32 / bfloat16
+
+
 def pack_bf16_panels(w: torch.Tensor, float_out: bool = False) -> BF16PanelWeight:
-    """``w`` (N, K) cast to bfloat16 (to nearest even) in pair panels for the compiled bfloat16 kernel."""
+    """``w`` (N, K) cast to bfloat16 (to nearest even; denormals to zero) in pair panels for the compiled
+    bfloat16 kernel."""
     N, K = w.shape
     C, K2 = F32_CHANNELS, -(-K // 2)
     Np = -(-N // C) * C
@@ -330,7 +334,8 @@ def pack_bf16_panels(w: torch.Tensor, float_out: bool = False) -> BF16PanelWeigh
         g1 = min(Np // C, g0 + step)
         block = torch.zeros((g1 - g0) * C, 2 * K2, dtype=torch.bfloat16)
         rows = w[g0 * C:g1 * C]
-        block[:rows.shape[0], :K] = rows.to(torch.bfloat16)
+        b = rows.to(torch.bfloat16)
+        block[:rows.shape[0], :K] = b.masked_fill(b.abs() < BF16_TINY, 0)     # denormals: zero, as vdpbf16ps reads them
         panels[g0:g1] = block.view(g1 - g0, C, K2, 2).permute(0, 2, 1, 3).reshape(g1 - g0, K2, 2 * C)
     return BF16PanelWeight(panels, N, k=K, float_out=float_out)
 

@@ -11,9 +11,10 @@
   int8 weights and per-channel scales (the int8 format's, the int4 format's LM head), every output
   the same block sums of fused multiply-adds (bits independent of the call and of the instruction
   set), the weights streamed once per call;
-* :func:`bf16_mm` (``bf16.c``): products with the bfloat16 format's weights in pair panels on CPUs with
-  AVX-512 BF16 (``vdpbf16ps``), every output the same pair sums whatever shares its call (:func:`bf16_native`
-  says whether this CPU has it; the engine uses it where there is no AMX, else oneDNN's products);
+* :func:`bf16_mm` (``bf16.c``): products with the bfloat16 format's weights in pair panels, every output the
+  pair sums ``vdpbf16ps`` defines whatever shares its call: that instruction where the CPU has AVX-512 BF16
+  (:func:`bf16_native`), the same sums with AVX2 + FMA or plain C elsewhere (the engine uses it where the CPU
+  has no AMX, else oneDNN's products);
 * :class:`LayerGlue` (``layer.c``): what a decoder layer does between its four projections, in
   three calls instead of ~25 PyTorch ops (residual add + RMSNorm + cast; RoPE + cache write +
   attention + cast; SiLU-and-multiply + cast), every row again computed alone;
@@ -187,8 +188,8 @@ def amx() -> bool:
 
 
 def bf16_native() -> bool:
-    """Whether the bfloat16 kernel (``bf16.c``: vdpbf16ps, AVX-512 BF16) runs on this CPU
-    (``PARADECODE_NO_AVX512=1``: no)."""
+    """Whether the bfloat16 kernel (``bf16.c``) runs ``vdpbf16ps`` here (AVX-512 BF16; ``PARADECODE_NO_AVX512=1``:
+    no); elsewhere it computes the same sums with AVX2 + FMA or plain C."""
     lib = _load()
     return lib is not None and bool(lib.pd_bf16_native())
 
@@ -388,8 +389,6 @@ class LayerStack:
 def _check(rc: int) -> None:
     if rc == -2:
         raise RuntimeError("stack.c: a matrix of unknown kind")
-    if rc == -3:
-        raise RuntimeError("the bfloat16 kernel needs a CPU with AVX-512 BF16 (kernels.bf16_native())")
     if rc:
         raise MemoryError("the layer kernels could not allocate their scratch memory")
 
@@ -454,8 +453,6 @@ def _panel_mm(x: torch.Tensor, w, out_dtype: torch.dtype, lib: ctypes.CDLL | Non
         rc = lib.pd_f32_mm(*args, *tail)
     elif w.panels.dtype == torch.bfloat16:
         rc = lib.pd_bf16_mm(*args, *tail)
-        if rc == -3:
-            raise RuntimeError("the bfloat16 kernel needs a CPU with AVX-512 BF16 (kernels.bf16_native())")
     else:                 # int8 panels (Int8PanelWeight) or the int8 kernel's u8 panels (Int8I15Weight)
         fn = lib.pd_i8_mm if w.panels.dtype == torch.int8 else lib.pd_i8_i15_mm
         rc = fn(*args, w.scale.data_ptr(), *tail)

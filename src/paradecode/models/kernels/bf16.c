@@ -27,6 +27,7 @@
  * rows, 1.29x at 16). Tried, no gain: one panel x 16 rows (1.16-1.23x the time at 12-24 rows), 3 panels x 8
  * rows, prefetching two groups ahead or spreading the prefetches over the passes.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +40,89 @@
 #define MR4 4           /* rows per register block of three or four panels */
 #define PF_ROWS 2       /* calls of at least this many rows prefetch the next panel group */
 #define NP4_ROWS 4      /* calls of up to this many rows take four panels per pass */
+
+/* a pair word's two bfloat16 as float32 (low half: input 2p, high half: input 2p + 1), a denormal as zero, as
+ * vdpbf16ps reads its inputs */
+static inline float lo_f32(uint32_t u) {
+    const uint32_t b = u << 16;
+    float f;
+    memcpy(&f, (b & 0x7f800000u) ? &b : &(uint32_t){b & 0x80000000u}, 4);
+    return f;
+}
+
+static inline float hi_f32(uint32_t u) {
+    const uint32_t b = u & 0xffff0000u;
+    float f;
+    memcpy(&f, (b & 0x7f800000u) ? &b : &(uint32_t){b & 0x80000000u}, 4);
+    return f;
+}
+
+/* the definition, one output at a time: rows rows of one panel (w) into out (row stride ldo). A product of two
+ * bfloat16 is exact in float32, so fmaf adds it with the one rounding vdpbf16ps does */
+__attribute__((unused)) static void panel_c(const uint16_t *w, int K2, int rows, const uint32_t *x, long ldx,
+                                            float *out, long ldo) {
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < CG; j++) {
+            float total = 0.0f;
+            for (int p0 = 0; p0 < K2; p0 += KB / 2) {
+                float acc = 0.0f;
+                for (int p = p0; p < K2 && p < p0 + KB / 2; p++) {
+                    const uint32_t xp = x[r * ldx + p], wp = ((const uint32_t *)w)[(long)p * CG + j];
+                    acc = fmaf(hi_f32(xp), hi_f32(wp), acc);
+                    acc = fmaf(lo_f32(xp), lo_f32(wp), acc);
+                }
+                total = p0 ? total + acc : acc;
+            }
+            out[r * ldo + j] = total;
+        }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define MR2 4           /* rows per register block on the AVX2 path */
+/* the definition 8 channels per vector: rows (<= MR2) rows of one panel, its two halves in two vectors each
+ * (inputs 2p + 1 and 2p of 8 channels, widened from one load) */
+static inline __attribute__((always_inline)) void panel_rows_avx2(const uint16_t *w, int K2, const int ROWS,
+                                                                  const uint32_t *x, long ldx, float *out, long ldo) {
+    const __m256i hi_mask = _mm256_set1_epi32((int)0xffff0000u);
+    for (int p0 = 0; p0 < K2; p0 += KB / 2) {
+        const int p1 = K2 < p0 + KB / 2 ? K2 : p0 + KB / 2;
+        __m256 acc[2 * MR2];
+        _Pragma("GCC unroll 8") for (int i = 0; i < 2 * ROWS; i++) acc[i] = _mm256_setzero_ps();
+        for (int p = p0; p < p1; p++) {
+            const __m256i u0 = _mm256_loadu_si256((const __m256i *)(w + (long)p * 2 * CG));
+            const __m256i u1 = _mm256_loadu_si256((const __m256i *)(w + (long)p * 2 * CG + CG));
+            const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(u0, hi_mask)),
+                         e0 = _mm256_castsi256_ps(_mm256_slli_epi32(u0, 16)),
+                         o1 = _mm256_castsi256_ps(_mm256_and_si256(u1, hi_mask)),
+                         e1 = _mm256_castsi256_ps(_mm256_slli_epi32(u1, 16));
+            _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) {
+                const uint32_t xp = x[r * ldx + p];
+                const __m256 xo = _mm256_set1_ps(hi_f32(xp)), xe = _mm256_set1_ps(lo_f32(xp));
+                acc[2 * r] = _mm256_fmadd_ps(xe, e0, _mm256_fmadd_ps(xo, o0, acc[2 * r]));
+                acc[2 * r + 1] = _mm256_fmadd_ps(xe, e1, _mm256_fmadd_ps(xo, o1, acc[2 * r + 1]));
+            }
+        }
+        _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++)
+            _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {
+                float *o = out + r * ldo + 8 * h;
+                _mm256_storeu_ps(o, p0 ? _mm256_add_ps(_mm256_loadu_ps(o), acc[2 * r + h]) : acc[2 * r + h]);
+            }
+    }
+}
+
+static void panel_avx2(const uint16_t *w, int K2, int rows, const uint32_t *x, long ldx, float *out, long ldo) {
+    for (int m0 = 0; m0 < rows; m0 += MR2) {
+        const uint32_t *xr = x + m0 * ldx;
+        float *o = out + m0 * ldo;
+        switch (rows - m0 < MR2 ? rows - m0 : MR2) {
+            case 1: panel_rows_avx2(w, K2, 1, xr, ldx, o, ldo); break;
+            case 2: panel_rows_avx2(w, K2, 2, xr, ldx, o, ldo); break;
+            case 3: panel_rows_avx2(w, K2, 3, xr, ldx, o, ldo); break;
+            default: panel_rows_avx2(w, K2, 4, xr, ldx, o, ldo); break;
+        }
+    }
+}
+#endif
 
 #if defined(__AVX2__) && defined(__x86_64__) && defined(__GNUC__)
 #define HAVE_BF16 1
@@ -116,7 +200,7 @@ TBF static void panels_bf16(const uint16_t *w, int np, int K2, int rows, const u
 }
 #endif
 
-/* 1 when this process's bfloat16 products can run here (AVX-512 BF16) */
+/* 1 when this process's bfloat16 products run vdpbf16ps (AVX-512 BF16), 0 when they take the AVX2 or C path */
 int pd_bf16_native(void) {
 #ifdef HAVE_BF16
     return use_bf16();
@@ -126,12 +210,11 @@ int pd_bf16_native(void) {
 }
 
 /* y (M, N) in y_kind (row stride ldy) = x (M, K) in x_kind (row stride ldx) times the packed weight of N
- * channels (a multiple of 16: the packing pads) and K inputs, the panels on up to nt threads. Returns 0,
- * -1 when scratch memory could not be allocated, -3 where the CPU has no AVX-512 BF16. */
+ * channels (a multiple of 16: the packing pads) and K inputs, the panels on up to nt threads: vdpbf16ps where
+ * the CPU has AVX-512 BF16, else the same sums with AVX2 + FMA or plain C. Returns 0, or -1 when scratch
+ * memory could not be allocated. */
 int pd_bf16_mm(const void *x, int x_kind, long ldx, int M, int K, const uint16_t *w, int N, void *y, int y_kind,
                long ldy, int nt) {
-#ifdef HAVE_BF16
-    if (!use_bf16()) return -3;
     const int K2 = (K + 1) / 2, P = N / CG;
     uint16_t *scratch = NULL;       /* rows as bfloat16 with an even length; bfloat16 rows are read in place */
     const uint32_t *xw = (const uint32_t *)x;
@@ -154,24 +237,41 @@ int pd_bf16_mm(const void *x, int x_kind, long ldx, int M, int K, const uint16_t
     }
     nt = PD_THREADS(nt, (long)N * K);
     (void)nt;
-    /* groups of npg panels (4 when rows come in blocks of up to MR4, else 2), dealt out to the threads */
-    const int npg = M <= NP4_ROWS ? 4 : 2, mr = npg == 4 ? MR4 : MR;
+#ifdef HAVE_BF16
+    if (use_bf16()) {
+        /* groups of npg panels (4 when rows come in blocks of up to MR4, else 2), dealt out to the threads */
+        const int npg = M <= NP4_ROWS ? 4 : 2, mr = npg == 4 ? MR4 : MR;
+        PD_PARALLEL_FOR(nt)
+        for (int c = 0; c < P; c += npg) {
+            const int np = P - c < npg ? P - c : npg;
+            const uint16_t *w0 = w + (long)c * K2 * 2 * CG;
+            const char *next = M >= PF_ROWS && c + 2 * npg <= P ? (const char *)(w0 + (long)npg * K2 * 2 * CG) : NULL;
+            float sums[MR * 4 * CG];
+            for (int m0 = 0; m0 < M; m0 += mr) {
+                const int rows = M - m0 < mr ? M - m0 : mr;
+                panels_bf16(w0, np, K2, rows, xw + m0 * ldw, ldw, sums, 4 * CG, next);
+                for (int r = 0; r < rows; r++)
+                    from_f32(y, y_kind, (m0 + r) * ldy + (long)c * CG, np * CG, sums + r * 4 * CG);
+            }
+        }
+        free(scratch);
+        return 0;
+    }
+#endif
     PD_PARALLEL_FOR(nt)
-    for (int c = 0; c < P; c += npg) {
-        const int np = P - c < npg ? P - c : npg;
-        const uint16_t *w0 = w + (long)c * K2 * 2 * CG;
-        const char *next = M >= PF_ROWS && c + 2 * npg <= P ? (const char *)(w0 + (long)npg * K2 * 2 * CG) : NULL;
-        float sums[MR * 4 * CG];
-        for (int m0 = 0; m0 < M; m0 += mr) {
-            const int rows = M - m0 < mr ? M - m0 : mr;
-            panels_bf16(w0, np, K2, rows, xw + m0 * ldw, ldw, sums, 4 * CG, next);
-            for (int r = 0; r < rows; r++) from_f32(y, y_kind, (m0 + r) * ldy + (long)c * CG, np * CG, sums + r * 4 * CG);
+    for (int c = 0; c < P; c++) {
+        float sums[64 * CG];
+        for (int m0 = 0; m0 < M; m0 += 64) {
+            const int rows = M - m0 < 64 ? M - m0 : 64;
+#if defined(__AVX2__) && defined(__FMA__)
+            panel_avx2(w + (long)c * K2 * 2 * CG, K2, rows, xw + m0 * ldw, ldw, sums, CG);
+#else
+            panel_c(w + (long)c * K2 * 2 * CG, K2, rows, xw + m0 * ldw, ldw, sums, CG);
+#endif
+            for (int r = 0; r < rows; r++) from_f32(y, y_kind, (m0 + r) * ldy + (long)c * CG, CG, sums + r * CG);
         }
     }
     free(scratch);
     return 0;
-#else
-    (void)x, (void)x_kind, (void)ldx, (void)M, (void)K, (void)w, (void)N, (void)y, (void)y_kind, (void)ldy, (void)nt;
-    return -3;
-#endif
 }
+
