@@ -128,17 +128,6 @@ static void panel_avx2(const uint16_t *w, int K2, int rows, const uint32_t *x, l
 #define HAVE_BF16 1
 #define TBF __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
-/* whether the CPU runs AVX-512 BF16 (and PARADECODE_NO_AVX512 is unset) */
-static int use_bf16(void) {
-    static int known = -1;
-    if (known < 0) {
-        __builtin_cpu_init();
-        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                __builtin_cpu_supports("avx512bf16") && getenv("PARADECODE_NO_AVX512") == NULL;
-    }
-    return known;
-}
-
 /* ROWS rows (pairs of bfloat16 as 32-bit words, row stride ldx words) of NP adjacent panels of K2 pair rows
  * from w: per row and panel one accumulator per block, added to out (row stride ldo) in block order; next:
  * NP panels to prefetch into L2 meanwhile, or NULL */
@@ -203,7 +192,7 @@ TBF static void panels_bf16(const uint16_t *w, int np, int K2, int rows, const u
 /* 1 when this process's bfloat16 products run vdpbf16ps (AVX-512 BF16), 0 when they take the AVX2 or C path */
 int pd_bf16_native(void) {
 #ifdef HAVE_BF16
-    return use_bf16();
+    return pd_avx512_bf16();
 #else
     return 0;
 #endif
@@ -238,7 +227,7 @@ int pd_bf16_mm(const void *x, int x_kind, long ldx, int M, int K, const uint16_t
     nt = PD_THREADS(nt, (long)N * K);
     (void)nt;
 #ifdef HAVE_BF16
-    if (use_bf16()) {
+    if (pd_avx512_bf16()) {
         /* groups of npg panels (4 when rows come in blocks of up to MR4, else 2), dealt out to the threads */
         const int npg = M <= NP4_ROWS ? 4 : 2, mr = npg == 4 ? MR4 : MR;
         PD_PARALLEL_FOR(nt)

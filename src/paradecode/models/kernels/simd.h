@@ -127,6 +127,18 @@ static inline int pd_avx512f(void) {
     return known;
 }
 
+/* whether the CPU runs AVX-512 with BF16 (vdpbf16ps; and PARADECODE_NO_AVX512 is unset): the bfloat16 kernels'
+ * run-time upgrade, the other paths' bits */
+static inline int pd_avx512_bf16(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512bf16") && getenv("PARADECODE_NO_AVX512") == NULL;
+    }
+    return known;
+}
+
 /* vexp's numbers 16 lanes at a time: its constants, each instruction its 512-bit twin (the same roundings) */
 __attribute__((target("avx512f"))) static inline __m512 vexp_512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN));
