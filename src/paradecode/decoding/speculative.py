@@ -109,8 +109,9 @@ class BackOff:
       ``PROBE_NODES``: a call of 1 + 3 tokens costs little more than a plain
       step: 1.2-1.4x with the compiled kernels on the Zen 4, session 18, and
       PyTorch's float32/bfloat16 products pad every call to 4 rows anyway).
-      A probe that fails doubles the wait (up to ``max_wait``), and waits at least long enough that the time it lost is
-      at most ``probe_overhead`` of the plain steps before the next probe
+      A probe that fails doubles the wait (up to ``max_wait``), and waits at
+      least long enough that the time it lost is at most ``probe_overhead`` of
+      the plain steps before the next probe
       (costly drafters probe rarely); one that succeeds lifts ``ema`` and drafting resumes
       (regrow), with the wait reset to ``first_wait``.
 

@@ -319,7 +319,7 @@ class NativeLlama(CausalLM):
         # bfloat16 with the kernels: the compiled bfloat16 products (kernels/bf16.c), invariant by construction,
         # by default where the CPU has no AMX
         if bf16_kernel and dtype == "bfloat16" and self._attn_kernel is None:
-            raise UserError(f"the compiled bfloat16 products need the kernels, which are unavailable: {kernels.FAILURE}",
+            raise UserError(f"the compiled bfloat16 products need the kernels, unavailable here: {kernels.FAILURE}",
                             "leave bf16_kernel unset (PyTorch's products are the fallback)")
         self._bf16_kernel = bf16_kernel                     # the choice asked for (twins inherit it)
         self.bf16_panels = dtype == "bfloat16" and self._attn_kernel is not None and (

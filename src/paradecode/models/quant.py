@@ -289,10 +289,11 @@ def pack_f32(w: torch.Tensor) -> F32PanelWeight:
 
 @dataclass(frozen=True)
 class BF16PanelWeight(PanelWeight):
-    """A (N, K) weight as bfloat16 for the compiled bfloat16 kernel (``models/kernels/bf16.c``, AVX-512 BF16):
+    """A (N, K) weight as bfloat16 for the compiled bfloat16 kernel (``models/kernels/bf16.c``: vdpbf16ps, or AVX2):
     output channels in panels of 16, each panel K/2 rows of 32 values, row p holding inputs 2p, 2p + 1 of its
     16 channels (channel-major pairs; K padded to even with a zero input). The same values as the matrix cast
-    to bfloat16 (denormals flushed to zero); ``float_out``: float32 outputs (an LM head's logits), else the activations' dtype."""
+    to bfloat16 (denormals flushed to zero); ``float_out``: float32 outputs (an LM head's logits), else the
+    activations' dtype."""
 
     k: int = field(kw_only=True)                 # true number of inputs
     float_out: bool = field(kw_only=True, default=False)
