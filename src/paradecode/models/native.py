@@ -30,8 +30,9 @@ Why the engine looks the way it does (measurements in ``docs/engine.md``):
   (MKL) switches kernels below 4 rows, bfloat16 (oneDNN) for a single row
   (its GEMV sums long rows in another order), and threaded MKL deals rows out
   in blocks of 4, so a block of 6 rows ends in a 2-row GEMM. So float32 and
-  bfloat16 products always get a multiple of 4 rows, padded with zero rows;
-  the int8/int4 kernels need no padding. Larger blocks switch kernels too, at
+  bfloat16 products through PyTorch always get a multiple of 4 rows, padded
+  with zero rows; the compiled kernels (float32, bfloat16, int8, int4)
+  compute every row alone and need no padding. Larger blocks switch kernels too, at
   row counts that depend on the CPU, the shape and the thread count (on an
   Intel Xeon, MKL float32 at 16 rows for K = 576): a block is split into GEMMs
   of at most as many rows as a probe (``_max_rows``, once per shape and thread
@@ -281,8 +282,9 @@ class NativeLlama(CausalLM):
         single-token step then uses the GEMV kernel (float32: ~1.5x faster per
         step on this machine) but its logits differ in the last bits from the
         same token's logits in a multi-token call, so greedy verification can
-        disagree with plain decoding at near-exact ties. ``packed`` (bfloat16 only; default: whenever
-        oneDNN runs bfloat16 natively here) keeps the projections in oneDNN's prepacked layout.
+        disagree with plain decoding at near-exact ties (the compiled kernels' products need no padding).
+        ``packed`` (bfloat16 through PyTorch only; default: whenever oneDNN runs bfloat16 natively here) keeps
+        the projections in oneDNN's prepacked layout.
         ``attention``: ``"kernel"`` (the compiled kernels of :mod:`.kernels`: attention with every row's bits
         independent of its call, token trees included, the layer glue, and int4 x int8 products for the int4
         format), ``"torch"`` (PyTorch throughout: attention as matmuls over whole KV_CHUNK chunks, exact for
