@@ -25,7 +25,8 @@
  * interleaved: 4 panels 0.96x the time of 2 up to 4 rows, 1.05-1.09x at 8-24 rows); with several rows every
  * pass prefetches the next panel group into L2, as panels.c and int8.c do (without: 1.46x the time at 8
  * rows, 1.29x at 16). Tried, no gain: one panel x 16 rows (1.16-1.23x the time at 12-24 rows), 3 panels x 8
- * rows, prefetching two groups ahead or spreading the prefetches over the passes.
+ * rows, prefetching two groups ahead or spreading the prefetches over the passes; a one-row call prefetching
+ * ahead in its own panels' streams was 1.16-1.25x slower (it reads at the memory's bandwidth without).
  */
 #include <math.h>
 #include <stdint.h>
