@@ -291,7 +291,8 @@ class NativeLlama(CausalLM):
         chains only; int4 x bfloat16 products), or ``"auto"`` (the kernels where they can be built).
         ``bf16_kernel`` (bfloat16 with the kernels): the compiled bfloat16 products (``kernels/bf16.c``:
         ``vdpbf16ps`` with AVX-512 BF16, else AVX2 + FMA or plain C) instead of PyTorch's (oneDNN's); default:
-        where the CPU has no AMX (with AMX oneDNN's tile kernels were the fast path; ``docs/engine.md``)."""
+        where the CPU has no AMX, as :func:`kernels.amx` tells (``PARADECODE_NO_AMX=1`` counts as none; with AMX
+        oneDNN's tile kernels were the fast path; ``docs/engine.md``)."""
         arch = (getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UserError(f"architecture {arch} is not supported by the native backend",
