@@ -620,7 +620,7 @@ def test_bf16_kernel_computes_its_definition(lib, M, N, K, kind, seed):
     assert float((y.double() - ref).abs().max()) <= 1e-5 * K * max(1.0, float(ref.abs().max()))
 
 
-def test_bf16_kernel_rows_threads_and_paths_agree_bit_for_bit(tmp_path):
+def test_bf16_kernel_rows_threads_and_paths_agree_bit_for_bit(lib, tmp_path):
     """An output's bits depend on its row and channel only: alone or with up to 18 other rows (vdpbf16ps: blocks
     of 4 rows x 4 panels up to 4 rows, 8 rows x 2 panels above), on 1, 2 or 3 threads, and on every path:
     vdpbf16ps (where the CPU has AVX-512 BF16), AVX2 + FMA, plain C."""
@@ -629,28 +629,24 @@ def test_bf16_kernel_rows_threads_and_paths_agree_bit_for_bit(tmp_path):
     g = torch.Generator().manual_seed(4)
     w, x = torch.randn(1000, 576, generator=g) * 0.05, torch.randn(19, 576, generator=g).to(torch.bfloat16)
     packed = pack_bf16_panels(w)
-    whole = kernels.bf16_mm(x, packed, torch.float32)
+    whole = kernels.bf16_mm(x, packed, torch.float32, lib)
+    assert torch.equal(whole, kernels.bf16_mm(x, packed, torch.float32))     # the portable C build too
     assert torch.equal(whole[:3, :40], _bf16_pairs_reference(x[:3].float(), w[:40]))
-    import platform
-
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        portable = kernels.load_library(kernels.build(kernels.compiler(), ("-mno-avx2", "-mno-fma")))
-        assert torch.equal(kernels.bf16_mm(x, packed, torch.float32, portable), whole)
     avx2 = _without_avx512(tmp_path, "from paradecode.models.quant import pack_bf16_panels;"
                            "g = torch.Generator().manual_seed(4); w = torch.randn(1000, 576, generator=g) * 0.05;"
                            "x = torch.randn(19, 576, generator=g).to(torch.bfloat16);"
                            "y = kernels.bf16_mm(x, pack_bf16_panels(w), torch.float32)")
     assert torch.equal(avx2, whole)
     for r in range(19):
-        assert torch.equal(kernels.bf16_mm(x[r:r + 1], packed, torch.float32), whole[r:r + 1]), r
+        assert torch.equal(kernels.bf16_mm(x[r:r + 1], packed, torch.float32, lib), whole[r:r + 1]), r
     for n in (2, 3, 4, 5, 8, 9, 16):
-        assert torch.equal(kernels.bf16_mm(x[:n], packed, torch.float32), whole[:n]), n
+        assert torch.equal(kernels.bf16_mm(x[:n], packed, torch.float32, lib), whole[:n]), n
     before = torch.get_num_threads()
     try:
         for nt in (2, 3):
             torch.set_num_threads(nt)
-            assert torch.equal(kernels.bf16_mm(x, packed, torch.float32), whole), nt
-            assert torch.equal(kernels.bf16_mm(x[:1], packed, torch.float32), whole[:1]), nt
+            assert torch.equal(kernels.bf16_mm(x, packed, torch.float32, lib), whole), nt
+            assert torch.equal(kernels.bf16_mm(x[:1], packed, torch.float32, lib), whole[:1]), nt
     finally:
         torch.set_num_threads(before)
 

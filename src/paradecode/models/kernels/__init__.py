@@ -12,9 +12,9 @@
   the same block sums of fused multiply-adds (bits independent of the call and of the instruction
   set), the weights streamed once per call;
 * :func:`bf16_mm` (``bf16.c``): products with the bfloat16 format's weights in pair panels, every output the
-  pair sums ``vdpbf16ps`` defines whatever shares its call: that instruction where the CPU has AVX-512 BF16
-  (:func:`bf16_native`), the same sums with AVX2 + FMA or plain C elsewhere (the engine uses it where the CPU
-  has no AMX, else oneDNN's products);
+  pair sums ``vdpbf16ps`` defines whatever shares its call: that instruction where the CPU has AVX-512 BF16,
+  the same sums with AVX2 + FMA or plain C elsewhere (the engine uses it where the CPU has no AMX, else
+  oneDNN's products);
 * :class:`LayerGlue` (``layer.c``): what a decoder layer does between its four projections, in
   three calls instead of ~25 PyTorch ops (residual add + RMSNorm + cast; RoPE + cache write +
   attention + cast; SiLU-and-multiply + cast), every row again computed alone;
@@ -160,8 +160,6 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.pd_i8_i15_mm.restype = I
     lib.pd_bf16_mm.argtypes = [p, I, L, I, I, p, I, p, I, L, I]
     lib.pd_bf16_mm.restype = I
-    lib.pd_bf16_native.argtypes = []
-    lib.pd_bf16_native.restype = I
     lib.pd_layers.argtypes = [p, p, I, p, p, p, p, p, I, p, p, p, p, p, p, p, p, p, L, L, L, L, L, p, L, L, L, L,
                               I, p, I, I, I, I, I, I, I, I, F, F, I]
     lib.pd_layers.restype = I
@@ -185,13 +183,6 @@ def amx() -> bool:
     ``PARADECODE_NO_AMX=1``: no)."""
     lib = _load()
     return lib is not None and bool(lib.pd_amx())
-
-
-def bf16_native() -> bool:
-    """Whether the bfloat16 kernel (``bf16.c``) runs ``vdpbf16ps`` here (AVX-512 BF16; ``PARADECODE_NO_AVX512=1``:
-    no); elsewhere it computes the same sums with AVX2 + FMA or plain C."""
-    lib = _load()
-    return lib is not None and bool(lib.pd_bf16_native())
 
 
 def compiler() -> str | None:

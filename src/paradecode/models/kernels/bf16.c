@@ -1,5 +1,5 @@
-/* Products with bfloat16 weights in pair panels (the bfloat16 format's matrices on CPUs with AVX-512 BF16 and
- * without AMX), for the native engine.
+/* Products with bfloat16 weights in pair panels (the bfloat16 format's matrices on CPUs without AMX), for the
+ * native engine: vdpbf16ps where the CPU has AVX-512 BF16, else the same sums with AVX2 + FMA or plain C.
  *
  * Activations are rounded to bfloat16 (to nearest even, as PyTorch casts; the bfloat16 format's activations
  * are bfloat16 already), and each output is
@@ -11,7 +11,8 @@
  * which is what one vdpbf16ps lane does with a pair (each product of two bfloat16 values is exact in float32;
  * the two adds round to nearest even in that order, denormals flushed). Every output is that sequence whatever
  * the number of rows in the call and the thread count, so its bits depend only on its row and its channel
- * (position invariance). tests/test_kernels.py checks the kernel against this definition computed in numpy.
+ * (position invariance). tests/test_kernels.py checks every path against this definition computed in float32
+ * steps.
  *
  * Why not oneDNN: without AMX, its bfloat16 GEMM read the default model's layer matrices at about half the
  * memory's bandwidth here (Zen 4: 22 ms for 269 MB, one thread), and its single-row kernel sums in another
@@ -189,15 +190,6 @@ TBF static void panels_bf16(const uint16_t *w, int np, int K2, int rows, const u
     }
 }
 #endif
-
-/* 1 when this process's bfloat16 products run vdpbf16ps (AVX-512 BF16), 0 when they take the AVX2 or C path */
-int pd_bf16_native(void) {
-#ifdef HAVE_BF16
-    return pd_avx512_bf16();
-#else
-    return 0;
-#endif
-}
 
 /* y (M, N) in y_kind (row stride ldy) = x (M, K) in x_kind (row stride ldx) times the packed weight of N
  * channels (a multiple of 16: the packing pads) and K inputs, the panels on up to nt threads: vdpbf16ps where
