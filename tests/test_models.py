@@ -368,6 +368,21 @@ def test_bfloat16_runs_the_compiled_kernel_without_amx():
         NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16", attention="torch", bf16_kernel=True)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_int4_keeps_the_int8_formats_lm_head(tie):
+    """The int4 format's LM head is the int8 format's, bit for bit and through the same kernel (the int8
+    kernel's 15-bit activations where the kernels are compiled: a single row reads it at about twice the
+    panel kernel's speed), so an int4 twin drafts with the head plain int8 decoding uses."""
+    from paradecode.models.quant import Int8I15Weight
+
+    hf = tiny_hf_model("llama", seed=2, hidden=128, intermediate=384, tie=tie)
+    int8, int4 = (tiny_native(hf, dtype=f) for f in ("int8", "int4"))
+    assert type(int4.lm_head) is type(int8.lm_head) and int4.lm_head.float_out
+    assert isinstance(int4.lm_head, Int8I15Weight) == (kernels.attention_kernel() is not None)
+    h = torch.randn(5, 128).to(int4.dtype)
+    assert torch.equal(int4._head(h[None], None, False), int8._head(h[None], None, False))
+
+
 @pytest.mark.parametrize("attention", ["kernel", "torch"])
 def test_bfloat16_through_onednn_is_position_invariant(attention):
     """The oneDNN bfloat16 path (padded 4-row calls, probed row blocks) keeps every token's bits too, where

@@ -394,15 +394,16 @@ class NativeLlama(CausalLM):
         # int4 with the compiled kernels: int4 x int8 products (models/kernels/int4.c), else PyTorch's int4 x bfloat16
         compiled = self._attn_kernel is not None
         int4 = pack_int4_w4a8 if compiled else quantize_int4
-        # the int8 format: int8 x 15-bit integer products (kernels/int8.c) for layer widths that are multiples of 4
+        # the int8 format's matrices and the int4 format's LM head: int8 x 15-bit integer products
+        # (kernels/int8.c) for layer widths that are multiples of 4
         widths = (s.hidden, s.heads * s.head_dim, s.intermediate)
-        i15 = compiled and self.format == "int8" and all(k % 4 == 0 for k in widths)
+        i15 = compiled and self.quantized and all(k % 4 == 0 for k in widths)
 
         def int8(m: torch.Tensor, head: bool = False) -> Int8Weight | Int8PanelWeight | Int8I15Weight:
-            """With the kernels: the int8 format's matrices through the int8 kernel (kernels/int8.c:
-            activations as 15-bit integers, exact integer sums, AMX tiles for blocks of rows where the CPU
-            has them), the int4 format's LM head through the panel kernel (kernels/panels.c); float32
-            logits from a head. Without the kernels PyTorch's int8 x bfloat16 kernel."""
+            """With the kernels: through the int8 kernel (kernels/int8.c: activations as 15-bit integers,
+            exact integer sums, AMX tiles for blocks of rows where the CPU has them), or the panel kernel
+            (kernels/panels.c) for widths it does not take; float32 logits from a head. Without the
+            kernels PyTorch's int8 x bfloat16 kernel."""
             q = quantize_int8(m)
             if not compiled:
                 return q
