@@ -522,6 +522,35 @@ def test_fused_layers_have_the_bits_of_the_layer_loop(fmt):
             assert torch.equal(a, b), (fmt, case)
 
 
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
+def test_fused_layers_have_the_same_bits_on_any_thread_count(fmt):
+    """From 4 rows the fused stack splits the rows of the glue between its products (norms, SiLU, RoPE and
+    cache writes) over the threads, as the products split their channels: 1, 2 or 3 threads must give the
+    same logits and cache entries, for one sequence and for a padded batch of two."""
+    m = tiny_native(tiny_hf_model("llama", seed=6, hidden=128, intermediate=384, layers=3), dtype=fmt,
+                    bf16_kernel=True if fmt == "bfloat16" else None)
+    assert m.fused
+    ids = _ids(60, m.vocab_size, seed=2)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, :3] = False
+    before = torch.get_num_threads()
+    try:
+        for T, B in ((1, 1), (5, 1), (16, 1), (7, 2)):
+            got = []
+            for nt in (1, 2, 3):
+                torch.set_num_threads(nt)
+                c = m.new_cache(B, 64)
+                m.forward(c, ids[:, :30].expand(B, 30))
+                kw = dict(input_valid=valid) if B == 2 else {}
+                logits = m.forward(c, ids[:, 30:30 + T].expand(B, T), **kw)
+                got.append((logits, c.keys(30 + T).clone(), c.v[:, :, :, :30 + T].clone()))
+            for other in got[1:]:
+                for a, b in zip(got[0], other):
+                    assert torch.equal(a, b), (fmt, T, B)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_fused_layers_need_compiled_formats():
     """bfloat16 through oneDNN's products (PyTorch), Qwen2 has biases: both keep the per-layer loop; bfloat16
     through the compiled kernel runs fused."""

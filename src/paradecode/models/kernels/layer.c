@@ -27,6 +27,7 @@ int pd_attend(const float *qk, const void *kt, long kb, long kh, long ldk, long 
               float scale, int nt);
 
 #define CH 512   /* columns per chunk of a row's float32 scratch */
+#define GLUE_ROWS 4   /* rows from which pd_rope_attend splits its rows over the threads (as stack.c's glue) */
 
 /* x (rows, H) float32, row stride H: x += delta (delta_kind 0: no delta; row stride ldd), then
  * out[r] = w * (x[r] / sqrt(mean(x[r]^2) + eps)) in out_kind (row stride H): LlamaRMSNorm's formula.
@@ -128,11 +129,16 @@ int pd_rope_attend(const void *qkv, int qkv_kind, long ldq, const float *cos, co
                    float *qk, float *att, void *out, int out_kind, int B, int T, int Hkv, int G, int D, int L0,
                    float scale, int nt) {
     const int Hq = Hkv * G, h2 = D / 2, W = (Hq + 2 * Hkv) * D;
-    float *xf = (float *)malloc(sizeof(float) * (size_t)W);   /* one row of qkv as float32 */
-    if (!xf) return -1;
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) {
-            const long row = (long)b * T + t;
+    const long rows = (long)B * T;
+    const int pt = nt > 1 && rows >= GLUE_ROWS ? nt : 1;   /* threads for the rows' RoPE and cache writes */
+    float *xfs = (float *)malloc(sizeof(float) * (size_t)W * pt);   /* per thread: one row of qkv as float32 */
+    if (!xfs) return -1;
+    (void)pt;
+    PD_PARALLEL_FOR(pt)
+    for (int part = 0; part < pt; part++) {             /* rows in slices, each row computed alone */
+        float *xf = xfs + (long)part * W;
+        for (long row = rows * part / pt; row < rows * (part + 1) / pt; row++) {
+            const int b = (int)(row / T), t = (int)(row % T);
             const float *c = cos + row * D, *s = sin + row * D;
             float *dst = qk + row * (Hq + Hkv) * D;
             to_f32(qkv, qkv_kind, row * ldq, W, xf);
@@ -165,7 +171,8 @@ int pd_rope_attend(const void *qkv, int qkv_kind, long ldq, const float *cos, co
                 from_f32(v, kk, b * vb + kv * vh + (long)(L0 + t) * ldv, D, xf + (long)(Hq + Hkv + kv) * D);
             }
         }
-    free(xf);
+    }
+    free(xfs);
     const int rc = pd_attend(qk, kt, kb, kh, ldk, kbs, v, vb, vh, ldv, kk, allow, att, B, T, Hkv, G, D, L0 + T, scale,
                              nt);
     if (rc == 0 && out_kind == KIND_BF16) from_f32(out, KIND_BF16, 0, B * T * Hq * D, att);

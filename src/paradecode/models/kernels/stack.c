@@ -58,6 +58,38 @@ static int product(const pd_mat *m, const void *x, int x_kind, long ldx, int M, 
     }
 }
 
+/* The glue's row loops split over the threads from this many rows (a verification block): each row is
+ * computed alone by the same code, so the bits do not change; a single-token step stays on one thread,
+ * where waking the others would cost more than its rows take. */
+#define GLUE_ROWS 4
+
+static inline long kind_size(int kind) { return kind == KIND_BF16 ? 2 : 4; }
+
+/* pd_add_rmsnorm over R rows, in slices of rows on up to nt threads */
+static void add_rmsnorm(float *x, const void *delta, int delta_kind, long ldd, long R, int H, const float *w,
+                        float eps, void *out, int out_kind, int nt) {
+    nt = R >= GLUE_ROWS ? nt : 1;
+    (void)nt;
+    PD_PARALLEL_FOR(nt)
+    for (int t = 0; t < nt; t++) {
+        const long r0 = R * t / nt, r1 = R * (t + 1) / nt;
+        pd_add_rmsnorm(x + r0 * H, delta ? (const char *)delta + r0 * ldd * kind_size(delta_kind) : NULL,
+                       delta_kind, ldd, r1 - r0, H, w, eps, (char *)out + r0 * H * kind_size(out_kind), out_kind);
+    }
+}
+
+/* pd_silu_mul over R rows, in slices of rows on up to nt threads */
+static void silu_mul(const void *gu, int kind, long ldg, long R, int I, void *out, int nt) {
+    nt = R >= GLUE_ROWS ? nt : 1;
+    (void)nt;
+    PD_PARALLEL_FOR(nt)
+    for (int t = 0; t < nt; t++) {
+        const long r0 = R * t / nt, r1 = R * (t + 1) / nt;
+        pd_silu_mul((const char *)gu + r0 * ldg * kind_size(kind), kind, ldg, r1 - r0, I,
+                    (char *)out + r0 * I * kind_size(kind));
+    }
+}
+
 /* The layers order[0 .. n-1] of layer table L over R = B*T rows, as NativeLlama._forward_kernel's loop:
  *
  *   h = rmsnorm(x) * ln1[first]
@@ -75,7 +107,7 @@ int pd_layers(const pd_layer *L, const int *order, int n, const float *final_nor
               void *v, long v_layer, long vb, long vh, long ldv, int kk, const uint8_t *allow, int B, int T, int Hkv,
               int G, int D, int H, int I, int L0, float scale, float eps, int nt) {
     const int R = B * T, Hq = Hkv * G;
-    pd_add_rmsnorm(x, NULL, 0, 0, R, H, n ? L[order[0]].ln1 : final_norm, eps, h, act);
+    add_rmsnorm(x, NULL, 0, 0, R, H, n ? L[order[0]].ln1 : final_norm, eps, h, act, nt);
     for (int j = 0; j < n; j++) {
         const pd_layer *l = L + order[j];
         const float *after = j + 1 < n ? L[order[j + 1]].ln1 : final_norm;
@@ -87,11 +119,11 @@ int pd_layers(const pd_layer *L, const int *order, int n, const float *final_nor
                             B, T, Hkv, G, D, L0, scale, nt);
         if (rc) return rc;
         if ((rc = product(&l->o, a, act, (long)Hq * D, R, yo, nt))) return rc;
-        pd_add_rmsnorm(x, yo, l->o.out_kind, l->o.N, R, H, l->ln2, eps, h, act);
+        add_rmsnorm(x, yo, l->o.out_kind, l->o.N, R, H, l->ln2, eps, h, act, nt);
         if ((rc = product(&l->gu, h, act, H, R, ygu, nt))) return rc;
-        pd_silu_mul(ygu, l->gu.out_kind, l->gu.N, R, I, m);
+        silu_mul(ygu, l->gu.out_kind, l->gu.N, R, I, m, nt);
         if ((rc = product(&l->down, m, act, I, R, ydown, nt))) return rc;
-        pd_add_rmsnorm(x, ydown, l->down.out_kind, l->down.N, R, H, after, eps, h, act);
+        add_rmsnorm(x, ydown, l->down.out_kind, l->down.N, R, H, after, eps, h, act, nt);
     }
     return 0;
 }
