@@ -60,6 +60,10 @@ class Recording:
         self.lengths.append(cache.length)
         return self.model.forward(cache, *a, **kw)
 
+    def forward_greedy(self, cache, *a, **kw):
+        self.lengths.append(cache.length)
+        return self.model.forward_greedy(cache, *a, **kw)
+
 
 @pytest.mark.parametrize("mode", ["jacobi", "gs-jacobi"])
 def test_cache_holds_only_committed_tokens_and_prefix_converges(tiny, mode):

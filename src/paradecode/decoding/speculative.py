@@ -74,6 +74,10 @@ class Drafter(ABC):
         learn from committed tokens in :meth:`observe`, not here.
         """
 
+    #: whether :meth:`observe` reads ``logits`` beyond each row's argmax (then greedy verification
+    #: computes every logit; a drafter that does not sets False)
+    reads_logits = True
+
     def observe(self, context: list[int], verdict: Verdict, logits: torch.Tensor) -> None:
         """Learn from one verification call.
 
@@ -370,7 +374,9 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
     generator = None if gen.greedy else gen.generator()
     stats.prompt_tokens = len(prompt_ids)
 
-    cache, last_logits = prefill(model, prompt_ids, capacity, sink)  # last_logits (V,)
+    cache, last_logits = prefill(model, prompt_ids, capacity, sink, greedy=gen.greedy)  # last_logits (V,)
+    # greedy verification reads only each row's argmax; a drafter may read the logits themselves
+    forward = model.forward_greedy if gen.greedy and not drafter.reads_logits else model.forward
     first = int(next_token(last_logits, gen, generator))
     stats.record_call(1)
     with stats.timing("draft"):
@@ -408,7 +414,7 @@ def speculative_decode(model: CausalLM, drafter: Drafter, prompt_ids: list[int],
             ids = torch.tensor([[context[-1]] + draft.tokens])                     # (1, n+1)
             pos = tree_positions(draft.parents, len(context) - 1)[None]          # (1, n+1)
             mask = None if draft.is_chain else tree_attention_mask(draft.parents)[None]  # (1, n+1, n+1)
-            logits = model.forward(cache, ids, pos, mask)[0]                      # (n+1, V)
+            logits = forward(cache, ids, pos, mask)[0]                            # (n+1, V)
             verdict = verify(logits, draft, gen, generator, exact_tree=exact_tree)
             cache.compact(start, [0] + [i + 1 for i in verdict.accepted_nodes])
         carry = verdict.carry

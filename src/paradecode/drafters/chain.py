@@ -126,6 +126,8 @@ class ChainDrafter(Drafter):
     returns the draft cache; :meth:`draft_forward` runs the draft on new tokens.
     """
 
+    reads_logits = False     # learns from the verdict only
+
     def __init__(self, options: ChainDraftOptions):
         self.opt = options
         self.max_nodes = options.max_draft_tokens     # what the loop's back-off may grant at most

@@ -106,7 +106,7 @@ class Jacobi(Method):
         m, stats, pad = cfg.block_size, sink.stats, model.info.pad_token_id
         capacity = min(model.max_context, len(prompt_ids) + gen.max_new_tokens + m + 1)
         stats.prompt_tokens = len(prompt_ids)
-        cache, last_logits = prefill(model, prompt_ids, capacity, sink)     # last_logits (V,)
+        cache, last_logits = prefill(model, prompt_ids, capacity, sink, greedy=gen.greedy)  # (V,)
         first = int(next_token(last_logits, gen, None))
         stats.record_call(1)
         sink.record("prefill", proposed=[], accepted=[first])

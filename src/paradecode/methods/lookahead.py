@@ -145,7 +145,7 @@ class Lookahead(Method):
         capacity = min(model.max_context, len(prompt_ids) + gen.max_new_tokens + 1 + (N - 1) * (W + G))
         generator = None if gen.greedy else gen.generator()
         stats.prompt_tokens = len(prompt_ids)
-        cache, last_logits = prefill(model, prompt_ids, capacity, sink)     # last_logits (V,)
+        cache, last_logits = prefill(model, prompt_ids, capacity, sink, greedy=gen.greedy)  # (V,)
         first = int(next_token(last_logits, gen, generator))
         stats.record_call(1)
         sink.record("prefill", proposed=[], accepted=[first])

@@ -89,6 +89,8 @@ def ngram_tree(module: NgramModule, context: list[int], num_branches: int, depth
 
 
 class NgramDrafter(Drafter):
+    reads_logits = False     # learns from the committed tokens only
+
     def __init__(self, min_order: int, max_order: int, num_branches: int, depth: int):
         self.min_order, self.max_order = min_order, max_order
         self.num_branches, self.depth = num_branches, depth

@@ -16,12 +16,14 @@ from ..sampling import GenerationConfig, next_token
 from .base import Method, register
 
 
-def prefill(model: CausalLM, prompt_ids: list[int], capacity: int, sink: TokenSink):
-    """Encode a prompt (batch 1) and return (cache, logits of the last prompt token (V,))."""
+def prefill(model: CausalLM, prompt_ids: list[int], capacity: int, sink: TokenSink, greedy: bool = False):
+    """Encode a prompt (batch 1) and return (cache, logits of the last prompt token (V,)); ``greedy``: only
+    their argmax is read (:meth:`CausalLM.forward_greedy`)."""
     cache = model.new_cache(1, capacity)
     ids = torch.tensor([prompt_ids])
+    forward = model.forward_greedy if greedy else model.forward
     with sink.stats.timing("prefill"):
-        logits = model.forward(cache, ids, logits_for=torch.tensor([len(prompt_ids) - 1]))
+        logits = forward(cache, ids, logits_for=torch.tensor([len(prompt_ids) - 1]))
     sink.stats.model_calls += 1
     return cache, logits[0, -1]
 
@@ -51,9 +53,10 @@ class Plain(Method):
         cache = model.new_cache(B, Lmax + gen.max_new_tokens)
         generator = gen.generator()
 
+        forward = model.forward_greedy if gen.greedy else model.forward    # greedy reads only the argmax
         t0 = time.perf_counter()
-        logits = model.forward(cache, ids, positions, input_valid=None if bool(valid.all()) else valid,
-                               logits_for=torch.tensor([Lmax - 1]))   # (B, 1, V)
+        logits = forward(cache, ids, positions, input_valid=None if bool(valid.all()) else valid,
+                         logits_for=torch.tensor([Lmax - 1]))         # (B, 1, V)
         dt = time.perf_counter() - t0
         tok = next_token(logits[:, -1], gen, generator)               # (B,)
         next_pos = lens.clone()                                       # (B,)
@@ -71,8 +74,7 @@ class Plain(Method):
                 break
             x = torch.where(alive, tok, torch.full_like(tok, pad))[:, None]  # (B, 1)
             t0 = time.perf_counter()
-            logits = model.forward(cache, x, next_pos[:, None],
-                                   input_valid=None if bool(alive.all()) else alive[:, None])
+            logits = forward(cache, x, next_pos[:, None], input_valid=None if bool(alive.all()) else alive[:, None])
             tok = next_token(logits[:, -1], gen, generator)
             dt = time.perf_counter() - t0
             next_pos += 1

@@ -48,6 +48,8 @@ def prompt_lookup(tokens: list[int], max_ngram: int, min_ngram: int, num_draft: 
 
 
 class PromptLookupDrafter(Drafter):
+    reads_logits = False
+
     def __init__(self, max_ngram: int, min_ngram: int, num_draft_tokens: int):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.max_nodes = num_draft_tokens

@@ -98,6 +98,14 @@ class CausalLM(ABC):
     ) -> torch.Tensor:
         """Feed new tokens (B, T) and return float32 logits (B, T', V)."""
 
+    def forward_greedy(self, cache: KVCache, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                       attn_mask: torch.Tensor | None = None, *, input_valid: torch.Tensor | None = None,
+                       logits_for: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` for a caller that reads nothing but each row's argmax (greedy decoding): a backend
+        may return -inf for tokens that cannot be the argmax, computing exact logits only for the others
+        (the native engine: ``models/argmax_head.py``). Each row's argmax, ties included, is forward()'s."""
+        return self.forward(cache, input_ids, positions, attn_mask, input_valid=input_valid, logits_for=logits_for)
+
     # -- conveniences shared by all backends -------------------------------
     @property
     def vocab_size(self) -> int:

@@ -55,8 +55,9 @@ import torch.nn.functional as F
 from . import kernels
 from .base import CausalLM, KVCache, ModelInfo, causal_mask
 from .kernels import KEY_BLOCK
-from .quant import (Int4W4A8Weight, Int4Weight, Int8I15Weight, Int8PanelWeight, Int8Weight, PackedBF16Weight,
-                    PanelWeight, can_pack_bf16, first_channels, linear, pack_bf16, pack_bf16_panels, pack_f32,
+from .argmax_head import ArgmaxHead
+from .quant import (BF16PanelWeight, F32PanelWeight, Int4W4A8Weight, Int4Weight, Int8I15Weight, Int8PanelWeight,
+                    Int8Weight, PackedBF16Weight, PanelWeight, can_pack_bf16, first_channels, linear, pack_bf16, pack_bf16_panels, pack_f32,
                     pack_int4_w4a8, pack_int8_i15, pack_int8_panels, quantize_int4, quantize_int8)
 from ..errors import UserError
 
@@ -432,6 +433,17 @@ class NativeLlama(CausalLM):
         # and an int8 kernel reads it faster than bfloat16 for a single row; an embedding row is only
         # looked up, so bfloat16 costs memory, not time
         self.lm_head = int8(raw(head), head=True) if self.quantized else mat(head, head=True)   # (V, H)
+        # greedy steps' LM head (argmax_head.py): an int8 copy and an error bound, then the exact logits of the
+        # few tokens that can be the argmax; for the panel-layout heads of the float32 and bfloat16 kernels
+        # (their bits per channel do not depend on the other channels of a call)
+        self.argmax_head = (ArgmaxHead.build(self.lm_head)
+                            if isinstance(self.lm_head, (F32PanelWeight, BF16PanelWeight)) and s.hidden % 4 == 0
+                            else None)
+        # the rows up to which it pays: the int8 kernel's 15-bit activations cost two integer dot products
+        # per weight, so beyond a few rows the exact head's kernel is the faster one (Zen 4, 1 thread, after
+        # 256 tokens: bfloat16 forwards 0.95x the time at 1 row, 1.01x at 2; float32 0.88x at 1-2 rows,
+        # 0.90x at 4, 1.0x at 8)
+        self.argmax_rows = 4 if self.panels else 1
         # (a prepacked head has no rows to look up: the embedding keeps a plain copy)
         self.embed = (raw("model.embed_tokens.weight").to(dt).contiguous() if self.format == "int4" or pack else
                       self.lm_head if head == "model.embed_tokens.weight" else
@@ -479,7 +491,8 @@ class NativeLlama(CausalLM):
 
     def weight_bytes(self, held: bool = False) -> int:
         """Bytes of weights one decode step reads (the embedding table only via the LM head);
-        ``held=True``: every byte the weights occupy, a separate embedding table included."""
+        ``held=True``: every byte the weights occupy, a separate embedding table and greedy decoding's int8
+        copy of the LM head (:attr:`argmax_head`) included."""
         ts = [self.lm_head, self.norm, *self.wqkv, *self.wo, *self.wgu, *self.wdown, *self.ln1, *self.ln2,
               *(b for b in self.bqkv if b is not None)]
         if held and self.embed is not self.lm_head:
@@ -487,7 +500,7 @@ class NativeLlama(CausalLM):
         return sum(t.nbytes() if isinstance(t, (PackedBF16Weight, Int8Weight, Int4Weight, Int4W4A8Weight, PanelWeight,
                                                   Int8I15Weight))
                    else t.numel() * t.element_size()
-                   for t in ts)
+                   for t in ts) + (self.argmax_head.nbytes() if held and self.argmax_head is not None else 0)
 
     def matrices(self, layers: Sequence[int] | None = None) -> list:
         """The projection matrices of a decode step, in order (for benchmarks)."""
@@ -508,10 +521,11 @@ class NativeLlama(CausalLM):
 
     @torch.inference_mode()
     def forward(self, cache, input_ids, positions=None, attn_mask=None, *, input_valid=None,
-                logits_for=None, layers: Sequence[int] | None = None, vocab=None):
+                logits_for=None, layers: Sequence[int] | None = None, vocab=None, greedy: bool = False):
         """See :mod:`paradecode.models.base`. ``layers`` runs only those layers (self-speculation);
         ``vocab`` (a :class:`~paradecode.drafters.vocab.DraftVocab` of this model) scores only its tokens,
-        the others' logits -inf (a draft's cheaper LM head)."""
+        the others' logits -inf (a draft's cheaper LM head); ``greedy``: logits for a caller that reads only
+        each row's argmax (:meth:`forward_greedy`)."""
         s = self.shape
         B, T = input_ids.shape
         L0 = cache.length
@@ -541,7 +555,7 @@ class NativeLlama(CausalLM):
         whole_prompt = B == 1 and L0 == 0 and T > 1 and attn_mask is None and cache._all_valid
         if self._attn_kernel is not None:
             return self._forward_kernel(cache, input_ids, cos, sin, attn_mask, input_valid, logits_for, layers,
-                                        whole_prompt, vocab=vocab)
+                                        whole_prompt, vocab=vocab, greedy=greedy)
         if cache.blocked:
             raise ValueError("a cache in the kernels' blocked key layout: PyTorch's attention path takes transposed "
                              "keys (new_cache of this model)")
@@ -620,20 +634,27 @@ class NativeLlama(CausalLM):
             gate, up = proj(h, self.wgu[i]).chunk(2, dim=-1)           # (R, I) each
             x.add_(proj(F.silu(gate) * up, self.wdown[i]))
         cache._length = S
-        return self._logits(x[:BT].view(B, T, H), logits_for, pad_rows, vocab)
+        return self._logits(x[:BT].view(B, T, H), logits_for, pad_rows, vocab, greedy)
 
-    def _logits(self, x: torch.Tensor, logits_for, pad_rows: bool, vocab=None) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, logits_for, pad_rows: bool, vocab=None, greedy: bool = False) -> torch.Tensor:
         """Final norm and LM head for the rows of x (B, T, H) that ``logits_for`` asks for."""
         if logits_for is not None:
             x = x[:, logits_for]
         return self._head(F.rms_norm(x, (self.shape.hidden,), self.norm, self.shape.eps).to(self.dtype), None,
-                          pad_rows, vocab)
+                          pad_rows, vocab, greedy)
 
     def head_prefix(self, n: int):
         """The LM head of the vocabulary's first ``n`` tokens (a view), or None where its layout has none."""
         return first_channels(self.lm_head, n)
 
-    def _head(self, h: torch.Tensor, logits_for, pad_rows: bool, vocab=None) -> torch.Tensor:
+    def forward_greedy(self, cache, input_ids, positions=None, attn_mask=None, *, input_valid=None,
+                       logits_for=None):
+        """See :meth:`CausalLM.forward_greedy`: with :attr:`argmax_head` (the float32 and bfloat16 formats
+        with the compiled kernels) the exact logits only of the tokens that can be a row's argmax."""
+        return self.forward(cache, input_ids, positions, attn_mask, input_valid=input_valid, logits_for=logits_for,
+                            greedy=True)
+
+    def _head(self, h: torch.Tensor, logits_for, pad_rows: bool, vocab=None, greedy: bool = False) -> torch.Tensor:
         """LM head for the rows of the final norm's output h (B, T, H) that ``logits_for`` asks for."""
         if logits_for is not None:
             h = h[:, logits_for]
@@ -644,10 +665,12 @@ class NativeLlama(CausalLM):
         proj = _split_rows if pad_rows else linear
         if vocab is not None:
             return vocab.logits(h, proj)[:B2 * T2].view(B2, T2, -1)      # (B, T', V), -inf outside vocab
+        if greedy and self.argmax_head is not None and B2 * T2 <= self.argmax_rows:
+            return self.argmax_head.logits(h, self.lm_head).view(B2, T2, -1)   # (B, T', V): the argmax exact
         return proj(h, self.lm_head)[:B2 * T2].float().view(B2, T2, -1)  # (B, T', V)
 
     def _forward_kernel(self, cache, input_ids, cos, sin, attn_mask, input_valid, logits_for, layers,
-                        whole_prompt: bool = False, vocab=None):
+                        whole_prompt: bool = False, vocab=None, greedy: bool = False):
         """A forward with the compiled kernels (:mod:`.kernels`): attention reads the cache over exactly the
         visible slots (no KV_CHUNK padding, no padded query rows), and what a layer does between its four
         projections is three calls of ``layer.c`` instead of ~25 PyTorch ops. ``whole_prompt``: a prefill,
@@ -686,7 +709,7 @@ class NativeLlama(CausalLM):
                 glue.silu_mul(proj(h, self.wgu[i]), mv)
                 glue.add_rmsnorm(x, proj(mlp, self.wdown[i]), after, eps, hv)
         cache._length = L0 + T
-        return self._head(hv.view(B, T, H), logits_for, pad_rows, vocab)
+        return self._head(hv.view(B, T, H), logits_for, pad_rows, vocab, greedy)
 
     @staticmethod
     def _attend_blocked(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
