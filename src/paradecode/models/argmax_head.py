@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import F32_CHANNELS, Int8I15Weight, Int8Weight, linear, pack_int8_i15, quantize_int8
+from .quant import F32_CHANNELS, Int8I15Weight, linear, pack_int8_i15, quantize_int8
 
 U = 2.0 ** -24          # float32's unit roundoff
 QMAX = 16319            # int8.c's 15-bit activation range
@@ -58,18 +58,20 @@ class ArgmaxHead:
         """From the model's exact head, a :class:`~paradecode.models.quant.PanelWeight` (float32 or bfloat16
         panels): its rows are what its kernel multiplies, so the bound holds for those bits."""
         V, K = head.shape
-        qs, scales, coefs = [], [], []
-        for r in range(0, V, 4096):                   # in row blocks: float32 temporaries stay small
+        C = F32_CHANNELS
+        panels = torch.empty(-(-V // C), K // 4, 4 * C, dtype=torch.uint8)
+        scale = torch.zeros(panels.shape[0] * C)
+        coef = torch.empty(V, 4)
+        for r in range(0, V, 4096):       # in row blocks (a multiple of 16): temporaries stay small
             w = head.rows(torch.arange(r, min(V, r + 4096))).float()
             q = quantize_int8(w)
             err = (q.q.double() * q.scale.double()[:, None] - w.double()).norm(dim=1)
             l1 = w.double().abs().sum(1)
-            coefs.append(torch.stack([err, l1, w.double().norm(dim=1), l1 + 1], 1))
-            qs.append(q.q)
-            scales.append(q.scale)
-        coef = (torch.cat(coefs) * (1 + 1e-6)).float()
-        approx = pack_int8_i15(Int8Weight(torch.cat(qs), torch.cat(scales)), float_out=True)
-        return cls(approx, coef, V, K)
+            coef[r:r + len(w)] = (torch.stack([err, l1, w.double().norm(dim=1), l1 + 1], 1) * (1 + 1e-6)).float()
+            block = pack_int8_i15(q)
+            panels[r // C:r // C + block.panels.shape[0]] = block.panels
+            scale[r:r + len(block.scale)] = block.scale
+        return cls(Int8I15Weight(panels, scale, V, float_out=True), coef, V, K)
 
     def nbytes(self) -> int:
         return self.approx.nbytes() + self.coef.numel() * 4
