@@ -22,13 +22,15 @@ pytestmark = pytest.mark.skipif(kernels.attention_kernel() is None, reason="need
 
 def _model(fmt: str):
     """A tiny model whose LM head has exact ties and near ties in other 16-channel panels: rows 200 and 7
-    equal (the lower id must win), and rows 150 + i a one-ulp nudge of row i (the int8 copy has them alike)."""
+    equal (the lower id must win), and rows 150 + i row i with every weight nudged by 2^-7 of itself (the int8
+    copy has them alike)."""
     hf = tiny_hf_model("llama", seed=3, vocab_size=300, hidden=64, layers=1)
     with torch.no_grad():
         w = hf.lm_head.weight
         w[200] = w[7]
         for i in range(20, 40):
-            w[150 + i] = w[i] * (1 + 2.0 ** -7 * torch.sign(torch.randn(64, generator=torch.Generator().manual_seed(i))))
+            sign = torch.sign(torch.randn(64, generator=torch.Generator().manual_seed(i)))
+            w[150 + i] = w[i] * (1 + 2.0 ** -7 * sign)
     return tiny_native(hf, dtype=fmt, **({"bf16_kernel": True} if fmt == "bfloat16" else {}))
 
 

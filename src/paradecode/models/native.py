@@ -57,8 +57,9 @@ from .base import CausalLM, KVCache, ModelInfo, causal_mask
 from .kernels import KEY_BLOCK
 from .argmax_head import ArgmaxHead
 from .quant import (BF16PanelWeight, F32PanelWeight, Int4W4A8Weight, Int4Weight, Int8I15Weight, Int8PanelWeight,
-                    Int8Weight, PackedBF16Weight, PanelWeight, can_pack_bf16, first_channels, linear, pack_bf16, pack_bf16_panels, pack_f32,
-                    pack_int4_w4a8, pack_int8_i15, pack_int8_panels, quantize_int4, quantize_int8)
+                    Int8Weight, PackedBF16Weight, PanelWeight, can_pack_bf16, first_channels, linear, pack_bf16,
+                    pack_bf16_panels, pack_f32, pack_int4_w4a8, pack_int8_i15, pack_int8_panels, quantize_int4,
+                    quantize_int8)
 from ..errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
