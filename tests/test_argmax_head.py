@@ -105,3 +105,22 @@ def test_greedy_decodes_of_the_default_model_are_unchanged(default_model, fmt):
         finally:
             m.argmax_head = head
         assert fast.token_ids == slow.token_ids, prompt
+
+
+@pytest.mark.parametrize("method,greedy,calls", [
+    ("plain", True, "all"), ("pld", True, "all"), ("plain", False, "none"), ("pld", False, "none"),
+    ("recycle", True, "prefill"),
+])
+def test_only_callers_that_read_nothing_but_the_argmax_get_narrowed_logits(monkeypatch, method, greedy, calls):
+    """Sampling reads whole distributions and Token Recycling its verification calls' top-k candidates:
+    neither may get the -inf rows of ``forward_greedy`` there (recycle's prefill only yields the first
+    token); plain greedy decoding and greedy prompt lookup get them in every call."""
+    m = _model("float32")
+    narrowed = []                  # per model call: whether it asked for greedy logits
+    real = m.forward
+    monkeypatch.setattr(m, "forward", lambda *a, **k: narrowed.append(k.get("greedy", False)) or real(*a, **k))
+    settings = {} if greedy else dict(temperature=0.8, seed=3)
+    generate(m, [5, 6, 7, 8, 5, 6, 7], method, max_new_tokens=12, ignore_eos=True, **settings)
+    assert len(narrowed) > 2
+    assert narrowed == {"all": [True] * len(narrowed), "none": [False] * len(narrowed),
+                        "prefill": [True] + [False] * (len(narrowed) - 1)}[calls]
