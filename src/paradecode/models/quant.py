@@ -14,7 +14,7 @@ The module also holds the other weight layouts of the native engine: oneDNN's
 prepacked bfloat16 (:class:`PackedBF16Weight`), int4 for PyTorch's kernel
 (:class:`Int4Weight`) and for the compiled one (:class:`Int4W4A8Weight`), and
 the compiled panel kernel's float32 and int8 panels (:class:`PanelWeight`:
-:class:`F32PanelWeight`, :class:`Int8PanelWeight`: the int4 format's LM head), and
+:class:`F32PanelWeight`, :class:`Int8PanelWeight`: int8 matrices of widths the int8 kernel does not take), and
 the int8 format's weights for the compiled int8 kernel (:class:`Int8I15Weight`, where the kernels build),
 and the bfloat16 format's for the compiled bfloat16 kernel (:class:`BF16PanelWeight`, AVX-512 BF16 without AMX).
 """

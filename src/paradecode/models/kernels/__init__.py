@@ -8,9 +8,9 @@
   15-bit integers (exact integer dot products; AMX tiles where the CPU has them, so that a call over 16
   rows costs about one row's);
 * :func:`f32_mm`, :func:`i8_mm` (``panels.c``): products with the float32 format's weights and with
-  int8 weights and per-channel scales (the int8 format's, the int4 format's LM head), every output
-  the same block sums of fused multiply-adds (bits independent of the call and of the instruction
-  set), the weights streamed once per call;
+  int8 weights and per-channel scales (the int8 format's matrices and the int4 format's LM head where the
+  layer widths are not multiples of 4), every output the same block sums of fused multiply-adds (bits
+  independent of the call and of the instruction set), the weights streamed once per call;
 * :func:`bf16_mm` (``bf16.c``): products with the bfloat16 format's weights in pair panels, every output the
   pair sums ``vdpbf16ps`` defines whatever shares its call: that instruction where the CPU has AVX-512 BF16,
   the same sums with AVX2 + FMA or plain C elsewhere (the engine uses it where the CPU has no AMX, else

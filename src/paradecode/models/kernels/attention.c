@@ -48,7 +48,7 @@ static inline __attribute__((always_inline)) float kv_at(const void *p, const in
 
 /* the address of element i of the cache storage p of kind kk */
 static inline __attribute__((always_inline)) const char *kv_addr(const void *p, const int kk, long i) {
-    return (const char *)p + i * (kk == KIND_BF16 ? 2 : 4);
+    return (const char *)p + i * pd_kind_size(kk);
 }
 
 #ifdef VW

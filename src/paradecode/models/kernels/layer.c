@@ -27,7 +27,6 @@ int pd_attend(const float *qk, const void *kt, long kb, long kh, long ldk, long 
               float scale, int nt);
 
 #define CH 512   /* columns per chunk of a row's float32 scratch */
-#define GLUE_ROWS 4   /* rows from which pd_rope_attend splits its rows over the threads (as stack.c's glue) */
 
 /* x (rows, H) float32, row stride H: x += delta (delta_kind 0: no delta; row stride ldd), then
  * out[r] = w * (x[r] / sqrt(mean(x[r]^2) + eps)) in out_kind (row stride H): LlamaRMSNorm's formula.
@@ -130,7 +129,7 @@ int pd_rope_attend(const void *qkv, int qkv_kind, long ldq, const float *cos, co
                    float scale, int nt) {
     const int Hq = Hkv * G, h2 = D / 2, W = (Hq + 2 * Hkv) * D;
     const long rows = (long)B * T;
-    const int pt = nt > 1 && rows >= GLUE_ROWS ? nt : 1;   /* threads for the rows' RoPE and cache writes */
+    const int pt = nt > 1 && rows >= PD_GLUE_ROWS ? nt : 1;   /* threads for the rows' RoPE and cache writes */
     float *xfs = (float *)malloc(sizeof(float) * (size_t)W * pt);   /* per thread: one row of qkv as float32 */
     if (!xfs) return -1;
     (void)pt;

@@ -101,6 +101,10 @@ static inline void vstore_bf16(uint16_t *p, vf x) {
 #else
 #define PD_PARALLEL_FOR(nt)
 #endif
+/* The layer glue (layer.c, stack.c) splits its rows over the threads from this many rows (a verification
+ * block): each row is computed alone by the same code, so the bits do not change; a single-token step stays
+ * on one thread, where waking the others would cost more than its row takes. */
+#define PD_GLUE_ROWS 4
 
 #if defined(__AVX2__) && defined(__x86_64__) && defined(__GNUC__)
 #include <stdlib.h>
@@ -160,6 +164,9 @@ __attribute__((target("avx512f"))) static inline __m512 vexp_512(__m512 x) {
 
 /* activation types of the kernels' arguments (and of the KV cache's elements) */
 enum { KIND_F32 = 1, KIND_BF16 = 2 };
+
+/* bytes per element of kind k */
+static inline long pd_kind_size(int k) { return k == KIND_BF16 ? 2 : 4; }
 
 /* slots per block of the KV cache's keys (attention.c's pd_attend; kernels/__init__.py's KEY_BLOCK) */
 #define PD_KEY_BLOCK 16

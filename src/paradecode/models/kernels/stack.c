@@ -58,35 +58,28 @@ static int product(const pd_mat *m, const void *x, int x_kind, long ldx, int M, 
     }
 }
 
-/* The glue's row loops split over the threads from this many rows (a verification block): each row is
- * computed alone by the same code, so the bits do not change; a single-token step stays on one thread,
- * where waking the others would cost more than its rows take. */
-#define GLUE_ROWS 4
-
-static inline long kind_size(int kind) { return kind == KIND_BF16 ? 2 : 4; }
-
 /* pd_add_rmsnorm over R rows, in slices of rows on up to nt threads */
 static void add_rmsnorm(float *x, const void *delta, int delta_kind, long ldd, long R, int H, const float *w,
                         float eps, void *out, int out_kind, int nt) {
-    nt = R >= GLUE_ROWS ? nt : 1;
+    nt = R >= PD_GLUE_ROWS ? nt : 1;
     (void)nt;
     PD_PARALLEL_FOR(nt)
     for (int t = 0; t < nt; t++) {
         const long r0 = R * t / nt, r1 = R * (t + 1) / nt;
-        pd_add_rmsnorm(x + r0 * H, delta ? (const char *)delta + r0 * ldd * kind_size(delta_kind) : NULL,
-                       delta_kind, ldd, r1 - r0, H, w, eps, (char *)out + r0 * H * kind_size(out_kind), out_kind);
+        pd_add_rmsnorm(x + r0 * H, delta ? (const char *)delta + r0 * ldd * pd_kind_size(delta_kind) : NULL,
+                       delta_kind, ldd, r1 - r0, H, w, eps, (char *)out + r0 * H * pd_kind_size(out_kind), out_kind);
     }
 }
 
 /* pd_silu_mul over R rows, in slices of rows on up to nt threads */
 static void silu_mul(const void *gu, int kind, long ldg, long R, int I, void *out, int nt) {
-    nt = R >= GLUE_ROWS ? nt : 1;
+    nt = R >= PD_GLUE_ROWS ? nt : 1;
     (void)nt;
     PD_PARALLEL_FOR(nt)
     for (int t = 0; t < nt; t++) {
         const long r0 = R * t / nt, r1 = R * (t + 1) / nt;
-        pd_silu_mul((const char *)gu + r0 * ldg * kind_size(kind), kind, ldg, r1 - r0, I,
-                    (char *)out + r0 * I * kind_size(kind));
+        pd_silu_mul((const char *)gu + r0 * ldg * pd_kind_size(kind), kind, ldg, r1 - r0, I,
+                    (char *)out + r0 * I * pd_kind_size(kind));
     }
 }
 
@@ -113,7 +106,7 @@ int pd_layers(const pd_layer *L, const int *order, int n, const float *final_nor
         const float *after = j + 1 < n ? L[order[j + 1]].ln1 : final_norm;
         int rc = product(&l->qkv, h, act, H, R, yqkv, nt);
         if (rc) return rc;
-        const long esz = kk == KIND_BF16 ? 2 : 4;        /* bytes per cache element */
+        const long esz = pd_kind_size(kk);               /* bytes per cache element */
         rc = pd_rope_attend(yqkv, l->qkv.out_kind, l->qkv.N, cos, sin, (char *)kt + order[j] * k_layer * esz, kb,
                             kh, ldk, kbs, (char *)v + order[j] * v_layer * esz, vb, vh, ldv, kk, allow, qk, att, a, act,
                             B, T, Hkv, G, D, L0, scale, nt);
