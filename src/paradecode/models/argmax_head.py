@@ -88,12 +88,15 @@ class ArgmaxHead:
         gamma = (K + 2) * U / (1 - (K + 2) * U)
         c = torch.stack([nx + K ** 0.5 * ROUND * d, ROUND * d, 2 * gamma * nx, torch.full_like(nx, 2.0 ** -100)])
         top = float(a.abs().amax())                  # inf or nan: some approximate logit is not finite
+        if not (math.isfinite(top) and math.isfinite(float(nx.max()))):
+            return linear(h, head)[:, :V].float()
         eps = torch.mm(self.coef, c.mul_(1.01)).add_(top * (4 * U + 1e-5))         # (V, R)
         lo = (a - eps).amax(0)                                                     # (R,)
-        cand = (a + eps >= lo).any(1)                                              # tokens any row may pick
-        panels = torch.unique(torch.nonzero(cand)[:, 0] // F32_CHANNELS)
-        if not (math.isfinite(top) and math.isfinite(float(nx.max()))) or \
-                len(panels) > MAX_PANEL_SHARE * -(-V // F32_CHANNELS):
+        P = -(-V // F32_CHANNELS)
+        hit = torch.zeros(P * F32_CHANNELS, dtype=torch.bool)
+        hit[:V] = (a + eps >= lo).any(1)                                           # tokens any row may pick
+        panels = torch.nonzero(hit.view(P, F32_CHANNELS).any(1))[:, 0]             # ascending
+        if len(panels) > MAX_PANEL_SHARE * P:
             return linear(h, head)[:, :V].float()
         sub = dataclasses.replace(head, panels=head.panels[panels], n=len(panels) * F32_CHANNELS)
         ids = (panels[:, None] * F32_CHANNELS + torch.arange(F32_CHANNELS)).reshape(-1)   # ascending
