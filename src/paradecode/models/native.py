@@ -52,7 +52,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, prepared
 from .base import CausalLM, KVCache, ModelInfo, causal_mask
 from .kernels import KEY_BLOCK
 from .argmax_head import ArgmaxHead
@@ -345,7 +345,7 @@ class NativeLlama(CausalLM):
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(c, "attention_bias", False)),
             tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         )
-        self._load(weights)
+        self._load_prepared(hf_config, weights)
         # with the kernels and compiled formats (int8, int4, float32): a forward's layers in one C call
         self._stack = (kernels.LayerStack.build(self.wqkv, self.wo, self.wgu, self.wdown, self.ln1, self.ln2,
                                                 self.dtype)
@@ -379,6 +379,28 @@ class NativeLlama(CausalLM):
         self.layers_all = tuple(range(s.layers))
 
     # -- weights -------------------------------------------------------------
+    _PREPARED = ("lm_head", "argmax_head", "argmax_rows", "embed", "norm", "wqkv", "bqkv", "wo", "wgu", "wdown",
+                 "ln1", "ln2")    # what _load sets
+
+    def _load_prepared(self, hf_config, weights: Mapping[str, torch.Tensor]) -> None:
+        """:meth:`_load`, or what an earlier load of the same checkpoint in the same format left in the
+        prepared-weights cache (:mod:`.prepared`); a checkpoint on disk is cached after its first load."""
+        files = prepared.source_files(weights) if prepared.enabled() else None
+        path = None
+        if files is not None:
+            options = {"format": self.format, "invariant": self.invariant, "packed": self.packed,
+                       "panels": self.panels, "bf16_panels": self.bf16_panels, "kernels": self._attn_kernel is not None}
+            path = prepared.cache_file(files, hf_config.to_dict(), options)
+            state = prepared.load(path)
+            if state is not None and set(state) == set(self._PREPARED):
+                self.__dict__.update(state)
+                self.prepared_from = path
+                return
+        self._load(weights)
+        self.prepared_from = None
+        if path is not None:
+            prepared.save(path, {a: getattr(self, a) for a in self._PREPARED})
+
     def _load(self, w: Mapping[str, torch.Tensor]) -> None:
         """Convert each checkpoint tensor once; matrices become the chosen format."""
         s, dt = self.shape, self.dtype

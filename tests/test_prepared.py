@@ -1,0 +1,121 @@
+"""The prepared-weights cache (models/prepared.py): later loads read each format's packed weights back
+instead of building them, and compute exactly what a fresh build computes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from paradecode.models import kernels, prepared
+from paradecode.models.loading import LazyWeights, read_config
+from paradecode.models.native import DTYPES, NativeLlama
+from paradecode.models.tiny import tiny_hf_model
+
+needs_kernels = pytest.mark.skipif(kernels.attention_kernel() is None,
+                                   reason="no C compiler here: the kernels' formats are not built")
+
+
+@pytest.fixture
+def checkpoint(tmp_path, monkeypatch):
+    """A tiny Llama saved as safetensors (widths multiples of 32, so every format applies), and a cache
+    directory of the test's own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("PARADECODE_PREPARED_CACHE", raising=False)
+    hf = tiny_hf_model("llama", vocab_size=97, hidden=64, intermediate=128, seed=3)
+    hf.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def load(path, dtype, **kw) -> NativeLlama:
+    return NativeLlama(read_config(path), LazyWeights(path), dtype=dtype, name="tiny", **kw)
+
+
+def logits(model: NativeLlama) -> torch.Tensor:
+    cache = model.new_cache(1, 64)
+    first = model.forward(cache, torch.tensor([[1, 5, 9, 14, 3, 77, 40]]))
+    return torch.cat([first, model.forward(cache, torch.tensor([[8]]))], dim=1)
+
+
+def files(path) -> list[str]:
+    d = prepared.directory()
+    return sorted(p.name for p in d.glob("*.safetensors")) if d.is_dir() else []
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_a_second_load_reads_the_cache_and_computes_the_same_bits(checkpoint, dtype, monkeypatch):
+    built = load(checkpoint, dtype)
+    assert built.prepared_from is None and len(files(checkpoint)) == 1
+    cached = load(checkpoint, dtype)
+    assert cached.prepared_from is not None
+    assert torch.equal(logits(built), logits(cached))
+    monkeypatch.setenv("PARADECODE_PREPARED_CACHE", "0")
+    assert torch.equal(logits(load(checkpoint, dtype)), logits(cached))
+    for attr in NativeLlama._PREPARED:            # the same kinds of objects, not only the same logits
+        a, b = getattr(built, attr), getattr(cached, attr)
+        assert type(a) is type(b), attr
+    if built.embed is built.lm_head:              # a tied head stays one object, not two copies
+        assert cached.embed is cached.lm_head
+
+
+@needs_kernels
+def test_the_twin_of_a_cached_model_is_cached_too(checkpoint):
+    first = load(checkpoint, "bfloat16").twin("int4")
+    assert first.prepared_from is None
+    again = load(checkpoint, "bfloat16").twin("int4")
+    assert again.prepared_from is not None and torch.equal(logits(first), logits(again))
+
+
+def test_formats_options_and_checkpoints_get_files_of_their_own(checkpoint):
+    load(checkpoint, "float32")
+    load(checkpoint, "bfloat16")
+    load(checkpoint, "float32", attention="torch")
+    assert len(files(checkpoint)) == 3
+    f = next(checkpoint.glob("*.safetensors"))
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))     # the checkpoint changed: not its old weights
+    assert load(checkpoint, "float32").prepared_from is None
+    assert len(files(checkpoint)) == 4
+
+
+def test_a_new_build_replaces_the_older_file_of_the_same_model(checkpoint, monkeypatch):
+    load(checkpoint, "float32")
+    (old,) = files(checkpoint)
+    monkeypatch.setattr(prepared, "_code_hash", "another version of the code")
+    assert load(checkpoint, "float32").prepared_from is None
+    (new,) = files(checkpoint)
+    assert new != old and new.split("-")[0] == old.split("-")[0]
+
+
+def test_an_unreadable_file_is_rebuilt_not_fatal(checkpoint):
+    want = logits(load(checkpoint, "float32"))
+    (name,) = files(checkpoint)
+    path = prepared.directory() / name
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])        # cut short
+    rebuilt = load(checkpoint, "float32")
+    assert rebuilt.prepared_from is None and torch.equal(logits(rebuilt), want)
+    assert load(checkpoint, "float32").prepared_from is not None          # and written again, whole
+    path.write_bytes(b"not a safetensors file")
+    assert load(checkpoint, "float32").prepared_from is None
+
+
+def test_in_memory_weights_and_a_disabled_cache_write_nothing(checkpoint, monkeypatch):
+    hf = tiny_hf_model("llama", seed=4)
+    NativeLlama(hf.config, hf.state_dict(), dtype="float32")
+    assert files(checkpoint) == []
+    monkeypatch.setenv("PARADECODE_PREPARED_CACHE", "0")
+    assert load(checkpoint, "float32").prepared_from is None and files(checkpoint) == []
+
+
+def test_what_the_format_cannot_hold_is_not_written(tmp_path):
+    class Opaque:
+        pass
+
+    assert not prepared.save(tmp_path / "x.safetensors", {"w": Opaque()})
+    assert not prepared.save(tmp_path / "y.safetensors", {"w": torch.ones(2).to_sparse()})
+    assert list(tmp_path.iterdir()) == []
+    assert prepared.save(tmp_path / "z.safetensors", {"w": [torch.ones(3), None], "n": 4, "v": torch.zeros(2)})
+    back = prepared.load(tmp_path / "z.safetensors")
+    assert back["n"] == 4 and back["w"][1] is None and torch.equal(back["w"][0], torch.ones(3))
