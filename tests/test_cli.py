@@ -140,6 +140,7 @@ def test_methods_and_models_commands(capsys):
     code, out, _ = run_cli(capsys, "models", "--json")
     info = json.loads(out)
     assert code == 0 and info["installed"] and info["converted"] and info["name"] == "SmolLM2-135M-Instruct"
+    assert info["prepared_files"] >= 0 and info["prepared_dir"].endswith("prepared")
 
 
 def test_generate_end_to_end_default_model():

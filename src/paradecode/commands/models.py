@@ -19,8 +19,12 @@ def run(args) -> int:
     if args.prepare:
         resolve_model_path(None)
     info = default_model_report()
+    from ..models import prepared
+
+    kept = sorted(prepared.directory().glob("*.safetensors")) if prepared.directory().is_dir() else []
     info.update(cache_root=str(cache_root()), backends=list(BACKENDS), dtypes=list(DTYPES),
-                native_architectures=list(SUPPORTED_ARCHITECTURES))
+                native_architectures=list(SUPPORTED_ARCHITECTURES), prepared_dir=str(prepared.directory()),
+                prepared_files=len(kept), prepared_bytes=sum(f.stat().st_size for f in kept))
     if args.json:
         print(json.dumps(info))
         return 0
@@ -32,6 +36,8 @@ def run(args) -> int:
         state = f"{info['cache_bytes'] / 1e6:.1f} MB" if info["converted"] else \
             "not converted yet (happens on first use, or run `paradecode models --prepare`)"
         print(f"  cached at:   {info['cache_dir']} ({state})")
+    print(f"prepared weights: {info['prepared_files']} model format(s) in {info['prepared_dir']} "
+          f"({info['prepared_bytes'] / 1e6:.1f} MB; built on a format's first load, safe to delete)")
     print(f"backends: {', '.join(info['backends'])}; dtypes: {', '.join(info['dtypes'])}")
     print(f"native architectures: {', '.join(info['native_architectures'])} (others: --backend transformers)")
     print("other models: --model PATH with a local Hugging Face directory or a .gguf file")
