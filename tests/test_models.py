@@ -115,6 +115,28 @@ def test_tiny_native_matches_transformers(pair):
     _compare_model_pair(hf, nat, nat.vocab_size)
 
 
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_a_saved_checkpoint_loads_as_its_in_memory_config_does(name, tmp_path, monkeypatch):
+    """read_config's plain fields (no transformers import) give the model transformers' config gives,
+    RoPE scaling included, bit for bit."""
+    from paradecode.models.loading import LazyWeights, read_config
+    from paradecode.models.native import NativeLlama
+    from paradecode.models.tiny import tiny_hf_model
+
+    monkeypatch.setenv("PARADECODE_PREPARED_CACHE", "0")
+    kw = dict(TINY_CONFIGS[name])
+    hf = tiny_hf_model(kw.pop("arch"), seed=1, **kw)
+    hf.save_pretrained(tmp_path)
+    config = read_config(tmp_path)
+    assert "transformers" not in type(config).__module__
+    a = NativeLlama(hf.config, hf.state_dict())
+    b = NativeLlama(config, LazyWeights(tmp_path))
+    assert torch.equal(a.cos_table, b.cos_table) and a.rope_scale == b.rope_scale
+    assert a.shape == b.shape and a.info == b.info
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3] * 8])
+    assert torch.equal(a.forward(a.new_cache(1, 96), ids), b.forward(b.new_cache(1, 96), ids))
+
+
 def test_default_native_matches_transformers(default_pair):
     hf, nat = default_pair
     _compare_model_pair(hf, nat, nat.vocab_size, prefix=20, chunk=8)

@@ -3,6 +3,7 @@ instead of building them, and compute exactly what a fresh build computes."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -119,3 +120,34 @@ def test_what_the_format_cannot_hold_is_not_written(tmp_path):
     assert prepared.save(tmp_path / "z.safetensors", {"w": [torch.ones(3), None], "n": 4, "v": torch.zeros(2)})
     back = prepared.load(tmp_path / "z.safetensors")
     assert back["n"] == 4 and back["w"][1] is None and torch.equal(back["w"][0], torch.ones(3))
+
+
+def test_files_of_deleted_checkpoints_are_removed_on_the_next_write(checkpoint, tmp_path):
+    other = tmp_path / "other"
+    tiny_hf_model("llama", seed=5).save_pretrained(other)
+    load(other, "float32")
+    load(checkpoint, "float32")
+    assert len(files(checkpoint)) == 2
+    for f in other.iterdir():
+        f.unlink()
+    load(checkpoint, "bfloat16")                  # a write: the deleted checkpoint's file goes
+    assert len(files(checkpoint)) == 2
+    assert all(not json.loads(prepared._metadata(prepared.directory() / n)["sources"])[0].startswith(str(other))
+               for n in files(checkpoint))
+
+
+def test_a_new_conversion_of_a_gguf_removes_the_older_ones_of_the_same_path(tmp_path):
+    from paradecode.models.loading import _drop_older_conversions
+
+    def conversion(name, source):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "SOURCE").write_text(f"converted from {source}\n")
+        return d
+
+    old = conversion("model.Q4-aaaa", "/venv/model.Q4.gguf")
+    elsewhere = conversion("model.Q4-bbbb", "/other/model.Q4.gguf")
+    unrelated = conversion("another-cccc", "/venv/model.Q4.gguf")
+    new = conversion("model.Q4-dddd", "/venv/model.Q4.gguf")
+    _drop_older_conversions(new)
+    assert not old.exists() and elsewhere.exists() and unrelated.exists() and new.exists()

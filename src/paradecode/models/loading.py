@@ -92,8 +92,22 @@ def convert_gguf(gguf: Path, *, quiet: bool = False) -> Path:
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+        _drop_older_conversions(out)
     console.print(f"[green]converted[/green] {gguf.name} → {out}")
     return out
+
+
+def _drop_older_conversions(out: Path) -> None:
+    """Remove earlier conversions of the same GGUF path (the file since replaced: a reinstalled package, a
+    new virtual environment at the same place), which nothing reads any more."""
+    source = (out / "SOURCE").read_text()
+    stem = out.name.rsplit("-", 1)[0]
+    for old in out.parent.glob(f"{stem}-*"):
+        try:
+            if old != out and old.is_dir() and (old / "SOURCE").read_text() == source:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:
@@ -174,25 +188,41 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def read_config(path: Path):
-    """The checkpoint's config as a transformers ``PretrainedConfig`` (attribute access).
+class CheckpointConfig:
+    """A checkpoint's config.json as attributes, which is all the native backend reads.
 
-    Built from config.json with the base class: importing ``AutoConfig`` and the
-    model zoo costs seconds we do not need to spend for a Llama-family model.
+    transformers' ``PretrainedConfig`` would cost an import of transformers (~0.7 s of every load here); its
+    base class sets no field a Llama-family model reads, so the same fields come out. :meth:`to_pretrained`
+    gives transformers' own config where its code needs one (RoPE scaling other than the default).
     """
-    from transformers.configuration_utils import PretrainedConfig
 
+    def __init__(self, data: dict):
+        self.__dict__.update(data)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def to_pretrained(self):
+        from transformers.configuration_utils import PretrainedConfig
+
+        return PretrainedConfig(**self.to_dict())
+
+
+def read_config(path: Path) -> CheckpointConfig:
+    """The checkpoint's config (attribute access), config.json's fields as they are."""
     try:
         data = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the model config in {path}: {e}",
                         "pass a valid Hugging Face model directory") from None
+    if not isinstance(data, dict):
+        raise UserError(f"the model config in {path} is not a JSON object", "pass a valid Hugging Face model directory")
     if "rope_parameters" not in data and "rope_theta" in data:  # transformers < 5 layout
         scaling = data.get("rope_scaling") or {}
         data["rope_parameters"] = {"rope_theta": data["rope_theta"],
                                    "rope_type": scaling.get("rope_type", scaling.get("type", "default")),
                                    **{k: v for k, v in scaling.items() if k not in ("type",)}}
-    return PretrainedConfig(**data)
+    return CheckpointConfig(data)
 
 
 def load_model(model: str | os.PathLike | None = None, *, backend: str = "native", dtype: str = "float32",

@@ -189,7 +189,8 @@ def _rope_inv_freq(hf_config) -> tuple[torch.Tensor, float]:
         return inv, 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv, scale = ROPE_INIT_FUNCTIONS[rope_type](hf_config, None)
+    config = hf_config.to_pretrained() if hasattr(hf_config, "to_pretrained") else hf_config   # CheckpointConfig
+    inv, scale = ROPE_INIT_FUNCTIONS[rope_type](config, None)
     return inv.float(), float(scale)
 
 
@@ -399,7 +400,7 @@ class NativeLlama(CausalLM):
         self._load(weights)
         self.prepared_from = None
         if path is not None:
-            prepared.save(path, {a: getattr(self, a) for a in self._PREPARED})
+            prepared.save(path, {a: getattr(self, a) for a in self._PREPARED}, files)
 
     def _load(self, w: Mapping[str, torch.Tensor]) -> None:
         """Convert each checkpoint tensor once; matrices become the chosen format."""

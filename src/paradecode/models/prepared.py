@@ -128,10 +128,14 @@ def _decode(enc: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return CLASSES[enc["cls"]](**{k: _decode(v, tensors) for k, v in enc["fields"].items()})
 
 
-def save(path: Path, state: dict[str, Any]) -> bool:
+def save(path: Path, state: dict[str, Any], sources: Iterable[Path] = ()) -> bool:
     """Write ``state`` (attribute -> tensor, weight, list of them, scalar or None) to ``path``; an attribute
     that is the same object as an earlier one is stored as a reference to it. False (nothing written) when a
-    value cannot be stored or the directory is not writable."""
+    value cannot be stored or the directory is not writable.
+
+    ``sources``: the checkpoint files the weights come from. Written, the file replaces the older builds of
+    its slot, and any other file whose sources are gone (a checkpoint deleted or converted again elsewhere)
+    is removed too."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -150,17 +154,34 @@ def save(path: Path, state: dict[str, Any]) -> bool:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata={"manifest": json.dumps(manifest), "version": str(VERSION)})
+        sources = [str(Path(f).resolve()) for f in sources]
+        save_file(tensors, str(tmp), metadata={"manifest": json.dumps(manifest), "version": str(VERSION),
+                                               "sources": json.dumps(sources)})
         os.replace(tmp, path)
     except (OSError, RuntimeError, ValueError) as e:      # read-only or full disk; tensors sharing memory
         log.debug("prepared weights not cached at %s: %s", path, e)
         tmp.unlink(missing_ok=True)
         return False
     slot = path.name.split("-")[0]
-    for old in path.parent.glob(f"{slot}-*.safetensors"):       # older builds of the same model and format
-        if old != path:
-            old.unlink(missing_ok=True)
+    for other in path.parent.glob("*.safetensors"):
+        if other != path and (other.name.startswith(f"{slot}-") or _orphaned(other)):
+            other.unlink(missing_ok=True)
     return True
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return json.loads(fh.read(n)).get("__metadata__") or {}
+
+
+def _orphaned(path: Path) -> bool:
+    """Whether a prepared file's checkpoint files are gone (an unreadable file counts as orphaned)."""
+    try:
+        sources = json.loads(_metadata(path).get("sources", "[]"))
+    except (OSError, ValueError):
+        return True
+    return any(not Path(f).exists() for f in sources)
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
