@@ -162,3 +162,24 @@ def test_generate_streams_from_stdin():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
     assert "model calls" in proc.stderr
+
+
+def test_an_unwritable_cache_is_one_clear_line(capsys, tmp_path, monkeypatch):
+    """A first use whose cache cannot be written: the GGUF's conversion stops before it starts."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    code, _, err = run_cli(capsys, "generate", "-p", "hi", "--max-new-tokens", "2")
+    assert_one_line_error(code, err, "cannot write the model cache", "XDG_CACHE_HOME")
+
+
+def test_running_without_the_kernels_says_so(capsys, small_model_dir, monkeypatch):
+    from paradecode.models import kernels
+
+    monkeypatch.setattr(kernels, "attention_kernel", lambda: None)
+    monkeypatch.setattr(kernels, "FAILURE", "no C compiler found (set CC)")
+    code, out, err = run_cli(capsys, "generate", "--model", str(small_model_dir), "-p", "hi", "--max-new-tokens", "2")
+    assert code == 0 and "note: the compiled kernels are unavailable (no C compiler found" in err
+    monkeypatch.setenv("PARADECODE_KERNELS", "0")                  # asked for: no note
+    code, out, err = run_cli(capsys, "generate", "--model", str(small_model_dir), "-p", "hi", "--max-new-tokens", "2")
+    assert code == 0 and "note:" not in err

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -668,3 +669,15 @@ def test_bf16_panels_hold_the_matrix():
     head = first_channels(packed, 32)
     assert head.shape == (32, 25) and head.panels.data_ptr() == packed.panels.data_ptr()
     assert torch.equal(head.dequantize(), w[:32].to(torch.bfloat16).float())
+
+
+def test_an_unwritable_cache_builds_the_kernels_in_the_temp_dir(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(kernels, "cache_root", lambda: blocker / "paradecode")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    path = kernels.build(kernels.compiler(), ("-mno-avx2", "-mno-fma"))
+    assert path.parent == tmp_path / "tmp" / f"paradecode-kernels-{os.getuid()}"
+    assert kernels.load_library(path).pd_attend is not None
+    assert kernels.build(kernels.compiler(), ("-mno-avx2", "-mno-fma")) == path      # built once, then found

@@ -151,3 +151,11 @@ def test_a_new_conversion_of_a_gguf_removes_the_older_ones_of_the_same_path(tmp_
     new = conversion("model.Q4-dddd", "/venv/model.Q4.gguf")
     _drop_older_conversions(new)
     assert not old.exists() and elsewhere.exists() and unrelated.exists() and new.exists()
+
+
+def test_a_cache_that_cannot_be_written_still_loads(checkpoint):
+    prepared.directory().parent.mkdir(parents=True, exist_ok=True)
+    prepared.directory().write_text("a file where the directory should be")
+    model = load(checkpoint, "float32")
+    assert model.prepared_from is None and load(checkpoint, "float32").prepared_from is None
+    assert torch.equal(logits(model), logits(load(checkpoint, "float32")))

@@ -21,9 +21,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def model_from_args(args: argparse.Namespace):
-    from ..models import load_model
+    from ..models import kernels, load_model
 
-    return load_model(args.model, backend=args.backend, dtype=args.dtype, threads=args.threads)
+    model = load_model(args.model, backend=args.backend, dtype=args.dtype, threads=args.threads)
+    if model.info.backend == "native" and kernels.attention_kernel() is None and \
+            os.environ.get("PARADECODE_KERNELS", "1") != "0":
+        print(f"paradecode: note: the compiled kernels are unavailable ({kernels.FAILURE}); running PyTorch's "
+              "slower paths", file=sys.stderr)
+    return model
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:

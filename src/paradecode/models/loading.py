@@ -60,9 +60,12 @@ def convert_gguf(gguf: Path, *, quiet: bool = False) -> Path:
         return out
     from rich.console import Console
 
+    try:                                  # before the minute of converting: where it goes must be writable
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cache_error(out.parent, e) from None
     console = Console(stderr=True, quiet=quiet)
     with console.status(f"[bold]Converting {gguf.name} once into {out} (about a minute)…"):
-        from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -75,26 +78,41 @@ def convert_gguf(gguf: Path, *, quiet: bool = False) -> Path:
             raise UserError(f"cannot read GGUF file {gguf}: {e}".splitlines()[0],
                             "pass a GGUF of a Llama-family model, or a Hugging Face model directory") from None
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["dtype"] = "float32"
-        if not config.get("architectures"):
-            config["architectures"] = [type(model).__name__]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        if config.get("tie_word_embeddings"):
-            state.pop("lm_head.weight", None)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tok.save_pretrained(str(tmp))
-        (tmp / "SOURCE").write_text(f"converted from {gguf.resolve()}\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        _drop_older_conversions(out)
+        try:
+            _write_conversion(model, tok, gguf, tmp, out)
+        except OSError as e:              # a full disk, a directory made read-only meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _cache_error(out.parent, e) from None
     console.print(f"[green]converted[/green] {gguf.name} → {out}")
     return out
+
+
+def _cache_error(where: Path, e: OSError) -> UserError:
+    return UserError(f"cannot write the model cache in {where}: {e.strerror or e}",
+                     "free some disk space, or set XDG_CACHE_HOME to a writable directory")
+
+
+def _write_conversion(model, tok, gguf: Path, tmp: Path, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    if not config.get("architectures"):
+        config["architectures"] = [type(model).__name__]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(str(tmp))
+    (tmp / "SOURCE").write_text(f"converted from {gguf.resolve()}\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    _drop_older_conversions(out)
 
 
 def _drop_older_conversions(out: Path) -> None:

@@ -160,7 +160,10 @@ def save(path: Path, state: dict[str, Any], sources: Iterable[Path] = ()) -> boo
         os.replace(tmp, path)
     except (OSError, RuntimeError, ValueError) as e:      # read-only or full disk; tensors sharing memory
         log.debug("prepared weights not cached at %s: %s", path, e)
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
         return False
     slot = path.name.split("-")[0]
     for other in path.parent.glob("*.safetensors"):

@@ -89,12 +89,21 @@ def build(cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
         flags.append("-mno-avx512f")    # one vector path (AVX2 + FMA), the one tested here
     flags += extra_flags
     key = hashlib.sha1(src + version.encode() + _cpu_key().encode() + " ".join(flags).encode()).hexdigest()[:16]
-    out = cache_root() / "kernels" / f"paradecode-{key}.so"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # build next to the target and rename: concurrent processes never load a half-written library
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    name = f"paradecode-{key}.so"
+    for where in _build_dirs():
+        if (where / name).is_file():
+            return where / name
+    for where in _build_dirs():       # the cache, else (not writable) a directory of this user's in the temp dir
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            # build next to the target and rename: concurrent processes never load a half-written library
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=where)
+            break
+        except OSError:
+            continue
+    else:
+        raise OSError(f"no writable directory to build them in ({', '.join(map(str, _build_dirs()))})")
+    out = where / name
     os.close(fd)
     try:
         # OpenMP (the products' threads) where the compiler has it: the library then needs libgomp.so.1,
@@ -111,6 +120,10 @@ def build(cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _build_dirs() -> list[Path]:
+    return [cache_root() / "kernels", Path(tempfile.gettempdir()) / f"paradecode-kernels-{os.getuid()}"]
 
 
 def _load() -> ctypes.CDLL | None:
