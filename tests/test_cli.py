@@ -183,3 +183,16 @@ def test_running_without_the_kernels_says_so(capsys, small_model_dir, monkeypatc
     monkeypatch.setenv("PARADECODE_KERNELS", "0")                  # asked for: no note
     code, out, err = run_cli(capsys, "generate", "--model", str(small_model_dir), "-p", "hi", "--max-new-tokens", "2")
     assert code == 0 and "note:" not in err
+
+
+@pytest.mark.parametrize("damage", ["garbage", "cut in the header", "cut in the data"])
+def test_damaged_weights_are_one_clear_line(capsys, small_model_dir, tmp_path, damage):
+    d = tmp_path / "damaged"
+    shutil.copytree(small_model_dir, d)
+    f = next(d.glob("*.safetensors"))
+    data = f.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    f.write_bytes({"garbage": b"\xff" * 8 + b"{not json", "cut in the header": data[:header // 2],
+                   "cut in the data": data[:header + (len(data) - header) // 2]}[damage])
+    code, _, err = run_cli(capsys, "generate", "--model", str(d), "-p", "hi", "--max-new-tokens", "2")
+    assert_one_line_error(code, err, "not a whole safetensors file", str(f.name))

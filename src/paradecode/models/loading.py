@@ -168,14 +168,28 @@ class LazyWeights(Mapping):
             raise UserError(f"no .safetensors weights in {path}",
                             "save the model with safetensors, or use --backend transformers")
         for f in files:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                start, end = meta["data_offsets"]
-                self.index[name] = (f, meta["dtype"], meta["shape"], 8 + n + start, end - start)
+            try:
+                self._read_header(f)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"cannot read {f}: not a whole safetensors file ({e})",
+                                "save or copy the model's weights again") from None
+
+    def _read_header(self, f: Path) -> None:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = meta["data_offsets"]
+            if meta["dtype"] not in self._DTYPES:
+                raise ValueError(f"{name} has dtype {meta['dtype']}, which the native backend does not read")
+            if not 0 <= start <= end <= size - 8 - n:
+                raise ValueError(f"{name} lies past the end of the file (truncated?)")
+            self.index[name] = (f, meta["dtype"], meta["shape"], 8 + n + start, end - start)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         f, dtype, shape, offset, size = self.index[name]
