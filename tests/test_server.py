@@ -59,6 +59,14 @@ def test_bad_requests_get_error_objects_and_server_keeps_serving(client, body, s
     assert client.get("/health").status_code == 200  # still serving
 
 
+def test_a_body_that_is_not_json_gets_an_error_object(client):
+    r = client.post("/v1/generate", content=b"not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["message"] == "the body is not valid JSON (at character 0)" and "field" not in err
+    assert client.get("/health").status_code == 200
+
+
 def test_stream(client):
     with client.stream("POST", "/v1/generate", json={"prompt": "Name a colour.", "chat": True,
                                                      "max_new_tokens": 8, "stream": True}) as r:

@@ -71,6 +71,10 @@ def create_app(model) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":       # its location is a character offset, not a field
+            where = first.get("loc", ("body", "?"))[-1]
+            return _error(422, "invalid_request", f"the body is not valid JSON (at character {where})",
+                          'send a JSON object such as {"prompt": "..."} with content-type application/json')
         field = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
         return _error(422, "invalid_request", f"{field or 'body'}: {first.get('msg', 'invalid request')}",
                       "see GET /docs for the request schema", field)
