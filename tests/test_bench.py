@@ -232,6 +232,11 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     assert main(["bench", "--methods", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown method" in capsys.readouterr().err
     assert main(["bench", "--categories", "poetry", "--out", str(tmp_path), "--methods", "plain"]) == 2
+    capsys.readouterr()
+    (tmp_path / "a-file").write_text("")
+    assert main(["bench", "--out", str(tmp_path / "a-file" / "out"), "--methods", "plain", "--num-prompts", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the benchmark's results" in err and "Traceback" not in err
 
 
 class _NeedsConfig(Plain):

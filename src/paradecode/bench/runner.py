@@ -105,9 +105,15 @@ class ResultsFile:
     def __init__(self, path: Path, config_key: str, *, fresh: bool = False):
         self.path = path
         self.config_key = config_key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if fresh and path.exists():
-            path.unlink()
+        try:                          # before anything is measured: the lines must have somewhere to go
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if fresh and path.exists():
+                path.unlink()
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError as e:
+            raise UserError(f"cannot write the benchmark's results in {path.parent}: {e.strerror or e}",
+                            "pass --out a folder you can write to", field="out") from None
         self.lines: list[dict] = []
         if path.exists():
             for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
