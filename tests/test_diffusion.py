@@ -219,6 +219,23 @@ def test_cli_generate_and_samplers(capsys):
     assert main(["diffusion", "generate", "copy : a b zz", "--sampler", "threshold"]) == 2
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "--out", "{blocker}/out"], "cannot write into"),
+    (["train", "--steps", "1", "--out", "{missing}/w.safetensors"], "does not exist"),
+    (["train", "--steps", "1", "--out", "{tmp}"], "is a folder"),
+    (["train-filter", "--out", "{missing}/f.json"], "does not exist"),
+])
+def test_cli_checks_where_it_writes_before_the_work(capsys, tmp_path, argv, needle):
+    """A bench or a training run that could not save its result fails at once, not after the work."""
+    from paradecode.cli import main
+
+    (tmp_path / "blocker").write_text("")
+    paths = {"blocker": tmp_path / "blocker", "missing": tmp_path / "missing", "tmp": tmp_path}
+    assert main(["diffusion", *(a.format(**paths) for a in argv)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_training_is_deterministic_and_resumable(tmp_path):
     from paradecode.diffusion.train import TrainConfig, train
 

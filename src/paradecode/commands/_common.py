@@ -94,3 +94,34 @@ def read_prompt(args: argparse.Namespace) -> str:
     if not text.strip():
         raise UserError("the prompt is empty", "pass some text with --prompt, --prompt-file, or stdin")
     return text
+
+
+def writable_dir(path, option: str):
+    """``path`` as a folder the command can write into, made if missing, checked before any work is done
+    (a run that fails only when it saves loses what it computed)."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write into {path}: {e.strerror or e}", f"pass {option} a folder you can write to",
+                        field=option.lstrip("-")) from None
+    return path
+
+
+def writable_file(path, option: str):
+    """``path`` as a file the command can write, its folder existing and writable, checked before any work."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"the folder of {path} does not exist", f"create it or pass another {option} path",
+                        field=option.lstrip("-"))
+    if path.is_dir():
+        raise UserError(f"{path} is a folder", f"pass {option} a file path", field=option.lstrip("-"))
+    writable_dir(path.parent, option)
+    return path

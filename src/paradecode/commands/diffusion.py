@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
+from ._common import writable_dir, writable_file
 
 
 def register(sub) -> None:
@@ -127,7 +128,7 @@ def run_train(args) -> int:
         task_mix(cfg.mix)
     except ValueError as e:
         raise UserError(f"--mix: {e}", "use task=weight pairs with the task names of `diffusion bench`") from None
-    train(cfg, Path(args.out), threads=args.threads)
+    train(cfg, writable_file(args.out, "--out"), threads=args.threads)
     print(f"wrote {args.out}")
     return 0
 
@@ -138,7 +139,8 @@ def run_train_filter(args) -> int:
     from ..diffusion.learn2pd import FILTER_PATH, train_filter
 
     torch.set_num_threads(1)
-    meta = train_filter(_model(args.weights), Path(args.out) if args.out else FILTER_PATH, args.per_task)
+    out = writable_file(args.out, "--out") if args.out else FILTER_PATH
+    meta = train_filter(_model(args.weights), out, args.per_task)
     print(f"wrote {args.out or FILTER_PATH}: {meta}")
     return 0
 
@@ -156,6 +158,7 @@ def run_bench(args) -> int:
         raise UserError(f"unknown task {bad[0]!r}", f"choose from: {', '.join(TASKS)}")
     if args.n < 1:
         raise UserError(f"-n must be >= 1, got {args.n}", "pass a positive number of instances")
+    writable_dir(args.out, "--out")
     rows = bench.run(_model(args.weights), tasks, args.n)
     speed = None if args.no_cache_speed else bench.cache_speed()
     paths = bench.save(rows, Path(args.out), bench.machine_name(), speed)
