@@ -141,6 +141,8 @@ def test_methods_and_models_commands(capsys):
     info = json.loads(out)
     assert code == 0 and info["installed"] and info["converted"] and info["name"] == "SmolLM2-135M-Instruct"
     assert info["prepared_files"] >= 0 and info["prepared_dir"].endswith("prepared")
+    code, out, _ = run_cli(capsys, "models", "--prepare", "--json")       # the default format's weights too
+    assert code == 0 and json.loads(out)["prepared_files"] >= 1
 
 
 def test_generate_end_to_end_default_model():

@@ -7,7 +7,8 @@ import json
 
 def register(sub) -> None:
     p = sub.add_parser("models", help="show the default model and its cache")
-    p.add_argument("--prepare", action="store_true", help="convert the default model now (one time)")
+    p.add_argument("--prepare", action="store_true",
+                   help="convert the default model now and prepare its default format's weights (one time)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -17,7 +18,10 @@ def run(args) -> int:
     from ..models.native import DTYPES, SUPPORTED_ARCHITECTURES
 
     if args.prepare:
+        from ..models.loading import load_model
+
         resolve_model_path(None)
+        load_model(None)           # the default format's prepared weights (models/prepared.py), written once
     info = default_model_report()
     from ..models import prepared
 
