@@ -137,6 +137,19 @@ def test_a_saved_checkpoint_loads_as_its_in_memory_config_does(name, tmp_path, m
     assert torch.equal(a.forward(a.new_cache(1, 96), ids), b.forward(b.new_cache(1, 96), ids))
 
 
+def test_a_tensor_stored_in_a_dtype_it_cannot_read_matters_only_when_read(tmp_path):
+    from safetensors.torch import save_file
+
+    from paradecode.errors import UserError
+    from paradecode.models.loading import LazyWeights
+
+    save_file({"w": torch.ones(2, 3), "extra": torch.zeros(4).to(torch.float8_e4m3fn)}, str(tmp_path / "m.safetensors"))
+    weights = LazyWeights(tmp_path)
+    assert torch.equal(weights["w"], torch.ones(2, 3))
+    with pytest.raises(UserError, match="F8_E4M3"):
+        weights["extra"]
+
+
 def test_default_native_matches_transformers(default_pair):
     hf, nat = default_pair
     _compare_model_pair(hf, nat, nat.vocab_size, prefix=20, chunk=8)

@@ -158,8 +158,8 @@ class LazyWeights(Mapping):
     once, which keeps the peak memory of loading near the final model size.
     """
 
-    _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-               "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+    _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+               "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
     def __init__(self, path: Path):
         self.index: dict[str, tuple[Path, str, list[int], int, int]] = {}
@@ -185,14 +185,15 @@ class LazyWeights(Mapping):
             if name == "__metadata__":
                 continue
             start, end = meta["data_offsets"]
-            if meta["dtype"] not in self._DTYPES:
-                raise ValueError(f"{name} has dtype {meta['dtype']}, which the native backend does not read")
             if not 0 <= start <= end <= size - 8 - n:
                 raise ValueError(f"{name} lies past the end of the file (truncated?)")
             self.index[name] = (f, meta["dtype"], meta["shape"], 8 + n + start, end - start)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         f, dtype, shape, offset, size = self.index[name]
+        if dtype not in self._DTYPES:
+            raise UserError(f"{name} in {f} is stored as {dtype}, which the native backend does not read",
+                            "save the checkpoint in float32, float16 or bfloat16, or use --backend transformers")
         buf = bytearray(size)
         with open(f, "rb") as fh:
             fh.seek(offset)
