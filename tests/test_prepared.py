@@ -159,3 +159,23 @@ def test_a_cache_that_cannot_be_written_still_loads(checkpoint):
     model = load(checkpoint, "float32")
     assert model.prepared_from is None and load(checkpoint, "float32").prepared_from is None
     assert torch.equal(logits(model), logits(load(checkpoint, "float32")))
+
+
+def test_the_cache_keeps_within_its_size_dropping_the_least_recently_used(checkpoint, monkeypatch):
+    def size(name):
+        return (prepared.directory() / name).stat().st_size
+
+    load(checkpoint, "float32")
+    (f32,) = files(checkpoint)
+    load(checkpoint, "bfloat16")
+    (bf16,) = set(files(checkpoint)) - {f32}
+    os.utime(prepared.directory() / f32, ns=(10**9, 10**9))             # float32 used long ago ...
+    os.utime(prepared.directory() / bf16, ns=(2 * 10**9, 2 * 10**9))
+    assert load(checkpoint, "float32").prepared_from is not None          # ... and now again: bfloat16 is the oldest
+    monkeypatch.setenv("PARADECODE_PREPARED_CACHE_MB", str((size(f32) + size(bf16)) / 1e6))
+    load(checkpoint, "int8")                                             # a write past the limit
+    (i8,) = set(files(checkpoint)) - {f32, bf16}
+    assert sorted(files(checkpoint)) == sorted([f32, i8])
+    monkeypatch.setenv("PARADECODE_PREPARED_CACHE_MB", "0")
+    load(checkpoint, "int4")                                             # what was just written stays
+    assert len(files(checkpoint)) == 1 and files(checkpoint) != [f32] and files(checkpoint) != [i8]

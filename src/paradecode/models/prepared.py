@@ -13,7 +13,8 @@ file is written to a temporary name and renamed into place, so a reader never se
 that cannot be read is ignored (and rebuilt). A new build of the same model and format (another code
 version) replaces the older file, so stale copies do not pile up. Only checkpoints on disk are cached
 (their files' paths, sizes and modification times are part of the key), never in-memory weights.
-``PARADECODE_PREPARED_CACHE=0`` turns the cache off.
+The cache holds at most ``PARADECODE_PREPARED_CACHE_MB`` (default 4096) megabytes: past that, the least
+recently used files go. ``PARADECODE_PREPARED_CACHE=0`` turns the cache off.
 """
 
 from __future__ import annotations
@@ -169,7 +170,36 @@ def save(path: Path, state: dict[str, Any], sources: Iterable[Path] = ()) -> boo
     for other in path.parent.glob("*.safetensors"):
         if other != path and (other.name.startswith(f"{slot}-") or _orphaned(other)):
             other.unlink(missing_ok=True)
+    _keep_within(path.parent, limit_bytes(), path)
     return True
+
+
+def limit_bytes() -> int:
+    """How much the cache may hold (``PARADECODE_PREPARED_CACHE_MB``, default 4096 MB: every format of a
+    couple of models the size of the default one)."""
+    try:
+        return int(float(os.environ.get("PARADECODE_PREPARED_CACHE_MB", "4096")) * 1e6)
+    except ValueError:
+        return int(4096e6)
+
+
+def _keep_within(directory: Path, limit: int, keep: Path) -> None:
+    """Remove the least recently used files (a load marks its file used) until the rest fit in ``limit``
+    bytes; ``keep``, just written, stays."""
+    files = []
+    for f in directory.glob("*.safetensors"):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        files.append((st.st_mtime_ns, st.st_size, f))
+    total = sum(size for _, size, _ in files)
+    for _, size, f in sorted(files, key=lambda t: t[0]):
+        if total <= limit:
+            break
+        if f != keep:
+            f.unlink(missing_ok=True)
+            total -= size
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -218,6 +248,10 @@ def load(path: Path) -> dict[str, Any] | None:
         state: dict[str, Any] = {}
         for attr, enc in manifest.items():
             state[attr] = state[enc["ref"]] if isinstance(enc, dict) and "ref" in enc else _decode(enc, tensors)
+        try:
+            os.utime(path)                   # used now: the last to go when the cache is over its size
+        except OSError:
+            pass
         return state
     except FileNotFoundError:
         return None
