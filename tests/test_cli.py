@@ -72,6 +72,8 @@ def test_empty_prompt(capsys):
 def test_missing_prompt_file(capsys, tmp_path):
     code, _, err = run_cli(capsys, "generate", "--prompt-file", str(tmp_path / "missing.txt"))
     assert_one_line_error(code, err, "does not exist")
+    code, _, err = run_cli(capsys, "generate", "--prompt-file", str(tmp_path))
+    assert_one_line_error(code, err, "is a folder", "text file")
 
 
 def test_empty_prompt_file(capsys, tmp_path):

@@ -80,6 +80,8 @@ def read_prompt(args: argparse.Namespace) -> str:
         if path == "-":
             text = sys.stdin.read()
         else:
+            if os.path.isdir(path):
+                raise UserError(f"prompt file {path} is a folder", "pass --prompt-file a text file")
             if not os.path.isfile(path):
                 raise UserError(f"prompt file {path} does not exist", "check the path given to --prompt-file")
             try:
