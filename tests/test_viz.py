@@ -79,6 +79,11 @@ def test_cli_writes_page_and_png(tmp_path, capsys):
     assert "lookahead" in page.read_text()
     rc = main(["viz", "--method", "plain", "--prompt", "Hi", "--out", str(tmp_path / "missing" / "p.html")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+    rc = main(["viz", "--method", "plain", "--prompt", "Hi", "--out", str(tmp_path)])
+    assert rc == 2 and "is a folder" in capsys.readouterr().err
+    rc = main(["viz", "--method", "plain", "--prompt", "Hi", "--out", str(page), "--png", str(tmp_path / "no" / "p.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--png" in err and "Traceback" not in err
 
 
 # -- a real browser -------------------------------------------------------------------

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from ..errors import UserError
 from ._common import (add_generation_args, add_method_args, add_model_args, generation_config, method_options,
-                      model_from_args, read_prompt)
+                      model_from_args, read_prompt, writable_file)
 
 
 def register(sub) -> None:
@@ -31,10 +30,10 @@ def run(args) -> int:
     from ..methods import get_method
     from ..viz import write_trajectory
 
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"output directory {out_dir} does not exist", "create it or pass another --out path")
+    writable_file(os.path.abspath(args.out), "--out")             # before the decode, not after it
     png = None if args.no_png else (args.png or os.path.splitext(args.out)[0] + ".png")
+    if png is not None:
+        writable_file(os.path.abspath(png), "--png")
     gen = generation_config(args)
     options = method_options(args)
     method = get_method(args.method, options)
