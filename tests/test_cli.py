@@ -200,3 +200,17 @@ def test_damaged_weights_are_one_clear_line(capsys, small_model_dir, tmp_path, d
                    "cut in the data": data[:header + (len(data) - header) // 2]}[damage])
     code, _, err = run_cli(capsys, "generate", "--model", str(d), "-p", "hi", "--max-new-tokens", "2")
     assert_one_line_error(code, err, "not a whole safetensors file", str(f.name))
+
+
+def test_serve_on_a_port_in_use_is_one_clear_line_before_the_model_loads(capsys, monkeypatch):
+    import socket
+
+    from paradecode.commands import serve
+
+    monkeypatch.setattr(serve, "model_from_args", lambda args: pytest.fail("the model loaded first"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = run_cli(capsys, "serve", "--port", str(port))
+    assert_one_line_error(code, err, f"cannot listen on 127.0.0.1:{port}", "--port")

@@ -21,6 +21,26 @@ def run(args) -> int:
 
     if not 0 < args.port < 65536:
         raise UserError(f"port {args.port} is out of range", "pass --port between 1 and 65535")
+    _check_can_listen(args.host, args.port)              # before loading the model, in one line
     model = model_from_args(args)
     uvicorn.run(create_app(model), host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    import socket
+
+    from ..errors import UserError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"cannot resolve --host {host}: {e.strerror}", "pass an address such as 127.0.0.1") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)        # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror}",
+                            "pick another --port, or stop what is listening there") from None
