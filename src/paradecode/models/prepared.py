@@ -39,7 +39,8 @@ VERSION = 1
 #: the weight classes a prepared file may hold (anything else, e.g. oneDNN's opaque prepacked tensors: not cached)
 CLASSES = {c.__name__: c for c in (Int8Weight, Int4Weight, Int4W4A8Weight, F32PanelWeight, BF16PanelWeight,
                                    Int8PanelWeight, Int8I15Weight, ArgmaxHead)}
-_CODE = ("native.py", "quant.py", "argmax_head.py", "prepared.py")    # the code that decides the layouts
+# the code that decides the layouts, and the kernels that read them
+_CODE = ("native.py", "quant.py", "argmax_head.py", "prepared.py", "kernels/*.c", "kernels/*.h")
 _code_hash: str | None = None
 
 
@@ -62,8 +63,9 @@ def code_hash() -> str:
     if _code_hash is None:
         h = hashlib.sha256()
         here = Path(__file__).parent
-        for name in _CODE:
-            h.update((here / name).read_bytes())
+        for pattern in _CODE:
+            for f in sorted(here.glob(pattern)):
+                h.update(f.name.encode() + f.read_bytes())
         _code_hash = h.hexdigest()
     return _code_hash
 
