@@ -179,3 +179,11 @@ def test_the_cache_keeps_within_its_size_dropping_the_least_recently_used(checkp
     monkeypatch.setenv("PARADECODE_PREPARED_CACHE_MB", "0")
     load(checkpoint, "int4")                                             # what was just written stays
     assert len(files(checkpoint)) == 1 and files(checkpoint) != [f32] and files(checkpoint) != [i8]
+
+
+def test_the_build_key_reads_the_code_that_decides_the_layouts():
+    from pathlib import Path
+
+    here = Path(prepared.__file__).parent
+    assert all(list(here.glob(pattern)) for pattern in prepared._CODE)      # no pattern that matches nothing
+    assert len(list(here.glob("kernels/*.c"))) >= 5
