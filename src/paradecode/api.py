@@ -80,7 +80,8 @@ def _check_fits(model: CausalLM, n_prompt: int, gen: GenerationConfig) -> None:
     if n_prompt + gen.max_new_tokens > model.max_context:
         raise UserError(f"prompt ({n_prompt} tokens) + max new tokens ({gen.max_new_tokens}) exceed the context "
                         f"window of {model.max_context}",
-                        f"lower max new tokens (--max-new-tokens, max_new_tokens) to at most {model.max_context - n_prompt}", field="max_new_tokens")
+                        "lower max new tokens (--max-new-tokens, max_new_tokens) to at most "
+                        f"{model.max_context - n_prompt}", field="max_new_tokens")
 
 
 def _make_gen(gen: GenerationConfig | None, kw: Mapping[str, Any]) -> GenerationConfig:

@@ -14,17 +14,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..models.loading import BACKENDS, cache_root, default_model_report, resolve_model_path
+    from ..models import prepared
+    from ..models.loading import BACKENDS, cache_root, default_model_report, load_model, resolve_model_path
     from ..models.native import DTYPES, SUPPORTED_ARCHITECTURES
 
     if args.prepare:
-        from ..models.loading import load_model
-
         resolve_model_path(None)
         load_model(None)           # the default format's prepared weights (models/prepared.py), written once
     info = default_model_report()
-    from ..models import prepared
-
     kept = sorted(prepared.directory().glob("*.safetensors")) if prepared.directory().is_dir() else []
     info.update(cache_root=str(cache_root()), backends=list(BACKENDS), dtypes=list(DTYPES),
                 native_architectures=list(SUPPORTED_ARCHITECTURES), prepared_dir=str(prepared.directory()),

@@ -150,6 +150,26 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     return p
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def safetensors_header(f: Path) -> tuple[int, dict]:
+    """Where a safetensors file's data begins and its header (``__metadata__`` included), every tensor's
+    byte range checked to lie inside the file; ValueError (or OSError) when the file is not a whole one."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if not 2 <= n <= size - 8:
+            raise ValueError(f"a header of {n} bytes in a file of {size}")
+        header = json.loads(fh.read(n))
+    for name, meta in header.items():
+        if name != "__metadata__" and not 0 <= meta["data_offsets"][0] <= meta["data_offsets"][1] <= size - 8 - n:
+            raise ValueError(f"{name} lies past the end of the file (truncated?)")
+    return 8 + n, header
+
+
 class LazyWeights(Mapping):
     """The tensors of a model directory's *.safetensors files, read one at a time on access.
 
@@ -157,9 +177,6 @@ class LazyWeights(Mapping):
     checkpoint to bfloat16 or int8 then never holds all float32 weights at
     once, which keeps the peak memory of loading near the final model size.
     """
-
-    _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-               "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
     def __init__(self, path: Path):
         self.index: dict[str, tuple[Path, str, list[int], int, int]] = {}
@@ -169,37 +186,26 @@ class LazyWeights(Mapping):
                             "save the model with safetensors, or use --backend transformers")
         for f in files:
             try:
-                self._read_header(f)
+                base, header = safetensors_header(f)
+                for name, meta in header.items():
+                    if name != "__metadata__":
+                        start, end = meta["data_offsets"]
+                        self.index[name] = (f, meta["dtype"], meta["shape"], base + start, end - start)
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"cannot read {f}: not a whole safetensors file ({e})",
                                 "save or copy the model's weights again") from None
 
-    def _read_header(self, f: Path) -> None:
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if not 2 <= n <= size - 8:
-                raise ValueError(f"a header of {n} bytes in a file of {size}")
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = meta["data_offsets"]
-            if not 0 <= start <= end <= size - 8 - n:
-                raise ValueError(f"{name} lies past the end of the file (truncated?)")
-            self.index[name] = (f, meta["dtype"], meta["shape"], 8 + n + start, end - start)
-
     def __getitem__(self, name: str) -> torch.Tensor:
         f, dtype, shape, offset, size = self.index[name]
-        if dtype not in self._DTYPES:
+        if dtype not in SAFETENSORS_DTYPES:
             raise UserError(f"{name} in {f} is stored as {dtype}, which the native backend does not read",
                             "save the checkpoint in float32, float16 or bfloat16, or use --backend transformers")
         buf = bytearray(size)
         with open(f, "rb") as fh:
             fh.seek(offset)
             fh.readinto(buf)
-        return torch.frombuffer(buf, dtype=self._DTYPES[dtype]).reshape(shape) if size else \
-            torch.empty(shape, dtype=self._DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[dtype]).reshape(shape) if size else \
+            torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
 
     def __iter__(self):
         return iter(self.index)

@@ -30,6 +30,7 @@ from typing import Any, Iterable
 import torch
 
 from .argmax_head import ArgmaxHead
+from .loading import SAFETENSORS_DTYPES, cache_root, safetensors_header
 from .quant import (BF16PanelWeight, F32PanelWeight, Int4W4A8Weight, Int4Weight, Int8I15Weight, Int8PanelWeight,
                     Int8Weight)
 
@@ -53,8 +54,6 @@ def enabled() -> bool:
 
 
 def directory() -> Path:
-    from .loading import cache_root
-
     return cache_root() / "prepared"
 
 
@@ -205,9 +204,7 @@ def _keep_within(directory: Path, limit: int, keep: Path) -> None:
 
 
 def _metadata(path: Path) -> dict[str, str]:
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        return json.loads(fh.read(n)).get("__metadata__") or {}
+    return safetensors_header(path)[1].get("__metadata__") or {}
 
 
 def _orphaned(path: Path) -> bool:
@@ -219,10 +216,6 @@ def _orphaned(path: Path) -> bool:
     return any(not Path(f).exists() for f in sources)
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
 def load(path: Path) -> dict[str, Any] | None:
     """What :func:`save` wrote, or None when the file is missing or unreadable.
 
@@ -230,20 +223,19 @@ def load(path: Path) -> dict[str, Any] | None:
     file, so the load's peak memory is the weights' size, not twice it.
     """
     try:
+        base, header = safetensors_header(path)
+        meta = header.pop("__metadata__", None) or {}
+        if meta.get("version") != str(VERSION):
+            return None
+        manifest = json.loads(meta["manifest"])
+        tensors: dict[str, torch.Tensor] = {}
         with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-            meta = header.pop("__metadata__", None) or {}
-            if meta.get("version") != str(VERSION):
-                return None
-            manifest = json.loads(meta["manifest"])
-            tensors: dict[str, torch.Tensor] = {}
             for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 start, end = info["data_offsets"]
-                t = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+                t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
                 if end - start != t.numel() * t.element_size():
                     raise ValueError(f"{name}: {end - start} bytes for {t.numel()} elements")
-                fh.seek(8 + n + start)
+                fh.seek(base + start)
                 if t.numel() and fh.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != end - start:
                     raise ValueError(f"{name}: the file ends early")
                 tensors[name] = t

@@ -90,10 +90,11 @@ def build(cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
     flags += extra_flags
     key = hashlib.sha1(src + version.encode() + _cpu_key().encode() + " ".join(flags).encode()).hexdigest()[:16]
     name = f"paradecode-{key}.so"
-    for where in _build_dirs():
+    dirs = _build_dirs()
+    for where in dirs:
         if (where / name).is_file():
             return where / name
-    for where in _build_dirs():       # the cache, else (not writable) a directory of this user's in the temp dir
+    for where in dirs:                # the cache, else (not writable) a directory of this user's in the temp dir
         try:
             where.mkdir(parents=True, exist_ok=True)
             # build next to the target and rename: concurrent processes never load a half-written library
@@ -102,7 +103,7 @@ def build(cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
         except OSError:
             continue
     else:
-        raise OSError(f"no writable directory to build them in ({', '.join(map(str, _build_dirs()))})")
+        raise OSError(f"no writable directory to build them in ({', '.join(map(str, dirs))})")
     out = where / name
     os.close(fd)
     try:
