@@ -8,6 +8,8 @@ generation stops at exactly the right token (EOS, stop string, budget).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -227,3 +229,41 @@ def test_prompt_ids_as_tensor_or_array(tiny):
     ref = generate(tiny, [5, 6, 7], max_new_tokens=4).token_ids
     assert generate(tiny, torch.tensor([5, 6, 7]), max_new_tokens=4).token_ids == ref
     assert generate(tiny, np.array([5, 6, 7]), max_new_tokens=4).token_ids == ref
+
+
+@pytest.mark.parametrize("messages, problem", [
+    ([{"content": "hi"}], 'message 0 has no "role"'),
+    ([{"role": "user"}], 'message 0 needs its "content" as text, got nothing'),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": 5}], 'message 1 needs its "content" as text, got int'),
+    ([{"role": "user", "content": ["a"]}], "got list"),
+    ([{"role": "wizard", "content": "hi"}], "the role 'wizard', which this model's chat template does not know"),
+])
+def test_malformed_chat_messages_are_a_clear_error(default_model, messages, problem):
+    """Not the template's UndefinedError or TypeError, and not a role the template would render as given."""
+    from paradecode.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(problem)):
+        generate(default_model, messages, max_new_tokens=2)
+
+
+def test_a_role_the_template_names_is_taken(default_model):
+    """Roles beyond system/user/assistant/tool pass when the template spells them out."""
+    from paradecode.api import _check_messages
+
+    _check_messages([{"role": "ipython", "content": "{}"}], "{% if message['role'] == 'ipython' %}")
+    with pytest.raises(Exception, match="ipython"):
+        _check_messages([{"role": "ipython", "content": "{}"}], "{{ message['role'] }}")
+
+
+def test_a_template_that_refuses_the_messages_is_a_clear_error(default_model):
+    import copy
+    import types
+
+    from paradecode.api import encode_prompt
+    from paradecode.errors import UserError
+
+    tok = copy.copy(default_model.tokenizer)     # its compiled template is keyed by the source
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    model = types.SimpleNamespace(tokenizer=tok, vocab_size=default_model.vocab_size)
+    with pytest.raises(UserError, match="chat template refused these messages: Conversation roles must alternate"):
+        encode_prompt(model, [{"role": "user", "content": "hi"}])

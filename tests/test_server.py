@@ -49,6 +49,8 @@ def test_generate_matches_library(client, default_model):
     ({}, 400, "prompt"),
     ({"prompt": "hi", "max_new_tokens": "many"}, 422, "max_new_tokens"),
     ({"prompt": "word " * 9000}, 400, "prompt"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+    ({"messages": [{"role": "user"}]}, 422, "messages.0.content"),
 ])
 def test_bad_requests_get_error_objects_and_server_keeps_serving(client, body, status, field):
     r = client.post("/v1/generate", json=body)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import numbers
+import re
 
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -57,12 +58,44 @@ def _messages_or_ids(model: CausalLM, prompt) -> list[int]:
     if prompt and isinstance(prompt[0], dict):
         if tok is None or not getattr(tok, "chat_template", None):
             raise UserError("chat messages need a model with a chat template", "pass plain text instead")
-        text = tok.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+        _check_messages(prompt, tok.chat_template)
+        from jinja2 import TemplateError
+
+        try:
+            text = tok.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+        except TemplateError as e:    # the template's own checks, e.g. roles that must alternate
+            raise UserError(f"the model's chat template refused these messages: {e}",
+                            "change the messages as it asks", field="messages") from None
         return tok.encode(text, add_special_tokens=False)
     ids = [int(t) for t in prompt]
     if any(t < 0 or t >= model.vocab_size for t in ids):
         raise UserError("prompt token id out of range", f"ids must be in [0, {model.vocab_size})")
     return ids
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_messages(messages: Sequence[Mapping], template: str | Any) -> None:
+    """Every message has a text ``content`` and a role the chat template knows.
+
+    A template that renders roles generically (ChatML) would take any role, so a misspelt
+    one would reach the model as given; roles beyond :data:`CHAT_ROLES` are taken only
+    when the template names them (e.g. Llama 3's ``"ipython"``).
+    """
+    for i, m in enumerate(messages):
+        where = f"message {i}"
+        if not isinstance(m.get("role"), str):
+            raise UserError(f'{where} has no "role"', 'give every message a role such as "user"',
+                            field="messages")
+        if not isinstance(m.get("content"), str):
+            got = type(m["content"]).__name__ if "content" in m else "nothing"
+            raise UserError(f'{where} needs its "content" as text, got {got}',
+                            'write it as {"role": "user", "content": "..."}', field="messages")
+        role = m["role"]
+        if role not in CHAT_ROLES and not re.search(rf"""['"]{re.escape(role)}['"]""", str(template)):
+            raise UserError(f"{where} has the role {role!r}, which this model's chat template does not know",
+                            f"use one of {', '.join(CHAT_ROLES)}", field="messages")
 
 
 def _is_messages_or_ids(prompt) -> bool:

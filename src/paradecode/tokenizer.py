@@ -57,17 +57,18 @@ class FastTokenizer:
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kw):
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
-        if self._compiled is None:
+        if self._compiled is None or self._compiled[0] != self.chat_template:
+            from jinja2.exceptions import TemplateError
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-            def raise_exception(message):
-                raise ValueError(message)
+            def raise_exception(message):        # what transformers raises too
+                raise TemplateError(message)
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = raise_exception
             env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
-            self._compiled = env.from_string(self.chat_template)
-        text = self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+            self._compiled = (self.chat_template, env.from_string(self.chat_template))
+        text = self._compiled[1].render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kw)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
