@@ -69,7 +69,7 @@ def _messages_or_ids(model: CausalLM, prompt) -> list[int]:
         return tok.encode(text, add_special_tokens=False)
     ids = [int(t) for t in prompt]
     if any(t < 0 or t >= model.vocab_size for t in ids):
-        raise UserError("prompt token id out of range", f"ids must be in [0, {model.vocab_size})")
+        raise UserError("prompt token id out of range", f"ids must be in [0, {model.vocab_size})", field="prompt")
     return ids
 
 

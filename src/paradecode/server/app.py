@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import threading
 from typing import Any
 
@@ -24,6 +23,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from ..errors import UserError
+from .openai import PATHS as OPENAI_PATHS, add_openai_routes, openai_error
+from .streaming import background, iterate_in_thread
 
 
 class Message(BaseModel):
@@ -46,7 +47,10 @@ class GenerateRequest(BaseModel):
     stream: bool = False
 
 
-def _error(status: int, type_: str, message: str, fix: str | None = None, field: str | None = None) -> JSONResponse:
+def _error(status: int, type_: str, message: str, fix: str | None = None, field: str | None = None, *,
+           request: Request | None = None) -> JSONResponse:
+    if request is not None and request.url.path.startswith(OPENAI_PATHS):     # OpenAI's shape there
+        return openai_error(status, type_, message, fix, field)
     body = {"type": type_, "message": message}
     if fix:
         body["fix"] = fix
@@ -65,23 +69,26 @@ def create_app(model) -> FastAPI:
     lock = threading.Lock()  # the CPU does one decode at a time; requests queue here
 
     @app.exception_handler(UserError)
-    async def user_error(_: Request, e: UserError):
-        return _error(400, "invalid_request", e.problem, e.fix, e.field)
+    async def user_error(request: Request, e: UserError):
+        return _error(400, "invalid_request", e.problem, e.fix, e.field, request=request)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError):
+    async def validation_error(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
         if first.get("type") == "json_invalid":       # its location is a character offset, not a field
             where = first.get("loc", ("body", "?"))[-1]
             return _error(422, "invalid_request", f"the body is not valid JSON (at character {where})",
-                          'send a JSON object such as {"prompt": "..."} with content-type application/json')
+                          'send a JSON object such as {"prompt": "..."} with content-type application/json',
+                          request=request)
         field = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        fix = f"paradecode does not take {field}; remove it" if first.get("type") == "extra_forbidden" \
+            else "see GET /docs for the request schema"
         return _error(422, "invalid_request", f"{field or 'body'}: {first.get('msg', 'invalid request')}",
-                      "see GET /docs for the request schema", field)
+                      fix, field, request=request)
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, e: Exception):
-        return _error(500, "internal_error", f"{type(e).__name__}: {e}")
+    async def internal_error(request: Request, e: Exception):
+        return _error(500, "internal_error", f"{type(e).__name__}: {e}", request=request)
 
     @app.get("/health")
     def health():
@@ -107,10 +114,13 @@ def create_app(model) -> FastAPI:
         prompt = [m.model_dump() for m in req.messages] if req.messages else req.prompt
         return prompt, method, gen
 
+    def decode(prompt, method, gen, *, chat: bool = False, stream=None):
+        with lock:
+            return generate(model, prompt, method, chat=chat, gen=gen, stream=stream)
+
     def run(req: GenerateRequest, stream=None):
         prompt, method, gen = prepare(req)
-        with lock:
-            return generate(model, prompt, method, chat=req.chat, gen=gen, stream=stream)
+        return decode(prompt, method, gen, chat=req.chat, stream=stream)
 
     @app.post("/v1/generate")
     async def generate_endpoint(req: GenerateRequest):
@@ -118,26 +128,13 @@ def create_app(model) -> FastAPI:
             out = await asyncio.to_thread(run, req)
             return {**out.to_dict(), "prompt_tokens": len(out.prompt_ids), "model": model.info.name}
         prepare(req)  # validate before the stream starts, so errors are proper error objects
-        pieces: queue.Queue = queue.Queue()
 
-        def work():
-            try:
-                out = run(req, stream=lambda piece: pieces.put(("text", piece)))
-                pieces.put(("done", out.to_dict()))
-            except UserError as e:
-                pieces.put(("error", {"type": "invalid_request", "message": e.problem, "fix": e.fix}))
-            except Exception as e:  # reported to the client, the server keeps serving
-                pieces.put(("error", {"type": "internal_error", "message": f"{type(e).__name__}: {e}"}))
+        def events():
+            for kind, data in background(lambda on_text: run(req, stream=on_text)):
+                yield f"event: {kind}\ndata: {json.dumps(data if kind != 'done' else data.to_dict())}\n\n"
 
-        threading.Thread(target=work, daemon=True).start()
+        return StreamingResponse(iterate_in_thread(events()), media_type="text/event-stream")
 
-        async def events():
-            while True:
-                kind, data = await asyncio.to_thread(pieces.get)
-                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
-                if kind in ("done", "error"):
-                    break
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
+    add_openai_routes(app, model, decode)
     return app
+

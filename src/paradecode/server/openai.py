@@ -1,0 +1,270 @@
+"""OpenAI-compatible endpoints, so existing clients and tools can talk to paradecode.
+
+    GET  /v1/models             the one loaded model
+    POST /v1/chat/completions   chat messages -> an assistant message ("stream": true: chunks, then [DONE])
+    POST /v1/completions        a text prompt (or token ids) -> its continuation
+
+The decoding method is chosen with two fields of our own, ``method`` and ``options``
+(the official client sends them with ``extra_body``); ``top_k`` is taken too. Every
+answer carries the decode's cost under ``"paradecode"``. The defaults are OpenAI's:
+``temperature`` 1 (sampling; 0 is greedy), ``max_tokens`` up to the context window for
+chat and 16 for completions. Fields paradecode cannot honour (``n`` > 1, penalties,
+``logprobs``, ``tools``, ...) are refused with an error rather than ignored, so an answer
+never silently differs from what was asked. Errors use OpenAI's shape::
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "n", "code": null, "fix": "..."}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, Callable
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import UserError
+from .streaming import background, iterate_in_thread
+
+PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions")
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[dict[str, Any]]         # text, or OpenAI's content parts
+
+    def as_dict(self, i: int) -> dict[str, str]:
+        if isinstance(self.content, str):
+            return {"role": self.role, "content": self.content}
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise UserError(f"message {i} has a content part of type {part.get('type')!r}; "
+                                "this model reads text only", 'send parts as {"type": "text", "text": "..."}',
+                                field="messages")
+        return {"role": self.role, "content": "".join(p["text"] for p in self.content)}
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """What both endpoints share: OpenAI's sampling fields and paradecode's method."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None                     # metadata: does not change the answer
+    method: str = Field("plain", description="paradecode's decoding method")
+    options: dict[str, Any] = Field(default_factory=dict, description="the method's options")
+    top_k: int = 0
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int]
+    max_tokens: int | None = 16                 # OpenAI's default for completions
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+
+def openai_error(status: int, type_: str, message: str, fix: str | None, field: str | None) -> JSONResponse:
+    """OpenAI's error object (clients read its ``message``), with our ``fix`` beside it. Bad requests are
+    400 as OpenAI answers them, a model that is not served 404."""
+    code = None
+    if type_ == "invalid_request":
+        status, type_ = 400, "invalid_request_error"
+        if field == "model":
+            status, code = 404, "model_not_found"
+    elif type_ == "internal_error":
+        type_ = "server_error"
+    body = {"message": message, "type": type_, "param": field, "code": code}
+    if fix:
+        body["fix"] = fix
+    return JSONResponse(status_code=status, content={"error": body})
+
+
+def _refuse_unsupported(req: _Sampling) -> None:
+    if req.n != 1:
+        raise UserError(f"n={req.n}: paradecode returns one choice per request", "send n=1 (or leave it out)",
+                        field="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise UserError(f"{name} is not supported: it would change the model's distribution",
+                            f"leave {name} at 0", field=name)
+    if getattr(req, "best_of", None) not in (None, 1):
+        raise UserError("best_of is not supported", "leave best_of out", field="best_of")
+    if getattr(req, "logprobs", None) or getattr(req, "top_logprobs", None):
+        raise UserError("logprobs are not supported", "leave logprobs out", field="logprobs")
+    if getattr(req, "echo", False):
+        raise UserError("echo is not supported", "leave echo out; the prompt is the one you sent", field="echo")
+    if getattr(req, "suffix", None) is not None:
+        raise UserError("suffix (fill in the middle) is not supported", "leave suffix out", field="suffix")
+
+
+def add_openai_routes(app: FastAPI, model, decode: Callable) -> None:
+    """Register the endpoints; ``decode(prompt, method, gen, stream=None)`` runs one request under the
+    server's lock."""
+    from ..api import encode_prompt
+    from ..methods import get_method
+    from ..sampling import GenerationConfig
+
+    name = model.info.name
+    created = int(time.time())
+
+    def check_model(req: _Sampling) -> None:
+        if req.model is not None and req.model != name:
+            raise UserError(f"model {req.model!r} is not served here; this server serves {name!r}",
+                            f'send "model": "{name}" (GET /v1/models lists it)', field="model")
+
+    def prepare(req: _Sampling, prompt, *, chat: bool, max_tokens: int | None):
+        check_model(req)
+        _refuse_unsupported(req)
+        method = get_method(req.method, req.options)
+        ids = encode_prompt(model, prompt, chat=chat)
+        room = model.max_context - len(ids)
+        if room <= 0:
+            raise UserError(f"the prompt has {len(ids)} tokens, as long as or longer than the model's context "
+                            f"window of {model.max_context}", "shorten the prompt",
+                            field="messages" if chat else "prompt")
+        limit_field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        if max_tokens is not None and not 0 < max_tokens <= room:
+            raise UserError(f"{limit_field}={max_tokens}: it must be at least 1 and fit the context window "
+                            f"({len(ids)} prompt tokens of {model.max_context})",
+                            f"send {limit_field} between 1 and {room}, or leave it out", field=limit_field)
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        gen = GenerationConfig(max_new_tokens=room if max_tokens is None else max_tokens,
+                               temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
+                               stop=stop)
+        return ids, method, gen
+
+    def usage(out) -> dict[str, int]:
+        n_prompt, n_new = len(out.prompt_ids), len(out.token_ids)
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
+
+    def ours(out) -> dict[str, Any]:
+        return {"method": out.stats.method, "stats": out.stats.to_dict()}
+
+    def sse(run: Callable, chunk: Callable[[dict], dict], first: dict | None, last: Callable[[Any], dict],
+            include_usage: bool):
+        def body():
+            if first is not None:
+                yield _data(chunk(first))
+            for kind, data in background(run):
+                if kind == "text":
+                    yield _data(chunk({"text": data}))
+                elif kind == "error":
+                    kind_ = "server_error" if data["type"] == "internal_error" else "invalid_request_error"
+                    yield _data({"error": {"message": data["message"], "type": kind_, "param": None, "code": None,
+                                           **({"fix": data["fix"]} if data.get("fix") else {})}})
+                    break
+                else:
+                    yield _data({**chunk(last(data)), "paradecode": ours(data)})
+                    if include_usage:
+                        yield _data({**chunk(None), "choices": [], "usage": usage(data)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(iterate_in_thread(body()), media_type="text/event-stream")
+
+    @app.get("/v1/models")
+    def list_models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "paradecode"}]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def get_model(model_id: str):
+        if model_id != name:
+            raise UserError(f"model {model_id!r} is not served here; this server serves {name!r}",
+                            "GET /v1/models lists it", field="model")
+        return {"id": name, "object": "model", "created": created, "owned_by": "paradecode"}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        if req.max_tokens is not None and req.max_completion_tokens is not None \
+                and req.max_tokens != req.max_completion_tokens:
+            raise UserError("max_tokens and max_completion_tokens disagree", "send one of them",
+                            field="max_completion_tokens")
+        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if not req.messages:
+            raise UserError("messages is empty", 'send at least one message, e.g. {"role": "user", ...}',
+                            field="messages")
+        ids, method, gen = prepare(req, [m.as_dict(i) for i, m in enumerate(req.messages)], chat=True, max_tokens=limit)
+        cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        if not req.stream:
+            out = await asyncio.to_thread(decode, ids, method, gen)
+            return {"id": cid, "object": "chat.completion", "created": now, "model": name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                                 "logprobs": None, "finish_reason": FINISH[out.finish_reason]}],
+                    "usage": usage(out), "paradecode": ours(out)}
+
+        def chunk(part: dict | None) -> dict:
+            c = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": name}
+            if part is None:
+                return c
+            delta = {k: v for k, v in (("role", part.get("role")), ("content", part.get("text"))) if v is not None}
+            return {**c, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                      "finish_reason": part.get("finish")}]}
+
+        return sse(lambda on_text: decode(ids, method, gen, stream=on_text), chunk,
+                   {"role": "assistant", "text": ""}, lambda out: {"finish": FINISH[out.finish_reason]},
+                   bool(req.stream_options and req.stream_options.include_usage))
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise UserError(f"{len(prompt)} prompts in one request: paradecode answers one at a time",
+                                "send one request per prompt", field="prompt")
+            prompt = prompt[0]
+        ids, method, gen = prepare(req, prompt, chat=False, max_tokens=req.max_tokens)
+        cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        if not req.stream:
+            out = await asyncio.to_thread(decode, ids, method, gen)
+            return {"id": cid, "object": "text_completion", "created": now, "model": name,
+                    "choices": [{"index": 0, "text": out.text, "logprobs": None,
+                                 "finish_reason": FINISH[out.finish_reason]}],
+                    "usage": usage(out), "paradecode": ours(out)}
+
+        def chunk(part: dict | None) -> dict:
+            c = {"id": cid, "object": "text_completion", "created": now, "model": name}
+            if part is None:
+                return c
+            return {**c, "choices": [{"index": 0, "text": part.get("text", ""), "logprobs": None,
+                                      "finish_reason": part.get("finish")}]}
+
+        return sse(lambda on_text: decode(ids, method, gen, stream=on_text), chunk, None,
+                   lambda out: {"finish": FINISH[out.finish_reason]},
+                   bool(req.stream_options and req.stream_options.include_usage))
+
+
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
