@@ -6,7 +6,7 @@ from ._common import add_model_args, model_from_args
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve the HTTP API (POST /v1/generate)")
+    p = sub.add_parser("serve", help="serve the HTTP API (POST /v1/generate, and OpenAI's /v1/chat/completions and /v1/completions)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     add_model_args(p)

@@ -4,6 +4,8 @@
     GET  /v1/methods       registered methods with their options
     POST /v1/generate      one prompt (text or chat messages), one method -> text, token ids, stats
                            ("stream": true answers with server-sent events, one per text piece)
+    GET  /v1/models, POST /v1/chat/completions, POST /v1/completions
+                           OpenAI-compatible (:mod:`paradecode.server.openai`)
 
 Every bad request gets a JSON error object and the server keeps serving::
 
