@@ -214,3 +214,45 @@ def test_serve_on_a_port_in_use_is_one_clear_line_before_the_model_loads(capsys,
         port = busy.getsockname()[1]
         code, _, err = run_cli(capsys, "serve", "--port", str(port))
     assert_one_line_error(code, err, f"cannot listen on 127.0.0.1:{port}", "--port")
+
+
+CONVERSATION = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+
+
+def test_generate_from_a_messages_file(capsys, tmp_path, monkeypatch, default_model):
+    from paradecode import generate
+
+    lib = generate(default_model, CONVERSATION, max_new_tokens=10).token_ids
+    f = tmp_path / "conv.json"
+    f.write_text(json.dumps(CONVERSATION))
+    code, out, err = run_cli(capsys, "generate", "--messages", str(f), "--max-new-tokens", "10", "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["token_ids"] == lib
+    import io                                                    # an OpenAI request body on stdin
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"model": "x", "messages": CONVERSATION})))
+    code, out, err = run_cli(capsys, "generate", "-m", "-", "--max-new-tokens", "10", "--json", "--method", "pld")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["token_ids"] == lib
+
+
+@pytest.mark.parametrize("content, extra, needles", [
+    ('[{"role": "user", "content": "hi"', (), ("is not valid JSON", "line 1")),
+    ('{"role": "user", "content": "hi"}', (), ("does not hold a list of chat messages",)),
+    ("[]", (), ("does not hold a list of chat messages",)),
+    ('["hi"]', (), ("does not hold a list of chat messages",)),
+    ('[{"role": "wizard", "content": "hi"}]', (), ("role 'wizard'",)),
+    ('[{"role": "user", "content": 3}]', (), ('"content" as text, got int',)),
+    ('[{"role": "user", "content": "hi"}]', ("--prompt", "hi"), ("both --messages and a prompt given",)),
+])
+def test_bad_messages_files(capsys, tmp_path, content, extra, needles):
+    f = tmp_path / "conv.json"
+    f.write_text(content)
+    code, _, err = run_cli(capsys, "generate", "--messages", str(f), "--max-new-tokens", "2", *extra)
+    assert_one_line_error(code, err, *needles)
+
+
+def test_messages_file_missing_or_a_folder(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "--messages", str(tmp_path / "nope.json"))
+    assert_one_line_error(code, err, "does not exist")
+    code, _, err = run_cli(capsys, "generate", "--messages", str(tmp_path))
+    assert_one_line_error(code, err, "is a folder")

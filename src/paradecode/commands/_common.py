@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any
@@ -96,6 +97,35 @@ def read_prompt(args: argparse.Namespace) -> str:
     if not text.strip():
         raise UserError("the prompt is empty", "pass some text with --prompt, --prompt-file, or stdin")
     return text
+
+
+def read_messages(path: str) -> list[dict]:
+    """--messages PATH ('-' for stdin): a JSON list of chat messages, or an object with a "messages" list
+    (an OpenAI request body). Their roles and contents are checked against the model's template later."""
+    if path == "-":
+        text = sys.stdin.read()
+    elif os.path.isdir(path):
+        raise UserError(f"messages file {path} is a folder", "pass --messages a JSON file")
+    elif not os.path.isfile(path):
+        raise UserError(f"messages file {path} does not exist", "check the path given to --messages")
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read messages file {path}: {e}", "pass a readable UTF-8 JSON file") from None
+    where = "stdin" if path == "-" else path
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                        'write a list such as [{"role": "user", "content": "..."}]') from None
+    if isinstance(data, dict) and "messages" in data:
+        data = data["messages"]
+    if not isinstance(data, list) or not data or not all(isinstance(m, dict) for m in data):
+        raise UserError(f"{where} does not hold a list of chat messages",
+                        'write a list such as [{"role": "user", "content": "..."}]')
+    return data
 
 
 def writable_dir(path, option: str):
