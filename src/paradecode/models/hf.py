@@ -8,6 +8,7 @@ use it for architectures the native backend lacks.
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -56,6 +57,8 @@ class HFCausalLM(CausalLM):
 
     def __init__(self, model, tokenizer=None, *, name: str = "model", dtype: str = "float32"):
         self.model = model.eval()
+        # transformers 5.25 renamed forward's past_key_values to cache (the old name goes in 5.40)
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.tokenizer = tokenizer
         c = model.config
         eos = getattr(c, "eos_token_id", None)
@@ -93,7 +96,7 @@ class HFCausalLM(CausalLM):
         mask = torch.zeros(B, 1, T, L0 + T, dtype=self._dtype)
         mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(self._dtype).min)
         out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
-                         past_key_values=cache.cache, use_cache=True)
+                         use_cache=True, **{self._cache_kw: cache.cache})
         cache.valid = torch.cat([cache.valid, new_valid], dim=1)
         logits = out.logits
         if logits_for is not None:
