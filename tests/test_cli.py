@@ -128,7 +128,7 @@ def test_small_model_dir_generates_on_both_backends(capsys, small_model_dir):
     outs = []
     for backend in ("native", "transformers"):
         code, out, err = run_cli(capsys, "generate", "--model", str(small_model_dir), "--backend", backend,
-                                 "--prompt", "one two three", "--max-new-tokens", "8", "--json")
+                                 "--dtype", "float32", "--prompt", "one two three", "--max-new-tokens", "8", "--json")
         assert code == 0, err
         outs.append(json.loads(out.strip().splitlines()[-1])["token_ids"])
     assert outs[0] == outs[1] and len(outs[0]) == 8
@@ -256,3 +256,26 @@ def test_messages_file_missing_or_a_folder(capsys, tmp_path):
     assert_one_line_error(code, err, "does not exist")
     code, _, err = run_cli(capsys, "generate", "--messages", str(tmp_path))
     assert_one_line_error(code, err, "is a folder")
+
+
+def test_the_default_dtype_is_chosen_for_the_cpu(capsys, small_model_dir, monkeypatch):
+    """auto: bfloat16 where the CPU multiplies bfloat16 in hardware and the kernels are built, else float32;
+    the transformers backend float32. The choice is reported, never hidden."""
+    from paradecode.models import kernels, loading
+
+    monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx2", "fma"})
+    assert loading.auto_dtype() == "float32"
+    monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert loading.auto_dtype("transformers") == "float32"
+    expected = "bfloat16" if kernels.attention_kernel() is not None else "float32"
+    assert loading.auto_dtype() == expected
+    code, out, err = run_cli(capsys, "generate", "--model", str(small_model_dir), "--prompt", "one two",
+                             "--max-new-tokens", "2", "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["dtype"] == expected
+    monkeypatch.setattr(loading, "cpu_flags", lambda: {"amx_bf16"})
+    assert loading.load_model(str(small_model_dir)).info.dtype == expected
+    monkeypatch.setattr(loading, "cpu_flags", lambda: set())
+    assert loading.load_model(str(small_model_dir)).info.dtype == "float32"
+    code, _, err = run_cli(capsys, "generate", "--model", str(small_model_dir), "--dtype", "float16", "-p", "hi")
+    assert_one_line_error(code, err, "unknown dtype 'float16'", "auto")

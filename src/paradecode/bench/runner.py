@@ -45,7 +45,7 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = None
     backend: str = "native"
-    dtype: str = "float32"
+    dtype: str = "auto"                       # resolved for this CPU when the config is made
     out: Path = Path("paradecode-bench")
     peers: list[str] | None = None            # None: all known peers; []: none
     warmup: int = 1
@@ -55,6 +55,12 @@ class BenchConfig:
     fresh: bool = False
     report_only: bool = False                 # build the report from the lines present, measure nothing
     command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.dtype == "auto":            # what the lines were measured with, so a resumed run compares it
+            from ..models.loading import auto_dtype
+
+            self.dtype = auto_dtype(self.backend)
 
     def measurement_key(self) -> str:
         """Hash of the settings that change what a line means (not of the matrix's extent)."""

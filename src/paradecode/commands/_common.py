@@ -16,8 +16,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help="local Hugging Face model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--backend", default="native", help="native (fast, Llama family) or transformers (any causal LM)")
-    g.add_argument("--dtype", default="float32",
-                   help="weight format: float32, bfloat16, int8 or int4 (native backend; see docs/engine.md)")
+    g.add_argument("--dtype", default="auto",
+                   help="weight format: auto (default: bfloat16 where the CPU has AVX-512 BF16 or AMX, else "
+                        "float32), float32, bfloat16, int8 or int4 (native backend; see docs/engine.md)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 

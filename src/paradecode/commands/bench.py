@@ -22,7 +22,9 @@ def register(sub) -> None:
     p.add_argument("--model", nargs="+", default=[None], metavar="PATH",
                    help="one or more Hugging Face directories or .gguf files (default: embedded SmolLM2-135M)")
     p.add_argument("--backend", default="native", help="native (fast, Llama family) or transformers")
-    p.add_argument("--dtype", default="float32", help="weight format: float32, bfloat16, int8 or int4 (native backend)")
+    p.add_argument("--dtype", default="auto",
+                   help="weight format: auto (bfloat16 where the CPU has AVX-512 BF16 or AMX, else float32), float32, "
+                        "bfloat16, int8 or int4 (native backend)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods (default: every registered autoregressive method)")
