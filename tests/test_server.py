@@ -76,3 +76,97 @@ def test_stream(client):
         events = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: ")]
     assert events and "text" in events[-1]
     assert "".join(e for e in events[:-1] if isinstance(e, str)) == events[-1]["text"]
+
+
+# --- a client that leaves stops its decode ---------------------------------------------------------------
+
+COUNTING = "1, 2, 3, 4, 5,"          # greedy continues counting past 300 tokens (no early EOS)
+
+
+def test_cancel_ends_a_decode_for_every_method(tiny):
+    """``cancel`` is asked after every model call; the decode ends there, for every method."""
+    from paradecode import generate
+    from paradecode.methods import all_methods
+
+    for name in all_methods():
+        options = {"draft_model": tiny} if name == "draft" else None    # the target drafting for itself
+        calls = []
+        out = generate(tiny, [5, 6, 7, 5, 6], name, options, max_new_tokens=40, ignore_eos=True,
+                       cancel=lambda: calls.append(1) or len(calls) > 3)
+        assert out.finish_reason == "cancelled", name
+        assert len(out.token_ids) < 40 and len(calls) == 4, name
+
+
+@pytest.fixture()
+def live_server(default_model, monkeypatch):
+    """The app on a real socket (uvicorn in a thread), with every decode's result recorded."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    import paradecode.api as api
+
+    results = []
+    real = api.generate
+
+    def recording(*a, **kw):
+        out = real(*a, **kw)
+        results.append(out)
+        return out
+
+    monkeypatch.setattr(api, "generate", recording)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(default_model), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", results
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def _wait_for(results, n, timeout=120.0):
+    import time
+
+    t0 = time.monotonic()
+    while len(results) < n and time.monotonic() - t0 < timeout:
+        time.sleep(0.05)
+    assert len(results) >= n, "the decode did not end"
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/generate", {"prompt": COUNTING, "max_new_tokens": 300, "stream": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Count from 1 to 500."}],
+                              "max_tokens": 300, "temperature": 0, "stream": True}),
+])
+def test_a_stream_whose_client_leaves_stops_decoding(live_server, path, body):
+    import httpx
+
+    url, results = live_server
+    with httpx.stream("POST", url + path, json=body, timeout=60) as r:
+        assert r.status_code == 200
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+    _wait_for(results, 1)
+    assert results[0].finish_reason == "cancelled" and len(results[0].token_ids) < 300
+    after = httpx.post(url + "/v1/generate", json={"prompt": "Hi", "max_new_tokens": 3}, timeout=60)
+    assert after.status_code == 200 and after.json()["stats"]["new_tokens"] == 3     # still serving
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/generate", {"prompt": COUNTING, "max_new_tokens": 300}),
+    ("/v1/completions", {"prompt": COUNTING, "max_tokens": 300, "temperature": 0}),
+])
+def test_a_request_whose_client_leaves_stops_decoding(live_server, path, body):
+    import httpx
+
+    url, results = live_server
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + path, json=body, timeout=httpx.Timeout(60, read=1.0))
+    _wait_for(results, 1)
+    assert results[0].finish_reason == "cancelled" and len(results[0].token_ids) < 300

@@ -126,19 +126,23 @@ def _make_gen(gen: GenerationConfig | None, kw: Mapping[str, Any]) -> Generation
 def generate(model: CausalLM, prompt: Prompt, method: str | Method = "plain",
              options: Mapping[str, Any] | None = None, *, chat: bool = False,
              gen: GenerationConfig | None = None, stream: Callable[[str], None] | None = None,
-             trace: bool = False, **settings) -> DecodeResult:
+             trace: bool = False, cancel: Callable[[], bool] | None = None, **settings) -> DecodeResult:
     """Generate a continuation of ``prompt`` with ``method``.
 
     ``settings`` are :class:`GenerationConfig` fields (``max_new_tokens``,
     ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``). ``stream``
     receives text pieces as tokens are accepted. ``trace=True`` records what
     each model call proposed and accepted (for ``paradecode viz``).
+    ``cancel`` (e.g. a ``threading.Event``'s ``is_set``) is asked after every
+    model call; once it answers True the decode ends with the tokens accepted
+    so far and ``finish_reason == "cancelled"``.
     """
     g = _make_gen(gen, settings)
     m = get_method(method, options)
     ids = encode_prompt(model, prompt, chat=chat)
     _check_fits(model, len(ids), g)
     sink = _sink(model, g, m, stream, trace)
+    sink.cancel = cancel
     t0 = time.perf_counter()
     m.decode(model, ids, g, sink)
     sink.stats.wall_time = time.perf_counter() - t0

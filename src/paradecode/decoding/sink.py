@@ -22,7 +22,7 @@ class DecodeResult:
     token_ids: list[int]            # generated ids (EOS and stop strings excluded)
     prompt_ids: list[int]
     stats: DecodeStats
-    finish_reason: str              # "eos" | "stop" | "length"
+    finish_reason: str              # "eos" | "stop" | "length" | "cancelled"
     trace: list[dict] | None = None  # per-call record for the visualiser, when asked for
 
     def to_dict(self) -> dict[str, Any]:
@@ -36,6 +36,7 @@ class TokenSink:
     eos_token_ids: tuple[int, ...]
     tokenizer: Any = None
     on_text: Callable[[str], None] | None = None   # streaming callback (new text pieces)
+    cancel: Callable[[], bool] | None = None       # asked at every emit: True ends generation ("cancelled")
     stats: DecodeStats = field(default_factory=DecodeStats)
     trace: list[dict] | None = None                # set to [] to record per-call events
     tokens: list[int] = field(default_factory=list)
@@ -53,6 +54,9 @@ class TokenSink:
 
     def emit(self, new: Iterable[int]) -> bool:
         """Append accepted tokens; return True once generation is over."""
+        if self.cancel is not None and not self.done and self.cancel():
+            self.finish_reason = "cancelled"      # the tokens of this call are not taken
+            return True
         for t in new:
             if self.done:
                 break

@@ -14,19 +14,18 @@ Every bad request gets a JSON error object and the server keeps serving::
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from ..errors import UserError
 from .openai import PATHS as OPENAI_PATHS, add_openai_routes, openai_error
-from .streaming import background, iterate_in_thread
+from .streaming import run_unless_disconnected, stream_decode
 
 
 class Message(BaseModel):
@@ -116,26 +115,36 @@ def create_app(model) -> FastAPI:
         prompt = [m.model_dump() for m in req.messages] if req.messages else req.prompt
         return prompt, method, gen
 
-    def decode(prompt, method, gen, *, chat: bool = False, stream=None):
+    def decode(prompt, method, gen, cancel: threading.Event, *, chat: bool = False, stream=None):
+        """One decode under the lock; None when the client left while the request queued."""
         with lock:
-            return generate(model, prompt, method, chat=chat, gen=gen, stream=stream)
-
-    def run(req: GenerateRequest, stream=None):
-        prompt, method, gen = prepare(req)
-        return decode(prompt, method, gen, chat=req.chat, stream=stream)
+            if cancel.is_set():
+                return None
+            return generate(model, prompt, method, chat=chat, gen=gen, stream=stream, cancel=cancel.is_set)
 
     @app.post("/v1/generate")
-    async def generate_endpoint(req: GenerateRequest):
+    async def generate_endpoint(req: GenerateRequest, request: Request):
+        prompt, method, gen = prepare(req)   # before a stream starts, so errors are proper error objects
+        cancel = threading.Event()
         if not req.stream:
-            out = await asyncio.to_thread(run, req)
+            out = await run_unless_disconnected(
+                request, lambda: decode(prompt, method, gen, cancel, chat=req.chat), cancel)
+            if out is None or out.finish_reason == "cancelled":
+                return Response(status_code=499)            # the client is gone
             return {**out.to_dict(), "prompt_tokens": len(out.prompt_ids), "model": model.info.name}
-        prepare(req)  # validate before the stream starts, so errors are proper error objects
 
-        def events():
-            for kind, data in background(lambda on_text: run(req, stream=on_text)):
-                yield f"event: {kind}\ndata: {json.dumps(data if kind != 'done' else data.to_dict())}\n\n"
+        def run(on_text):
+            return decode(prompt, method, gen, cancel, chat=req.chat, stream=on_text)
 
-        return StreamingResponse(iterate_in_thread(events()), media_type="text/event-stream")
+        async def events():
+            async for kind, data in stream_decode(run, cancel):
+                if kind == "done":
+                    if data is None:
+                        return
+                    data = data.to_dict()
+                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     add_openai_routes(app, model, decode)
     return app

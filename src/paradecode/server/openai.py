@@ -17,21 +17,21 @@ never silently differs from what was asked. Errors use OpenAI's shape::
 
 from __future__ import annotations
 
-import asyncio
 import json
+import threading
 import time
 import uuid
 from typing import Any, Callable
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import UserError
-from .streaming import background, iterate_in_thread
+from .streaming import run_unless_disconnected, stream_decode
 
 PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions")
-FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}   # the last: nobody reads it
 
 
 class _Strict(BaseModel):
@@ -128,8 +128,8 @@ def _refuse_unsupported(req: _Sampling) -> None:
 
 
 def add_openai_routes(app: FastAPI, model, decode: Callable) -> None:
-    """Register the endpoints; ``decode(prompt, method, gen, stream=None)`` runs one request under the
-    server's lock."""
+    """Register the endpoints; ``decode(prompt, method, gen, cancel, stream=None)`` runs one request under
+    the server's lock (None when ``cancel`` was set while it queued)."""
     from ..api import encode_prompt
     from ..methods import get_method
     from ..sampling import GenerationConfig
@@ -170,12 +170,25 @@ def add_openai_routes(app: FastAPI, model, decode: Callable) -> None:
     def ours(out) -> dict[str, Any]:
         return {"method": out.stats.method, "stats": out.stats.to_dict()}
 
-    def sse(run: Callable, chunk: Callable[[dict], dict], first: dict | None, last: Callable[[Any], dict],
-            include_usage: bool):
-        def body():
+    async def respond(request: Request, req: _Sampling, ids: list[int], method, gen,
+                      full: Callable[[Any], dict], chunk: Callable[[dict | None], dict], first: dict | None):
+        """The whole answer (``full(out)`` plus usage and stats), or its stream of ``chunk(part)`` events and
+        ``[DONE]``. Either way the decode stops when the client disconnects."""
+        cancel = threading.Event()
+        if not req.stream:
+            out = await run_unless_disconnected(request, lambda: decode(ids, method, gen, cancel), cancel)
+            if out is None or out.finish_reason == "cancelled":
+                return Response(status_code=499)            # the client is gone
+            return {**full(out), "usage": usage(out), "paradecode": ours(out)}
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def run(on_text):
+            return decode(ids, method, gen, cancel, stream=on_text)
+
+        async def body():
             if first is not None:
                 yield _data(chunk(first))
-            for kind, data in background(run):
+            async for kind, data in stream_decode(run, cancel):
                 if kind == "text":
                     yield _data(chunk({"text": data}))
                 elif kind == "error":
@@ -183,13 +196,13 @@ def add_openai_routes(app: FastAPI, model, decode: Callable) -> None:
                     yield _data({"error": {"message": data["message"], "type": kind_, "param": None, "code": None,
                                            **({"fix": data["fix"]} if data.get("fix") else {})}})
                     break
-                else:
-                    yield _data({**chunk(last(data)), "paradecode": ours(data)})
+                elif data is not None:
+                    yield _data({**chunk({"finish": FINISH[data.finish_reason]}), "paradecode": ours(data)})
                     if include_usage:
                         yield _data({**chunk(None), "choices": [], "usage": usage(data)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(iterate_in_thread(body()), media_type="text/event-stream")
+        return StreamingResponse(body(), media_type="text/event-stream")
 
     @app.get("/v1/models")
     def list_models():
@@ -204,7 +217,7 @@ def add_openai_routes(app: FastAPI, model, decode: Callable) -> None:
         return {"id": name, "object": "model", "created": created, "owned_by": "paradecode"}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         if req.max_tokens is not None and req.max_completion_tokens is not None \
                 and req.max_tokens != req.max_completion_tokens:
             raise UserError("max_tokens and max_completion_tokens disagree", "send one of them",
@@ -216,12 +229,10 @@ def add_openai_routes(app: FastAPI, model, decode: Callable) -> None:
         ids, method, gen = prepare(req, [m.as_dict(i) for i, m in enumerate(req.messages)], chat=True, max_tokens=limit)
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        if not req.stream:
-            out = await asyncio.to_thread(decode, ids, method, gen)
+        def full(out) -> dict:
             return {"id": cid, "object": "chat.completion", "created": now, "model": name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                                 "logprobs": None, "finish_reason": FINISH[out.finish_reason]}],
-                    "usage": usage(out), "paradecode": ours(out)}
+                                 "logprobs": None, "finish_reason": FINISH[out.finish_reason]}]}
 
         def chunk(part: dict | None) -> dict:
             c = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": name}
@@ -231,12 +242,10 @@ def add_openai_routes(app: FastAPI, model, decode: Callable) -> None:
             return {**c, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                       "finish_reason": part.get("finish")}]}
 
-        return sse(lambda on_text: decode(ids, method, gen, stream=on_text), chunk,
-                   {"role": "assistant", "text": ""}, lambda out: {"finish": FINISH[out.finish_reason]},
-                   bool(req.stream_options and req.stream_options.include_usage))
+        return await respond(request, req, ids, method, gen, full, chunk, {"role": "assistant", "text": ""})
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -246,12 +255,10 @@ def add_openai_routes(app: FastAPI, model, decode: Callable) -> None:
         ids, method, gen = prepare(req, prompt, chat=False, max_tokens=req.max_tokens)
         cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        if not req.stream:
-            out = await asyncio.to_thread(decode, ids, method, gen)
+        def full(out) -> dict:
             return {"id": cid, "object": "text_completion", "created": now, "model": name,
                     "choices": [{"index": 0, "text": out.text, "logprobs": None,
-                                 "finish_reason": FINISH[out.finish_reason]}],
-                    "usage": usage(out), "paradecode": ours(out)}
+                                 "finish_reason": FINISH[out.finish_reason]}]}
 
         def chunk(part: dict | None) -> dict:
             c = {"id": cid, "object": "text_completion", "created": now, "model": name}
@@ -260,9 +267,7 @@ def add_openai_routes(app: FastAPI, model, decode: Callable) -> None:
             return {**c, "choices": [{"index": 0, "text": part.get("text", ""), "logprobs": None,
                                       "finish_reason": part.get("finish")}]}
 
-        return sse(lambda on_text: decode(ids, method, gen, stream=on_text), chunk, None,
-                   lambda out: {"finish": FINISH[out.finish_reason]},
-                   bool(req.stream_options and req.stream_options.include_usage))
+        return await respond(request, req, ids, method, gen, full, chunk, None)
 
 
 def _data(obj: dict) -> str:

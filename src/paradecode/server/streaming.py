@@ -1,18 +1,27 @@
-"""Streaming a decode that runs on a thread of its own to an async HTTP response."""
+"""Running a decode on a thread of its own for an async HTTP handler, and stopping it when the client leaves.
+
+The server decodes one request at a time (a lock), so a decode nobody waits for any more would hold the
+CPU and every queued request behind it: each request carries a ``threading.Event`` the decode asks after
+every model call (``generate(..., cancel=event.is_set)``), set when the client disconnects.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import queue
 import threading
+from typing import Any, AsyncIterator, Callable
 
 from ..errors import UserError
 
+POLL = 0.25     # seconds between checks that a non-streaming request's client is still there
 
-def background(run):
-    """Run ``run(on_text)`` on a thread of its own; yield ``("text", piece)`` as the decode streams, then
-    ``("done", result)`` or ``("error", error body)``. A failure reaches the client and the server keeps
-    serving."""
+
+async def stream_decode(run: Callable[[Callable[[str], None]], Any],
+                        cancel: threading.Event) -> AsyncIterator[tuple[str, Any]]:
+    """Run ``run(on_text)`` on a thread; yield ``("text", piece)`` as the decode streams, then ``("done",
+    result)`` or ``("error", error body)``. A failure reaches the client and the server keeps serving. When
+    the consumer stops early (the client disconnected, so the response is cancelled), ``cancel`` is set."""
     pieces: queue.Queue = queue.Queue()
 
     def work():
@@ -24,18 +33,23 @@ def background(run):
             pieces.put(("error", {"type": "internal_error", "message": f"{type(e).__name__}: {e}"}))
 
     threading.Thread(target=work, daemon=True).start()
-    while True:
-        kind, data = pieces.get()
-        yield kind, data
-        if kind in ("done", "error"):
-            return
+    try:
+        while True:
+            kind, data = await asyncio.to_thread(pieces.get)
+            yield kind, data
+            if kind in ("done", "error"):
+                return
+    finally:
+        cancel.set()        # a decode still running stops after its current model call
 
 
-async def iterate_in_thread(gen):
-    """An async view of a generator whose steps block (each waits on the decode thread)."""
-    done = object()
+async def run_unless_disconnected(request, run: Callable[[], Any], cancel: threading.Event):
+    """``run()`` on a thread, its result; ``cancel`` is set if the client disconnects meanwhile (the result
+    then goes nowhere, and the decode stops after its current model call)."""
+    task = asyncio.ensure_future(asyncio.to_thread(run))
     while True:
-        item = await asyncio.to_thread(next, gen, done)
-        if item is done:
-            return
-        yield item
+        done, _ = await asyncio.wait({task}, timeout=POLL)
+        if done:
+            return task.result()
+        if not cancel.is_set() and await request.is_disconnected():
+            cancel.set()
