@@ -279,3 +279,11 @@ def test_the_default_dtype_is_chosen_for_the_cpu(capsys, small_model_dir, monkey
     assert loading.load_model(str(small_model_dir)).info.dtype == "float32"
     code, _, err = run_cli(capsys, "generate", "--model", str(small_model_dir), "--dtype", "float16", "-p", "hi")
     assert_one_line_error(code, err, "unknown dtype 'float16'", "auto")
+
+
+def test_serve_with_an_empty_api_key_is_one_clear_line(capsys, monkeypatch):
+    from paradecode.commands import serve
+
+    monkeypatch.setattr(serve, "model_from_args", lambda args: pytest.fail("the model loaded first"))
+    code, _, err = run_cli(capsys, "serve", "--api-key", " ")
+    assert_one_line_error(code, err, "--api-key is empty")

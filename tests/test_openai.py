@@ -151,3 +151,18 @@ def test_our_own_endpoint_keeps_its_error_shape(http):
     r = http.post("/v1/generate", json={"prompt": "hi", "top_p": 2.0})
     assert r.status_code == 400 and set(r.json()["error"]) >= {"type", "message", "field"}
     assert r.json()["error"]["type"] == "invalid_request"
+
+
+def test_an_api_key_is_required_when_given(default_model, name):
+    http = TestClient(create_app(default_model, api_key="s3cret"))
+    assert http.get("/health").status_code == 200                          # liveness stays open
+    r = http.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 2})
+    assert r.status_code == 401 and "no API key" in r.json()["error"]["message"]
+    wrong = openai.OpenAI(base_url="http://testserver/v1", api_key="guess", http_client=http, max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        wrong.models.list()
+    assert e.value.body["code"] == "invalid_api_key" and "wrong API key" in e.value.body["message"]
+    right = openai.OpenAI(base_url="http://testserver/v1", api_key="s3cret", http_client=http, max_retries=0)
+    assert [m.id for m in right.models.list()] == [name]
+    r = right.completions.create(model=name, prompt="The capital of France is", max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 from ._common import add_model_args, model_from_args
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve the HTTP API (POST /v1/generate, and OpenAI's /v1/chat/completions and /v1/completions)")
+    p = sub.add_parser("serve", help="serve the HTTP API (POST /v1/generate, and OpenAI's /v1/chat/completions "
+                                     "and /v1/completions)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("PARADECODE_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every request but GET /health "
+                        "(default: $PARADECODE_API_KEY; none: open)")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -19,11 +25,13 @@ def run(args) -> int:
     from ..errors import UserError
     from ..server import create_app
 
+    if args.api_key is not None and not args.api_key.strip():
+        raise UserError("--api-key is empty", "pass a non-empty key, or leave --api-key out for an open server")
     if not 0 < args.port < 65536:
         raise UserError(f"port {args.port} is out of range", "pass --port between 1 and 65535")
     _check_can_listen(args.host, args.port)              # before loading the model, in one line
     model = model_from_args(args)
-    uvicorn.run(create_app(model), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(model, api_key=args.api_key), host=args.host, port=args.port, log_level="info")
     return 0
 
 

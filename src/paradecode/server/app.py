@@ -60,14 +60,31 @@ def _error(status: int, type_: str, message: str, fix: str | None = None, field:
     return JSONResponse(status_code=status, content={"error": body})
 
 
-def create_app(model) -> FastAPI:
-    """An app serving ``model`` (a loaded CausalLM). One decode runs at a time."""
+def create_app(model, *, api_key: str | None = None) -> FastAPI:
+    """An app serving ``model`` (a loaded CausalLM). One decode runs at a time. With ``api_key``, every
+    request but ``GET /health`` must carry ``Authorization: Bearer <api_key>`` (what OpenAI clients send)."""
+    import hmac
+
     from ..api import generate
     from ..methods import all_methods, get_method, method_options
     from ..sampling import GenerationConfig
 
     app = FastAPI(title="paradecode", version="0.1.0")
     lock = threading.Lock()  # the CPU does one decode at a time; requests queue here
+
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def require_key(request: Request, call_next):
+            if request.url.path != "/health":
+                given = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(given, expected):
+                    what = "a wrong API key" if given else "no API key"
+                    return _error(401, "authentication_error", f"the request has {what}",
+                                  "send the header Authorization: Bearer <the key given to serve --api-key>",
+                                  request=request)
+            return await call_next(request)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, e: UserError):

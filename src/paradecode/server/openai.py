@@ -103,6 +103,8 @@ def openai_error(status: int, type_: str, message: str, fix: str | None, field: 
             status, code = 404, "model_not_found"
     elif type_ == "internal_error":
         type_ = "server_error"
+    elif type_ == "authentication_error":
+        code = "invalid_api_key"
     body = {"message": message, "type": type_, "param": field, "code": code}
     if fix:
         body["fix"] = fix
