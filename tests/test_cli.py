@@ -287,3 +287,64 @@ def test_serve_with_an_empty_api_key_is_one_clear_line(capsys, monkeypatch):
     monkeypatch.setattr(serve, "model_from_args", lambda args: pytest.fail("the model loaded first"))
     code, _, err = run_cli(capsys, "serve", "--api-key", " ")
     assert_one_line_error(code, err, "--api-key is empty")
+
+
+def _piped(monkeypatch, text: str) -> None:
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+
+
+def test_chat_keeps_the_conversation(capsys, monkeypatch, default_model):
+    """Piped lines are the user's turns; each answer is the library's answer to the conversation so far."""
+    from paradecode import generate
+
+    _piped(monkeypatch, "Name a colour.\n\nAnd a fruit?\n")
+    code, out, err = run_cli(capsys, "chat", "--dtype", "float32", "--max-new-tokens", "10", "--method", "pld")
+    assert code == 0, err
+    turns = [{"role": "user", "content": "Name a colour."}]
+    first = generate(default_model, turns, max_new_tokens=10).text
+    turns += [{"role": "assistant", "content": first}, {"role": "user", "content": "And a fruit?"}]
+    second = generate(default_model, turns, max_new_tokens=10).text
+    assert out == f"{first}\n{second}\n"
+    assert err.count("[pld:") == 2
+
+
+def test_chat_reset_system_and_a_started_conversation(capsys, monkeypatch, tmp_path, default_model):
+    from paradecode import generate
+
+    system = {"role": "system", "content": "Answer in French."}
+    _piped(monkeypatch, "Hello!\n/reset\nHello!\n/exit\nnot read\n")
+    code, out, err = run_cli(capsys, "chat", "--dtype", "float32", "--max-new-tokens", "8", "-q",
+                             "--system", system["content"])
+    assert code == 0, err
+    answer = generate(default_model, [system, {"role": "user", "content": "Hello!"}], max_new_tokens=8).text
+    assert out == f"{answer}\n{answer}\n" and "starts over" in err and "[plain" not in err
+    f = tmp_path / "conv.json"                      # a conversation ending in a user message is answered first
+    f.write_text(json.dumps([system, {"role": "user", "content": "Hello!"}]))
+    _piped(monkeypatch, "")
+    code, out, err = run_cli(capsys, "chat", "--dtype", "float32", "--max-new-tokens", "8", "-m", str(f))
+    assert code == 0 and out == f"{answer}\n"
+    code, _, err = run_cli(capsys, "chat", "-m", str(f), "--system", "x")
+    assert_one_line_error(code, err, "both --system and a system message")
+
+
+def test_chat_from_a_pipe_stops_at_an_error(capsys, monkeypatch, small_model_dir):
+    _piped(monkeypatch, "word " * 80 + "\n")          # longer than the small model's 64-token window
+    code, _, err = run_cli(capsys, "chat", "--model", str(small_model_dir), "--max-new-tokens", "4")
+    assert_one_line_error(code, err, "context window")
+
+
+def test_ctrl_c_during_an_answer_stops_it_and_keeps_the_session():
+    import os
+    import signal
+    import threading
+
+    from paradecode.commands.chat import _interrupt_sets
+
+    event = threading.Event()
+    before = signal.getsignal(signal.SIGINT)
+    with _interrupt_sets(event):
+        os.kill(os.getpid(), signal.SIGINT)            # no KeyboardInterrupt: the event is set instead
+        assert event.wait(5)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -54,9 +54,10 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
     return parse_options(args.option)
 
 
-def add_generation_args(p: argparse.ArgumentParser) -> None:
+def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"most tokens to generate (default {max_new_tokens})")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
