@@ -42,6 +42,11 @@ class FastTokenizer:
         self.pad_token_id = self._tok.token_to_id(self.pad_token) if self.pad_token else None
         self._compiled = None
 
+    @property
+    def backend(self):
+        """The ``tokenizers.Tokenizer`` that ``decode`` uses (for incremental decoding)."""
+        return self._tok
+
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

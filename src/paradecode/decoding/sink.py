@@ -7,6 +7,7 @@ all methods stop at exactly the same token as plain decoding.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -43,6 +44,7 @@ class TokenSink:
     finish_reason: str | None = None
     _streamed: str = ""
     _stop_cut: int | None = None      # where the text ends when a stop string was hit
+    _live: "LiveText | None" = None   # the text so far, kept up to date for stop strings and streaming
 
     @property
     def done(self) -> bool:
@@ -67,23 +69,34 @@ class TokenSink:
             self.tokens.append(t)
             if len(self.tokens) >= self.gen.max_new_tokens:
                 self.finish_reason = "length"
-        if self.gen.stop and self.tokenizer is not None:
-            self._check_stop()
+        if self.tokenizer is not None and (self.gen.stop or self.on_text is not None):
+            if self._live is None:
+                self._live = LiveText(self.tokenizer)
+            before = self._live.update(self.tokens)
+            if self.gen.stop:
+                self._check_stop(before)
         self.stats.new_tokens = len(self.tokens)
         self._stream()
         return self.done
 
-    def _check_stop(self) -> None:
-        text = self.tokenizer.decode(self.tokens)
-        hits = [i for i in (text.find(s) for s in self.gen.stop) if i >= 0]
+    def _check_stop(self, before: int) -> None:
+        """End at the first stop string in the text; only text past its first ``before`` characters, which the
+        previous emit's text held too, can begin one."""
+        text = self._live.text
+        hits = [i for i in (text.find(s, max(0, before - len(s) + 1)) for s in self.gen.stop) if i >= 0]
         if not hits:
             return
         cut = min(hits)
-        # keep the shortest token prefix whose text reaches the stop string; the text ends before it
-        for n in range(1, len(self.tokens) + 1):
-            if len(self.tokenizer.decode(self.tokens[:n])) > cut:
-                self.tokens = self.tokens[:n]
-                break
+        # keep the shortest token prefix whose text reaches the stop string (a prefix's text grows with
+        # it, so a binary search finds it); the text ends before the stop string
+        lo, hi = 1, len(self.tokens)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.tokenizer.decode(self.tokens[:mid])) > cut:
+                hi = mid
+            else:
+                lo = mid + 1
+        self.tokens = self.tokens[:lo]
         self._stop_cut = cut
         self.finish_reason = "stop"
 
@@ -108,9 +121,11 @@ class TokenSink:
     def _stream(self) -> None:
         if self.on_text is None or self.tokenizer is None:
             return
-        text = self.text()
-        if not self.done:
+        if self.done:
+            text = self.text()
+        else:
             # hold back a multi-byte character cut in half, and any tail that may begin a stop string
+            text = self._live.text
             if text.endswith("\ufffd"):
                 return
             text = text[:len(text) - _stop_prefix_len(text, self.gen.stop)]
@@ -136,3 +151,45 @@ def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
                 best = k
                 break
     return best
+
+
+class LiveText:
+    """The text of a growing token list, decoded as it grows.
+
+    With a ``tokenizers`` tokenizer the new tokens go through its incremental
+    decoder (:class:`tokenizers.decoders.DecodeStream`): each emit costs the
+    new tokens, not the whole answer, and the text equals a full decode except
+    that a character still cut in half is held back. Other tokenizers decode
+    the whole list every time.
+    """
+
+    def __init__(self, tokenizer):
+        self.text = ""
+        self._tokenizer = tokenizer
+        self._fed = 0
+        self._stream = None
+        backend = getattr(tokenizer, "backend", None)
+        if backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self._backend = backend
+            self._stream = DecodeStream(skip_special_tokens=True)
+
+    def update(self, tokens: list[int]) -> int:
+        """Bring the text up to ``tokens``; return how many leading characters of the previous text stand."""
+        old = self.text
+        if self._stream is not None:
+            if len(tokens) > self._fed:
+                try:
+                    piece = self._stream.step(self._backend, tokens[self._fed:])
+                except Exception:
+                    # the decoder rewrote text it had given (byte fallback turns a lone byte it showed into
+                    # U+FFFD once the next bytes prove it invalid): no stream follows that, so decode in full
+                    self._stream = None
+                else:
+                    self._fed = len(tokens)
+                    self.text += piece or ""
+            if self._stream is not None:
+                return len(old)
+        self.text = self._tokenizer.decode(tokens)
+        return len(os.path.commonprefix([old, self.text]))
