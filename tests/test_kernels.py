@@ -614,30 +614,58 @@ def test_bf16_kernel_computes_its_definition(lib, M, N, K, kind, seed):
     w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g).to(getattr(torch, kind))
     packed = pack_bf16_panels(w, float_out=True)
     y = kernels.bf16_mm(x, packed, torch.float32, lib)
-    want = _bf16_pairs_reference(x.float(), w)
-    assert y.shape == (M, N) and torch.equal(y, want)
-    assert torch.equal(kernels.bf16_mm(x, packed, torch.bfloat16, lib), want.to(torch.bfloat16))
     ref = x.to(torch.bfloat16).double() @ w.to(torch.bfloat16).double().T
+    assert y.shape == (M, N)
+    if _takes_bf16_tiles(lib, K):
+        _within_float_sums(y, x, w)
+        assert torch.equal(kernels.bf16_mm(x, packed, torch.bfloat16, lib), y.to(torch.bfloat16))
+    else:
+        want = _bf16_pairs_reference(x.float(), w)
+        assert torch.equal(y, want)
+        assert torch.equal(kernels.bf16_mm(x, packed, torch.bfloat16, lib), want.to(torch.bfloat16))
     assert float((y.double() - ref).abs().max()) <= 1e-5 * K * max(1.0, float(ref.abs().max()))
+
+
+def _takes_bf16_tiles(lib, K: int) -> bool:
+    """Whether ``lib`` multiplies bfloat16 weights of K inputs on AMX tiles (whole tile steps of 32 inputs)."""
+    return bool(lib.pd_bf16_amx()) and -(-K // 2) % 16 == 0
+
+
+def _within_float_sums(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """AMX tiles sum in an order of their own, which no emulation here reproduces bit for bit: check ``y``
+    against the exact products of the bfloat16 operands within what float32 sums in any order can be off by,
+    γ_K Σ|x||w| (and denormal products, which the tiles flush, below 2^-100 each)."""
+    xb, wb = x.to(torch.bfloat16).double(), w.to(torch.bfloat16).double()
+    K = x.shape[1]
+    gamma = (K + 2) * 2.0 ** -24 / (1 - (K + 2) * 2.0 ** -24)
+    bound = gamma * (xb.abs() @ wb.abs().T) + K * 2.0 ** -100
+    assert bool(((y[:, :w.shape[0]].double() - xb @ wb.T).abs() <= bound).all())
 
 
 def test_bf16_kernel_rows_threads_and_paths_agree_bit_for_bit(lib, tmp_path):
     """An output's bits depend on its row and channel only: alone or with up to 18 other rows (vdpbf16ps: blocks
-    of 4 rows x 4 panels up to 4 rows, 8 rows x 2 panels above), on 1, 2 or 3 threads, and on every path:
-    vdpbf16ps (where the CPU has AVX-512 BF16), AVX2 + FMA, plain C."""
+    of 4 rows x 4 panels up to 4 rows, 8 rows x 2 panels above; AMX: tiles of up to 16 rows x 4 panels), on 1,
+    2 or 3 threads. The vector paths have the same bits: vdpbf16ps (where the CPU has AVX-512 BF16), AVX2 +
+    FMA, plain C; AMX tiles (where the CPU has them) bits of their own, every call the same."""
     from paradecode.models.quant import pack_bf16_panels
 
     g = torch.Generator().manual_seed(4)
     w, x = torch.randn(1000, 576, generator=g) * 0.05, torch.randn(19, 576, generator=g).to(torch.bfloat16)
     packed = pack_bf16_panels(w)
     whole = kernels.bf16_mm(x, packed, torch.float32, lib)
-    assert torch.equal(whole, kernels.bf16_mm(x, packed, torch.float32))     # the portable C build too
-    assert torch.equal(whole[:3, :40], _bf16_pairs_reference(x[:3].float(), w[:40]))
-    avx2 = _without_avx512(tmp_path, "from paradecode.models.quant import pack_bf16_panels;"
-                           "g = torch.Generator().manual_seed(4); w = torch.randn(1000, 576, generator=g) * 0.05;"
-                           "x = torch.randn(19, 576, generator=g).to(torch.bfloat16);"
-                           "y = kernels.bf16_mm(x, pack_bf16_panels(w), torch.float32)")
-    assert torch.equal(avx2, whole)
+    code = ("from paradecode.models.quant import pack_bf16_panels;"
+            "g = torch.Generator().manual_seed(4); w = torch.randn(1000, 576, generator=g) * 0.05;"
+            "x = torch.randn(19, 576, generator=g).to(torch.bfloat16);"
+            "y = kernels.bf16_mm(x, pack_bf16_panels(w), torch.float32)")
+    # the engine's build without tiles: vdpbf16ps where the CPU has AVX-512 BF16
+    vector = _without_avx512(tmp_path, code, "PARADECODE_NO_AMX") if kernels.bf16_amx() \
+        else kernels.bf16_mm(x, packed, torch.float32)
+    assert torch.equal(vector[:3, :40], _bf16_pairs_reference(x[:3].float(), w[:40]))
+    assert torch.equal(_without_avx512(tmp_path, code), vector)                 # AVX2 + FMA
+    if _takes_bf16_tiles(lib, 576):
+        _within_float_sums(whole, x, w)
+    else:
+        assert torch.equal(whole, vector)                                        # plain C (the portable build)
     for r in range(19):
         assert torch.equal(kernels.bf16_mm(x[r:r + 1], packed, torch.float32, lib), whole[r:r + 1]), r
     for n in (2, 3, 4, 5, 8, 9, 16):

@@ -378,17 +378,17 @@ def test_bfloat16_projections_are_prepacked_for_onednn():
     assert packed.twin("int4").packed                         # twins inherit the choice (no effect on int4)
 
 
-def test_bfloat16_runs_the_compiled_kernel_without_amx():
-    """On a CPU without AMX the bfloat16 format's matrices go to the compiled bfloat16 kernel (pair panels; the
-    LM head with float32 logits, its rows a tied embedding) and the layers run fused in one C call;
-    ``bf16_kernel=True`` asks for it on any CPU. Its logits are PyTorch's (oneDNN's) up to summation order,
+def test_bfloat16_runs_the_compiled_kernel():
+    """Wherever the kernels are built the bfloat16 format's matrices go to the compiled bfloat16 kernel (pair
+    panels; the LM head with float32 logits, its rows a tied embedding) and the layers run fused in one C call;
+    ``bf16_kernel=False`` keeps PyTorch's (oneDNN's) products. Its logits are oneDNN's up to summation order,
     the weights the same bytes; twins inherit the choice."""
     from paradecode.models.native import NativeLlama
     from paradecode.models.quant import BF16PanelWeight
 
     hf = tiny_hf_model("llama", seed=4, hidden=128, intermediate=384)
     auto = NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16")
-    assert auto.bf16_panels == (not kernels.amx())
+    assert auto.bf16_panels
     native = NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16", bf16_kernel=True)
     onednn = NativeLlama(hf.config, hf.state_dict(), dtype="bfloat16", bf16_kernel=False)
     assert isinstance(native.wqkv[0], BF16PanelWeight) and native.lm_head.float_out and native.fused

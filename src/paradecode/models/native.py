@@ -292,10 +292,9 @@ class NativeLlama(CausalLM):
         independent of its call, token trees included, the layer glue, and int4 x int8 products for the int4
         format), ``"torch"`` (PyTorch throughout: attention as matmuls over whole KV_CHUNK chunks, exact for
         chains only; int4 x bfloat16 products), or ``"auto"`` (the kernels where they can be built).
-        ``bf16_kernel`` (bfloat16 with the kernels): the compiled bfloat16 products (``kernels/bf16.c``:
-        ``vdpbf16ps`` with AVX-512 BF16, else AVX2 + FMA or plain C) instead of PyTorch's (oneDNN's); default:
-        where the CPU has no AMX, as :func:`kernels.amx` tells (``PARADECODE_NO_AMX=1`` counts as none; with AMX
-        oneDNN's tile kernels were the fast path; ``docs/engine.md``)."""
+        ``bf16_kernel`` (bfloat16 with the kernels): the compiled bfloat16 products (``kernels/bf16.c``: AMX
+        tiles where the CPU has them, else ``vdpbf16ps`` with AVX-512 BF16, else AVX2 + FMA or plain C) instead of
+        PyTorch's (oneDNN's); default: wherever the kernels are built (``docs/engine.md``)."""
         arch = (getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UserError(f"architecture {arch} is not supported by the native backend",
@@ -322,14 +321,12 @@ class NativeLlama(CausalLM):
         self.packed = can_pack_bf16() if packed is None else bool(packed and can_pack_bf16())
         # float32 with the kernels: the compiled float32 products (kernels/panels.c), invariant by construction
         self.panels = dtype == "float32" and self._attn_kernel is not None
-        # bfloat16 with the kernels: the compiled bfloat16 products (kernels/bf16.c), invariant by construction,
-        # by default where the CPU has no AMX
+        # bfloat16 with the kernels: the compiled bfloat16 products (kernels/bf16.c), invariant by construction
         if bf16_kernel and dtype == "bfloat16" and self._attn_kernel is None:
             raise UserError(f"the compiled bfloat16 products need the kernels, unavailable here: {kernels.FAILURE}",
                             "leave bf16_kernel unset (PyTorch's products are the fallback)")
         self._bf16_kernel = bf16_kernel                     # the choice asked for (twins inherit it)
-        self.bf16_panels = dtype == "bfloat16" and self._attn_kernel is not None and (
-            not kernels.amx() if bf16_kernel is None else bool(bf16_kernel))
+        self.bf16_panels = dtype == "bfloat16" and self._attn_kernel is not None and bf16_kernel is not False
         self._pad_rows = invariant and not self.quantized and not self.panels and not self.bf16_panels  # MIN_ROWS
         self._probed_threads = 0                            # thread count the row-block probes ran for
         c = hf_config

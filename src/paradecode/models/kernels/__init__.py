@@ -181,6 +181,8 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.pd_layer_products.restype = I
     lib.pd_amx.argtypes = []
     lib.pd_amx.restype = I
+    lib.pd_bf16_amx.argtypes = []
+    lib.pd_bf16_amx.restype = I
     lib.pd_openmp.argtypes = []
     lib.pd_openmp.restype = I
     return lib
@@ -197,6 +199,12 @@ def amx() -> bool:
     ``PARADECODE_NO_AMX=1``: no)."""
     lib = _load()
     return lib is not None and bool(lib.pd_amx())
+
+
+def bf16_amx() -> bool:
+    """Whether the bfloat16 products of this process take AMX tiles (``bf16.c``; ``PARADECODE_NO_AMX=1``: no)."""
+    lib = _load()
+    return lib is not None and bool(lib.pd_bf16_amx())
 
 
 def compiler() -> str | None:

@@ -134,8 +134,6 @@ static inline __attribute__((always_inline)) void panel_rows(const uint8_t *w, i
 #define HAVE_512 1
 #define T512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni")))
 #define TAMX __attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni,amx-tile,amx-int8")))
-#include <sys/syscall.h>
-#include <unistd.h>
 
 /* finish's operations for one row of 16 channels, 8 lanes of doubles at a time (the same roundings) */
 T512 static inline void finish_row_512(__m512i h, __m512i l, float d, const float *scale, void *y, int y_kind,
@@ -225,29 +223,20 @@ T512 static void quantize_row_512(const float *buf, int K, int8_t *hi, int8_t *l
 }
 
 
-/* AMX: the CPU has the tiles, and Linux lets this process use them (arch_prctl ARCH_REQ_XCOMP_PERM for
- * XFEATURE_XTILEDATA, as PyTorch's oneDNN asks) */
+/* AMX: the CPU has int8 tiles, and this process may use them (simd.h) */
 static int use_amx(void) {
     static int known = -1;
     if (known < 0) {
         __builtin_cpu_init();
-        known = pd_avx512_vnni() && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
-                getenv("PARADECODE_NO_AMX") == NULL && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+        known = pd_avx512_vnni() && pd_amx_tiles("amx-int8");
     }
     return known;
 }
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} __attribute__((packed)) tile_config;
-
 /* tiles 0, 1: the int32 sums (16 rows x 16 channels) of hi and lo for one panel, 2, 3: for the next;
  * 4, 5: the hi and lo digits of 16 rows x 64 inputs; 6, 7: the two panels' weights for one step */
 TAMX static void amx_configure(void) {
-    /* a constant: GCC may drop stores to a stack copy as dead (it did in attention.c: ldtilecfg faulted) */
-    static const tile_config c __attribute__((aligned(64))) = {
+    static const pd_tile_config c __attribute__((aligned(64))) = {
         1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {TR, TR, TR, TR, TR, TR, TR, TR}};
     _tile_loadconfig(&c);
 }

@@ -143,6 +143,22 @@ static inline int pd_avx512_bf16(void) {
     return known;
 }
 
+/* whether this process may use AMX tiles: the CPU has them, Linux lets it use them (arch_prctl
+ * ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, as PyTorch's oneDNN asks) and PARADECODE_NO_AMX is unset; with
+ * which = "amx-int8" or "amx-bf16", the products that kind of tile takes (int8.c, bf16.c) */
+#include <sys/syscall.h>
+#include <unistd.h>
+#define pd_amx_tiles(which) (__builtin_cpu_supports("amx-tile") && __builtin_cpu_supports(which) && \
+                             getenv("PARADECODE_NO_AMX") == NULL && syscall(SYS_arch_prctl, 0x1023, 18) == 0)
+
+/* an AMX tile configuration (palette 1): bytes per row and rows of each of the 8 tiles. Keep configurations
+ * in static constants: GCC dropped the stores to a stack copy as dead (attention.c; ldtilecfg then faulted) */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) pd_tile_config;
+
 /* vexp's numbers 16 lanes at a time: its constants, each instruction its 512-bit twin (the same roundings) */
 __attribute__((target("avx512f"))) static inline __m512 vexp_512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN));
