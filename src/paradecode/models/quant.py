@@ -16,7 +16,7 @@ prepacked bfloat16 (:class:`PackedBF16Weight`), int4 for PyTorch's kernel
 the compiled panel kernel's float32 and int8 panels (:class:`PanelWeight`:
 :class:`F32PanelWeight`, :class:`Int8PanelWeight`: int8 matrices of widths the int8 kernel does not take), and
 the int8 format's weights for the compiled int8 kernel (:class:`Int8I15Weight`, where the kernels build),
-and the bfloat16 format's for the compiled bfloat16 kernel (:class:`BF16PanelWeight`, AVX-512 BF16 without AMX).
+and the bfloat16 format's for the compiled bfloat16 kernel (:class:`BF16PanelWeight`: AMX tiles, AVX-512 BF16 or AVX2).
 """
 
 from __future__ import annotations

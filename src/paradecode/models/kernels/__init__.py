@@ -11,10 +11,10 @@
   int8 weights and per-channel scales (the int8 format's matrices and the int4 format's LM head where the
   layer widths are not multiples of 4), every output the same block sums of fused multiply-adds (bits
   independent of the call and of the instruction set), the weights streamed once per call;
-* :func:`bf16_mm` (``bf16.c``): products with the bfloat16 format's weights in pair panels, every output the
-  pair sums ``vdpbf16ps`` defines whatever shares its call: that instruction where the CPU has AVX-512 BF16,
-  the same sums with AVX2 + FMA or plain C elsewhere (the engine uses it where the CPU has no AMX, else
-  oneDNN's products);
+* :func:`bf16_mm` (``bf16.c``): products with the bfloat16 format's weights in pair panels, every output's bits
+  independent of what shares its call: AMX tiles where the CPU has them (sums of their own), else the pair sums
+  ``vdpbf16ps`` defines, by that instruction where the CPU has AVX-512 BF16, with AVX2 + FMA or plain C
+  elsewhere;
 * :class:`LayerGlue` (``layer.c``): what a decoder layer does between its four projections, in
   three calls instead of ~25 PyTorch ops (residual add + RMSNorm + cast; RoPE + cache write +
   attention + cast; SiLU-and-multiply + cast), every row again computed alone;
