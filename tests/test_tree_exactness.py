@@ -45,8 +45,8 @@ def test_tree_methods_are_greedy_exact_in_bfloat16(bf16_model, bench_prompts, me
 
 @pytest.mark.parametrize("method, options", [("quantspec", {}), ("pld", {})])
 def test_chain_methods_are_greedy_exact_on_the_bfloat16_target(bf16_model, bench_prompts, method, options):
-    """The bfloat16 target runs the compiled bfloat16 kernel (AVX-512 BF16 without AMX) or oneDNN's prepacked
-    GEMMs (where the CPU has native bfloat16) and prefills whole: drafted chains must still reproduce its
+    """The bfloat16 target runs the compiled bfloat16 kernel (AMX tiles, else AVX-512 BF16 or AVX2; oneDNN's
+    prepacked GEMMs where the kernels are not built) and prefills whole: drafted chains must still reproduce its
     plain greedy output token for token."""
     from paradecode.models.quant import BF16PanelWeight, PackedBF16Weight, can_pack_bf16
 
