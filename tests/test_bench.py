@@ -13,6 +13,7 @@ from paradecode.bench.runner import RESULTS_FILE, BenchConfig, parse_sweep, run_
 from paradecode.errors import UserError
 from paradecode.methods.base import REGISTRY, option, register
 from paradecode.methods.plain import Plain
+from paradecode.models import kernels
 
 EXACT, WRONG = "test-exact", "test-wrong"
 
@@ -183,7 +184,17 @@ def test_end_to_end_report_and_exactness(tmp_path, test_methods, tiny_lm):
     assert "Decode-phase speedup" in md and "speedup per repeat (min–max)" in md
     assert len(res[EXACT]["overall"]["speedup_range"]) == 2    # two repeats: a range
     assert parsed["machine"]["versions"]["torch"] and "transformers" in parsed["machine"]["versions"]
+    assert f"kernels: {kernels.describe()}" in md and parsed["machine"]["kernels"] == kernels.describe()
     assert report["categories"] == ["qa"]
+
+
+def test_the_kernels_paths_are_described(monkeypatch):
+    """A report names the instruction paths its figures come from: AMX tiles change them (session 21)."""
+    text = kernels.describe()
+    assert ("AMX tiles for" in text) == (kernels.amx() or kernels.bf16_amx())
+    monkeypatch.setattr(kernels, "_load", lambda: None)
+    monkeypatch.setattr(kernels, "FAILURE", "no C compiler")
+    assert kernels.describe() == "unavailable (no C compiler): PyTorch's products"
 
 
 def test_resume_measures_only_missing_lines(tmp_path, test_methods, tiny_lm):

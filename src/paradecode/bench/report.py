@@ -13,7 +13,7 @@ from .metrics import summarise
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, torch threads and library versions."""
+    """CPU model, cores, torch threads, the compiled kernels' paths and library versions."""
     import torch
 
     cpu = platform.processor() or "unknown"
@@ -30,8 +30,10 @@ def machine_info() -> dict[str, Any]:
         v = _version(extra.replace("_", "-"))
         if v:
             versions[extra.replace("_python", "")] = v
+    from ..models import kernels
+
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "versions": versions}
+            "kernels": kernels.describe(), "platform": platform.platform(), "versions": versions}
 
 
 def _version(dist: str) -> str | None:
@@ -102,8 +104,8 @@ def markdown(report: dict) -> str:
     cats = report["categories"]
     out = ["# paradecode benchmark", "",
            f"- **Command:** `{report['command'] or '(API call)'}`",
-           f"- **Machine:** {m['cpu']}, {m['cores']} logical cores, torch threads {m['torch_threads']} "
-           f"({m['platform']})",
+           f"- **Machine:** {m['cpu']}, {m['cores']} logical cores, torch threads {m['torch_threads']}"
+           + (f", kernels: {m['kernels']}" if m.get("kernels") else "") + f" ({m['platform']})",
            "- **Versions:** " + ", ".join(f"{k} {val}" for k, val in v.items()),
            f"- **Settings:** greedy, batch 1, max new tokens {cfg['max_new_tokens']}, repeats {cfg['repeats']}, "
            f"warm-up {cfg['warmup']}, dtype {cfg['dtype']}, backend {cfg['backend']}; "

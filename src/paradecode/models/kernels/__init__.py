@@ -207,6 +207,19 @@ def bf16_amx() -> bool:
     return lib is not None and bool(lib.pd_bf16_amx())
 
 
+def describe() -> str:
+    """Which paths the compiled products take in this process, in a few words (benchmark reports name it)."""
+    if _load() is None:
+        return f"unavailable ({FAILURE}): PyTorch's products"
+    tiles = [fmt for fmt, on in (("bfloat16", bf16_amx()), ("int8", amx())) if on]
+    from ..loading import cpu_flags
+
+    flags = cpu_flags()
+    vector = "AVX-512" + (" BF16" if "avx512_bf16" in flags else "") if "avx512f" in flags and \
+        not os.environ.get("PARADECODE_NO_AVX512") else "AVX2" if "avx2" in flags else "portable C"
+    return f"AMX tiles for {' and '.join(tiles)}, {vector} elsewhere" if tiles else f"{vector}, no AMX"
+
+
 def compiler() -> str | None:
     """The C compiler the kernels are built with, or None."""
     return _compiler()
