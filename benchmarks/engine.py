@@ -70,7 +70,7 @@ def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo")
     flags = cpuinfo.read_text() if cpuinfo.exists() else ""
     return {"cpu": info["cpu"], "cores": info["cores"], "avx512_bf16": "avx512_bf16" in flags,
-            "threads": info["torch_threads"], "torch": info["versions"]["torch"],
+            "kernels": info["kernels"], "threads": info["torch_threads"], "torch": info["versions"]["torch"],
             "transformers": info["versions"]["transformers"], "python": platform.python_version(),
             "load_avg": os.getloadavg()}
 
@@ -309,7 +309,8 @@ def report(res: dict, command: str) -> str:
     m = res["machine"]
     L = ["# Engine benchmark results", "",
          f"Command: `{command}`", "",
-         f"Machine: {m['cpu']}, {m['cores']} cores (AVX-512 BF16: {m['avx512_bf16']}), shared with other "
+         f"Machine: {m['cpu']}, {m['cores']} cores (AVX-512 BF16: {m['avx512_bf16']}"
+         + (f"; kernels: {m['kernels']}" if m.get("kernels") else "") + "), shared with other "
          f"jobs (load average at start {m['load_avg'][0]:.1f}); torch threads {m['threads']}; "
          f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}.",
          f"Measured streaming read bandwidth: {res['bandwidth_GBps']:.1f} GB/s"
