@@ -143,6 +143,12 @@ def test_methods_and_models_commands(capsys):
     info = json.loads(out)
     assert code == 0 and info["installed"] and info["converted"] and info["name"] == "SmolLM2-135M-Instruct"
     assert info["prepared_files"] >= 0 and info["prepared_dir"].endswith("prepared")
+    from paradecode.models import kernels
+    from paradecode.models.loading import auto_dtype
+
+    assert info["auto_dtype"] == auto_dtype() and info["kernels"] == kernels.describe()   # what this CPU runs
+    code, out, _ = run_cli(capsys, "models")
+    assert f"kernels on this CPU: {kernels.describe()}" in out and f"(auto here: {auto_dtype()})" in out
     code, out, _ = run_cli(capsys, "models", "--prepare", "--json")       # the default format's weights too
     assert code == 0 and json.loads(out)["prepared_files"] >= 1
 

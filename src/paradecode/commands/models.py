@@ -1,4 +1,4 @@
-"""`paradecode models`: the default model, where it is cached, its size."""
+"""`paradecode models`: the default model, where it is cached, its size, and what this CPU runs it with."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..models import prepared
-    from ..models.loading import BACKENDS, cache_root, default_model_report, load_model, resolve_model_path
+    from ..models import kernels, prepared
+    from ..models.loading import BACKENDS, auto_dtype, cache_root, default_model_report, load_model, \
+        resolve_model_path
     from ..models.native import DTYPES, SUPPORTED_ARCHITECTURES
 
     if args.prepare:
@@ -25,7 +26,8 @@ def run(args) -> int:
     kept = sorted(prepared.directory().glob("*.safetensors")) if prepared.directory().is_dir() else []
     info.update(cache_root=str(cache_root()), backends=list(BACKENDS), dtypes=list(DTYPES),
                 native_architectures=list(SUPPORTED_ARCHITECTURES), prepared_dir=str(prepared.directory()),
-                prepared_files=len(kept), prepared_bytes=sum(f.stat().st_size for f in kept))
+                prepared_files=len(kept), prepared_bytes=sum(f.stat().st_size for f in kept),
+                auto_dtype=auto_dtype(), kernels=kernels.describe())
     if args.json:
         print(json.dumps(info))
         return 0
@@ -39,7 +41,9 @@ def run(args) -> int:
         print(f"  cached at:   {info['cache_dir']} ({state})")
     print(f"prepared weights: {info['prepared_files']} model format(s) in {info['prepared_dir']} "
           f"({info['prepared_bytes'] / 1e6:.1f} MB; built on a format's first load, safe to delete)")
-    print(f"backends: {', '.join(info['backends'])}; dtypes: {', '.join(info['dtypes'])}")
+    print(f"backends: {', '.join(info['backends'])}; dtypes: {', '.join(info['dtypes'])} "
+          f"(auto here: {info['auto_dtype']})")
+    print(f"kernels on this CPU: {info['kernels']}")
     print(f"native architectures: {', '.join(info['native_architectures'])} (others: --backend transformers)")
     print("other models: --model PATH with a local Hugging Face directory or a .gguf file")
     return 0
