@@ -183,6 +183,8 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.pd_amx.restype = I
     lib.pd_bf16_amx.argtypes = []
     lib.pd_bf16_amx.restype = I
+    lib.pd_vector_isa.argtypes = []
+    lib.pd_vector_isa.restype = I
     lib.pd_openmp.argtypes = []
     lib.pd_openmp.restype = I
     return lib
@@ -212,11 +214,7 @@ def describe() -> str:
     if _load() is None:
         return f"unavailable ({FAILURE}): PyTorch's products"
     tiles = [fmt for fmt, on in (("bfloat16", bf16_amx()), ("int8", amx())) if on]
-    from ..loading import cpu_flags
-
-    flags = cpu_flags()
-    vector = "AVX-512" + (" BF16" if "avx512_bf16" in flags else "") if "avx512f" in flags and \
-        not os.environ.get("PARADECODE_NO_AVX512") else "AVX2" if "avx2" in flags else "portable C"
+    vector = ("plain C", "AVX2", "AVX-512", "AVX-512 BF16")[_load().pd_vector_isa()]
     return f"AMX tiles for {' and '.join(tiles)}, {vector} elsewhere" if tiles else f"{vector}, no AMX"
 
 

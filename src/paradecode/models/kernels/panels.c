@@ -261,6 +261,16 @@ int pd_i8_mm(const void *x, int x_kind, long ldx, int M, int K, const int8_t *w,
     return panel_mm(x, x_kind, ldx, M, K, w, 1, scale, N, y, y_kind, ldy, nt);
 }
 
+/* the vector paths the products take in this process, as the kernels' own run-time checks decide (simd.h; for
+ * reports): 3 AVX-512 with BF16, 2 AVX-512 (F), 1 AVX2, 0 plain C */
+int pd_vector_isa(void) {
+#if defined(__AVX2__) && defined(__x86_64__) && defined(__GNUC__)
+    return pd_avx512_bf16() ? 3 : pd_avx512f() ? 2 : 1;
+#else
+    return 0;
+#endif
+}
+
 /* 1 when the library was built with OpenMP (the products then use up to nt threads) */
 int pd_openmp(void) {
 #ifdef _OPENMP
