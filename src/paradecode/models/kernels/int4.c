@@ -127,8 +127,8 @@ static inline __attribute__((always_inline)) void group_rows(const uint8_t *w, i
     _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
     for (int b = 0; b < NB; b++) {
         const uint8_t *blk = w + (long)b * BLOCK;
-        if (end && blk + AHEAD * BLOCK < end)     /* the stream AHEAD blocks on, into L1 (see pd_int4_mm) */
-            for (int l = 0; l < BLOCK; l += 64) _mm_prefetch((const char *)(blk + AHEAD * BLOCK + l), _MM_HINT_T0);
+        if (end && blk + AHEAD * BLOCK < end)     /* the stream AHEAD blocks on, into L2 (see pd_int4_mm) */
+            for (int l = 0; l < BLOCK; l += 64) _mm_prefetch((const char *)(blk + AHEAD * BLOCK + l), _MM_HINT_T1);
         __m256i dot[MR][2];                 /* two independent chains per row (integer sums: exact) */
         _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
         _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
@@ -169,8 +169,8 @@ T512 static inline __attribute__((always_inline)) void group_rows_512(const uint
         const uint8_t *blk = w + (long)b * BLOCK;
         if (next)                           /* the next channel group's block, into L2 (see pd_int4_mm) */
             for (int l = 0; l < BLOCK; l += 64) _mm_prefetch((const char *)(next + (long)b * BLOCK + l), _MM_HINT_T1);
-        else if (end && blk + AHEAD * BLOCK < end)   /* the stream AHEAD blocks on, into L1 */
-            for (int l = 0; l < BLOCK; l += 64) _mm_prefetch((const char *)(blk + AHEAD * BLOCK + l), _MM_HINT_T0);
+        else if (end && blk + AHEAD * BLOCK < end)   /* the stream AHEAD blocks on, into L2 */
+            for (int l = 0; l < BLOCK; l += 64) _mm_prefetch((const char *)(blk + AHEAD * BLOCK + l), _MM_HINT_T1);
         __m512i dot[MR][4];                 /* four independent chains per row (integer sums: exact) */
         _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
             const __m512i p = _mm512_loadu_si512((const void *)(blk + 64 * i));
@@ -260,7 +260,9 @@ int pd_int4_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t 
     }
     quantize_rows(x, x_kind, ldx, M, K, qa, d, sq, sum);
 #ifdef HAVE_512
-    const int fast = pd_avx512_vnni();
+    const int fast = pd_avx512_vnni(), stream = pd_stream_prefetch();
+#else
+    const int stream = 0;
 #endif
     nt = PD_THREADS(nt, (long)N * K);
     (void)nt;
@@ -271,11 +273,13 @@ int pd_int4_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t 
          * L2 (Zen 4, after a 512-token prompt, interleaved: int4 forwards of 5 to 16 tokens 0.90-0.94x the
          * time; 2 to 4 rows gained nothing) */
         const uint8_t *next = M > MR && c + 1 < N / CG ? wg + (long)NB * BLOCK : NULL;
-        /* with at most MR rows (one pass: plain decoding, quantspec's twin) the weights are one stream, and
-         * prefetching it AHEAD blocks on into L1 (across channel groups, up to the matrix's end) makes it
-         * faster to read: the 120 int4 layer matrices of the default model at one row, 1 thread, Intel Xeon
-         * with AMX, interleaved: 0.68-0.84x the time (8 blocks ahead 0.73x, 16-48 the same, 4 0.82x) */
-        const uint8_t *end = M <= MR ? w + (long)(N / CG) * NB * BLOCK : NULL;
+        /* with at most MR rows (one pass: plain decoding, quantspec's twin) the weights are one stream; on
+         * Intel CPUs (simd.h: pd_stream_prefetch) prefetching it AHEAD blocks on into L2 (across channel
+         * groups, up to the matrix's end) makes it faster to read. The default model's 120 int4 layer
+         * matrices at one row, 1 thread, Xeon with AMX, interleaved: right after the bfloat16 model's products
+         * (what quantspec's twin meets after a verification) 0.81x the time, 12 to 32 blocks ahead alike
+         * (into L1 instead: 1.08x, slower); warm in the L3 0.69x (into L1 the same) */
+        const uint8_t *end = stream && M <= MR ? w + (long)(N / CG) * NB * BLOCK : NULL;
         (void)next;
         (void)end;
         for (int m0 = 0; m0 < M; m0 += MR) {

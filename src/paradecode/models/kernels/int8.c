@@ -311,9 +311,11 @@ int pd_i8_i15_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_
                  void *y, int y_kind, long ldy, int nt) {
 #ifdef HAVE_512
     const int fast = pd_avx512_vnni(), amx = M >= AMX_MIN_ROWS && K % KT == 0 && use_amx();
+    const int stream = pd_stream_prefetch();
 #else
-    const int amx = 0;
+    const int amx = 0, stream = 0;
 #endif
+    (void)stream;
     const int Mp = amx ? (M + TR - 1) / TR * TR : M;     /* AMX reads whole tiles of rows: zero rows past M */
     int8_t *hi = (int8_t *)malloc((size_t)Mp * K + 1), *lo = (int8_t *)malloc((size_t)Mp * K + 1);
     int32_t *sums = (int32_t *)malloc(sizeof(int32_t) * 2 * (size_t)M);
@@ -363,8 +365,9 @@ int pd_i8_i15_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_
              * register block, the passes after the first over a panel read it from L1 while no read of the
              * matrix is under way; so every pass prefetches the next panel into L2. Zen 4, the default model's
              * layer matrices, interleaved: 5 to 8 rows 0.6-0.66x the time, 16 rows 0.75x, 2 to 4 rows (one
-             * pass) 0.76-0.97x; not for one row, which reads at the memory's bandwidth already (1.1x there). */
-            const uint8_t *next = M > 1 && c + 1 < C ? wp + (long)K * CG : NULL;
+             * pass) 0.76-0.97x; one row there 1.1x, since it reads at the memory's bandwidth already, but on
+             * Intel CPUs 0.77-0.78x (simd.h: pd_stream_prefetch), so one row prefetches where that says so. */
+            const uint8_t *next = (M > 1 || stream) && c + 1 < C ? wp + (long)K * CG : NULL;
             (void)next;
             for (int m0 = 0; m0 < M; m0 += MR) {
                 const int rows = M - m0 < MR ? M - m0 : MR;
