@@ -315,7 +315,6 @@ int pd_i8_i15_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_
 #else
     const int amx = 0, stream = 0;
 #endif
-    (void)stream;
     const int Mp = amx ? (M + TR - 1) / TR * TR : M;     /* AMX reads whole tiles of rows: zero rows past M */
     int8_t *hi = (int8_t *)malloc((size_t)Mp * K + 1), *lo = (int8_t *)malloc((size_t)Mp * K + 1);
     int32_t *sums = (int32_t *)malloc(sizeof(int32_t) * 2 * (size_t)M);
