@@ -364,6 +364,81 @@ def test_int4_kernel_rows_and_paths_agree_bit_for_bit(lib, tmp_path):
     assert float((whole.float() - ref).abs().max()) < 0.02 * float(ref.abs().max())
 
 
+def _int4_a16_exact(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The A16 variant's weights (``int4_codes_f16``: q * scale + low) times x, in float64."""
+    from paradecode.models.quant import int4_codes_f16
+
+    q, scale, low = int4_codes_f16(w)
+    N, K = w.shape
+    deq = q.double().view(N, K // 32, 32) * scale.double()[..., None] + low.double()[..., None]
+    return x.double() @ deq.view(N, K).T
+
+
+@settings(max_examples=20, deadline=None)
+@given(M=st.integers(1, 9), N=st.integers(1, 40), KB=st.integers(2, 6), kind=st.sampled_from(["float32", "bfloat16"]),
+       seed=st.integers(0, 1000))
+def test_int4_a16_kernel_is_its_weights_product_to_output_rounding(lib, M, N, KB, kind, seed):
+    """The A16 variant's two levels of activations leave only the bfloat16 output's rounding: within 2^-8 of
+    the largest output (one level alone is not: see the next test)."""
+    from paradecode.models.quant import pack_int4_w4a16
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, 32 * KB, generator=g) * 0.1
+    x = (torch.randn(M, 32 * KB, generator=g) * 2).to(getattr(torch, kind))
+    if M > 1:
+        x[1, :32] = 0                                                            # an all-zero group: d = 0
+    if M > 2:
+        x[2, 32:64] = 0.5                                                        # equal inputs: no residual
+    ref = _int4_a16_exact(x, w)
+    bound = 2 ** -8 * float(ref.abs().max()) + 1e-6
+    assert float((kernels.int4_mm(x, pack_int4_w4a16(w), lib).double() - ref).abs().max()) <= bound
+
+
+def test_int4_a16_kernel_rows_and_paths_agree_bit_for_bit(lib, tmp_path):
+    """As the W4A8 kernel's: an output's bits depend on its row and channel only, alike in plain C, with AVX2
+    and with AVX-512 VNNI; and the layer stack's kind for these weights runs the same kernel. The bound of the
+    test above would catch a kernel that dropped the second level."""
+    from paradecode.models.quant import pack_int4_w4a16
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(600, 576, generator=g) * 0.05
+    x = torch.randn(13, 576, generator=g).to(torch.bfloat16)
+    packed = pack_int4_w4a16(w)
+    whole = kernels.int4_mm(x, packed, lib)
+    ref = _int4_a16_exact(x, w)
+    bound = 2 ** -8 * float(ref.abs().max())
+    assert float((whole.double() - ref).abs().max()) <= bound
+    a = x.double().view(13, 18, 32)
+    d1 = a.abs().amax(-1, keepdim=True) / 127
+    one_level = (torch.round(a / d1) * d1).view(13, 576)                         # the first level alone
+    assert float((_int4_a16_exact(one_level, w) - ref).abs().max()) > bound
+    assert torch.equal(whole, kernels.int4_mm(x, packed))             # the portable C build too
+    for r in range(13):
+        assert torch.equal(kernels.int4_mm(x[r:r + 1], packed, lib), whole[r:r + 1]), r
+    avx2 = _without_avx512(tmp_path, "from paradecode.models.quant import pack_int4_w4a16;"
+                           "g = torch.Generator().manual_seed(3); w = torch.randn(600, 576, generator=g) * 0.05;"
+                           "x = torch.randn(13, 576, generator=g).to(torch.bfloat16);"
+                           "y = kernels.int4_mm(x, pack_int4_w4a16(w))")
+    assert torch.equal(avx2, kernels.int4_mm(x, packed))
+    assert kernels._mat(packed, torch.bfloat16).kind == 6
+
+
+def test_int4_f16_codes_recover_q4_1_blocks_and_refuse_what_float16_cannot_hold():
+    from paradecode.models.quant import int4_codes_f16, pack_int4_w4a16
+
+    g = torch.Generator().manual_seed(4)
+    d = (torch.rand(48, 4, generator=g) * 0.01 + 1e-3).half()
+    m = (-torch.rand(48, 4, generator=g) * 0.1).half()
+    codes = torch.randint(0, 16, (48, 4, 32), generator=g)
+    codes[..., 0], codes[..., 1] = 0, 15                                         # as GGUF's quantizer leaves them
+    w = (d.float()[..., None] * codes + m.float()[..., None]).view(48, 128)      # the float32 a GGUF loader gives
+    q, scale, low = int4_codes_f16(w)
+    assert torch.equal(q.view(48, 4, 32), codes.int()) and torch.equal(scale, d) and torch.equal(low, m)
+    w[3, 5] = 1e6                                                                # beyond float16
+    with pytest.raises(ValueError, match="float16"):
+        pack_int4_w4a16(w)
+
+
 @settings(max_examples=20, deadline=None)
 @given(M=st.integers(1, 19), N=st.integers(1, 70), K=st.integers(1, 90), seed=st.integers(0, 1000))
 def test_f32_kernel_matches_the_product(lib, M, N, K, seed):

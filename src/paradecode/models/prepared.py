@@ -31,15 +31,15 @@ import torch
 
 from .argmax_head import ArgmaxHead
 from .loading import SAFETENSORS_DTYPES, cache_root, safetensors_header
-from .quant import (BF16PanelWeight, F32PanelWeight, Int4W4A8Weight, Int4Weight, Int8I15Weight, Int8PanelWeight,
-                    Int8Weight)
+from .quant import (BF16PanelWeight, F32PanelWeight, Int4W4A8Weight, Int4W4A16Weight, Int4Weight, Int8I15Weight,
+                    Int8PanelWeight, Int8Weight)
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
 #: the weight classes a prepared file may hold (anything else, e.g. oneDNN's opaque prepacked tensors: not cached)
-CLASSES = {c.__name__: c for c in (Int8Weight, Int4Weight, Int4W4A8Weight, F32PanelWeight, BF16PanelWeight,
-                                   Int8PanelWeight, Int8I15Weight, ArgmaxHead)}
+CLASSES = {c.__name__: c for c in (Int8Weight, Int4Weight, Int4W4A8Weight, Int4W4A16Weight, F32PanelWeight,
+                                   BF16PanelWeight, Int8PanelWeight, Int8I15Weight, ArgmaxHead)}
 # the code that decides the layouts, and the kernels that read them
 _CODE = ("native.py", "quant.py", "argmax_head.py", "prepared.py", "kernels/*.c", "kernels/*.h")
 _code_hash: str | None = None

@@ -202,6 +202,11 @@ class Int4W4A8Weight:
 
 def pack_int4_w4a8(w: torch.Tensor) -> Int4W4A8Weight:
     """Quantize ``w`` (N, K) as :func:`quantize_int4` does and pack it for the compiled W4A8 kernel."""
+    return Int4W4A8Weight(_pack_int4_blocks(w, int4_codes), w.shape[0])
+
+
+def _pack_int4_blocks(w: torch.Tensor, codes_of) -> torch.Tensor:
+    """``w`` (N, K) as the int4 kernel's blocks, (Np/16, K/32, 320) uint8: ``codes_of`` gives (q, scale, zero)."""
     N, K = w.shape
     if K % INT4_GROUP:
         raise ValueError(f"int4 needs the input size ({K}) to be a multiple of {INT4_GROUP}")
@@ -214,14 +219,44 @@ def pack_int4_w4a8(w: torch.Tensor) -> Int4W4A8Weight:
         block = w[g0 * C:g1 * C].float()
         if block.shape[0] < (g1 - g0) * C:                                           # pad channels with zeros
             block = torch.cat([block, block.new_zeros((g1 - g0) * C - block.shape[0], K)])
-        q, scale, zero = int4_codes(block)                    # (n, K) int32 0..15, (n, NB) bfloat16 twice
+        q, scale, zero = codes_of(block)                      # (n, K) int32 0..15, (n, NB) 16-bit floats twice
         q = q.to(torch.uint8).view(g1 - g0, C, NB, 8, 4)      # [g, j, b, i, t]: input 32 b + 4 i + t
         q = q.permute(0, 2, 3, 1, 4)                          # [g, b, i, j, t]
         codes = (q[:, :, :4] | (q[:, :, 4:] << 4)).reshape(g1 - g0, NB, 16 * C)
         sz = torch.stack([scale, zero]).view(2, g1 - g0, C, NB).permute(1, 3, 0, 2)   # [g, b, 2, j]
         out[g0:g1, :, :16 * C] = codes
         out[g0:g1, :, 16 * C:] = sz.contiguous().view(torch.uint8).reshape(g1 - g0, NB, 4 * C)
-    return Int4W4A8Weight(out, N)
+    return out
+
+
+@dataclass(frozen=True)
+class Int4W4A16Weight(Int4W4A8Weight):
+    """An (N, K) weight for the int4 kernel's A16 variant (``pd_int4_a16_mm``): the same 320-byte blocks and
+    code layout, with a float16 scale and low per block, w = q * scale + low (:func:`int4_codes_f16`), and
+    each row's groups of 32 activations quantized in two int8 levels (~16 bits). Weights that came from a
+    Q4_1 GGUF block get back their exact values, and the products carry little more than float rounding:
+    quantspec's twin of the default model agrees with its target where the W4A8 kernel's does not."""
+
+
+def int4_codes_f16(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max 4-bit codes of ``w`` (N, K) per group of ``group`` along K, ``w ≈ q * scale + low``
+    with ``scale`` and ``low`` (N, K/G) float16 (rounded first, the codes chosen against the rounded values).
+    A Q4_1 block (``d * q + m``, codes 0 and 15 in use, as GGUF's quantizer makes them) gets back d, m and
+    its codes exactly. Raises ValueError where a scale or low is beyond float16's range."""
+    N, K = w.shape
+    wg = w.float().reshape(N, K // group, group)                                  # (N, K/G, G)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale, low = ((hi - lo) / 15.0).to(torch.float16), lo.to(torch.float16)
+    if not (torch.isfinite(scale).all() and torch.isfinite(low).all()):
+        raise ValueError("int4 with float16 scales needs weights within float16's range")
+    s = scale.float()[..., None]
+    q = torch.where(s > 0, torch.round((wg - low.float()[..., None]) / torch.where(s > 0, s, 1.0)), 0.0).clamp_(0, 15)
+    return q.to(torch.int32).reshape(N, K), scale, low
+
+
+def pack_int4_w4a16(w: torch.Tensor) -> Int4W4A16Weight:
+    """Quantize ``w`` (N, K) with :func:`int4_codes_f16` and pack it for the int4 kernel's A16 variant."""
+    return Int4W4A16Weight(_pack_int4_blocks(w, int4_codes_f16), w.shape[0])
 
 
 F32_CHANNELS = 16   # output channels per panel of the compiled float32 kernel

@@ -3,7 +3,8 @@
 * :func:`attend` (``attention.c``): attention of a short block of new tokens against the KV cache,
   whose every output row has the same bits whatever shares its call (``attention.c`` says how);
 * :func:`int4_mm` (``int4.c``): products with the int4 format's weights and int8-quantized activations
-  (exact integer dot products), one read of the weights for every row of a call;
+  (exact integer dot products), one read of the weights for every row of a call; its A16 variant (float16
+  scales, activations in two int8 levels) for quantspec's ``draft_activations=16`` twin;
 * :func:`i8_i15_mm` (``int8.c``): products with the int8 format's weights and activations scaled to
   15-bit integers (exact integer dot products; AMX tiles where the CPU has them, so that a call over 16
   rows costs about one row's);
@@ -166,6 +167,8 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.pd_rope_attend.restype = I
     lib.pd_int4_mm.argtypes = [p, I, L, I, I, p, I, p, I, L, I]
     lib.pd_int4_mm.restype = I
+    lib.pd_int4_a16_mm.argtypes = [p, I, L, I, I, p, I, p, I, L, I]
+    lib.pd_int4_a16_mm.restype = I
     lib.pd_f32_mm.argtypes = [p, I, L, I, I, p, I, p, I, L, I]
     lib.pd_f32_mm.restype = I
     lib.pd_i8_mm.argtypes = [p, I, L, I, I, p, p, I, p, I, L, I]
@@ -334,7 +337,7 @@ class _Layer(ctypes.Structure):
 
 def _mat(w, act: torch.dtype) -> _Mat | None:
     """``stack.c``'s record of a matrix whose product outputs ``act``, or None if it has no compiled format."""
-    from ..quant import BF16PanelWeight, F32PanelWeight, Int4W4A8Weight, Int8I15Weight, Int8PanelWeight
+    from ..quant import BF16PanelWeight, F32PanelWeight, Int4W4A8Weight, Int4W4A16Weight, Int8I15Weight, Int8PanelWeight
 
     if isinstance(w, Int8I15Weight) and not w.float_out:
         return _Mat(1, w.padded, w.shape[1], _KIND[act], w.panels.data_ptr(), w.scale.data_ptr())
@@ -343,7 +346,7 @@ def _mat(w, act: torch.dtype) -> _Mat | None:
     if isinstance(w, F32PanelWeight) and act == torch.float32:
         return _Mat(3, w.padded, w.shape[1], 1, w.panels.data_ptr(), None)
     if isinstance(w, Int4W4A8Weight) and act == torch.bfloat16:
-        return _Mat(4, w.padded, w.shape[1], 2, w.blocks.data_ptr(), None)
+        return _Mat(6 if isinstance(w, Int4W4A16Weight) else 4, w.padded, w.shape[1], 2, w.blocks.data_ptr(), None)
     if isinstance(w, BF16PanelWeight) and not w.float_out:
         return _Mat(5, w.padded, w.shape[1], _KIND[act], w.panels.data_ptr(), None)
     return None
@@ -425,13 +428,17 @@ def layer_glue() -> LayerGlue | None:
 
 def int4_mm(x: torch.Tensor, w, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """``x`` (M, K) bfloat16 or float32 with unit column stride, times a
-    :class:`~paradecode.models.quant.Int4W4A8Weight`: (M, N) bfloat16. ``lib``: another build (tests)."""
+    :class:`~paradecode.models.quant.Int4W4A8Weight` (or its A16 variant,
+    :class:`~paradecode.models.quant.Int4W4A16Weight`): (M, N) bfloat16. ``lib``: another build (tests)."""
+    from ..quant import Int4W4A16Weight
+
     lib = lib or _load()
     if lib is None:
         raise RuntimeError(f"the int4 kernel is unavailable: {FAILURE}")
     M, K = x.shape
     y = torch.empty(M, w.padded, dtype=torch.bfloat16)
-    if lib.pd_int4_mm(x.data_ptr(), _KIND[x.dtype], x.stride(0), M, K, w.blocks.data_ptr(), w.padded,
+    fn = lib.pd_int4_a16_mm if isinstance(w, Int4W4A16Weight) else lib.pd_int4_mm
+    if fn(x.data_ptr(), _KIND[x.dtype], x.stride(0), M, K, w.blocks.data_ptr(), w.padded,
                       y.data_ptr(), 2, y.stride(0), torch.get_num_threads()):
         raise MemoryError("the int4 kernel could not allocate its scratch memory")
     return y if w.padded == w.n else y[:, :w.n]

@@ -95,16 +95,120 @@ static void quantize_group_v(const float *a, int8_t *q, float *d, int32_t *sq, f
 #define QUANTIZE_GROUP quantize_group
 #endif
 
+/* the A16 variant's two levels: quantize_group's codes, scale and sum, then its residual's codes and scale
+ * (r = a - q * d, one rounding: fmaf) */
+__attribute__((unused)) static void quantize_group2(const float *a, int8_t *q, int8_t *q2, float *d, float *d2,
+                                                    float *sum) {
+    int32_t sq;
+    float r[QG], rmax = 0.0f;
+    quantize_group(a, q, d, &sq, sum);
+    for (int k = 0; k < QG; k++) {
+        r[k] = fmaf(-(float)q[k], *d, a[k]);
+        const float x = fabsf(r[k]);
+        rmax = x > rmax ? x : rmax;
+    }
+    const float dd = rmax / 127.0f;
+    for (int k = 0; k < QG; k++) {
+        const int v = dd > 0.0f ? (int)nearbyintf(r[k] / dd) : 0;
+        q2[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+    }
+    *d2 = dd;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* 8 lanes' round(v / d) clamped to [-127, 127], as floats (quantize_group's numbers) */
+static inline __m256 codes8(__m256 v, __m256 vd) {
+    const __m256 r = _mm256_round_ps(_mm256_div_ps(v, vd), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+}
+
+static inline float hmax8(__m256 v) {
+    float m8[8], m = 0.0f;
+    _mm256_storeu_ps(m8, v);
+    for (int j = 0; j < 8; j++) m = m8[j] > m ? m8[j] : m;
+    return m;
+}
+
+static inline void store_codes(__m256 c, int8_t *q) {
+    int32_t iv[8];
+    _mm256_storeu_si256((__m256i *)iv, _mm256_cvtps_epi32(c));
+    for (int j = 0; j < 8; j++) q[j] = (int8_t)iv[j];
+}
+
+/* quantize_group2's numbers with 8 lanes (its sum as quantize_group_v's) */
+static void quantize_group2_v(const float *a, int8_t *q, int8_t *q2, float *d, float *d2, float *sum) {
+    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 v[4], mx = _mm256_setzero_ps(), acc = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(a + 8 * i);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], sign));
+        acc = _mm256_add_ps(acc, v[i]);
+    }
+    float part[8];
+    _mm256_storeu_ps(part, acc);
+    *sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    const float dd = hmax8(mx) / 127.0f;
+    *d = dd;
+    if (!(dd > 0.0f)) {             /* all zero: so are the residuals */
+        memset(q, 0, QG);
+        memset(q2, 0, QG);
+        *d2 = 0.0f;
+        return;
+    }
+    const __m256 vd = _mm256_set1_ps(dd);
+    __m256 r[4], rmx = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        const __m256 c = codes8(v[i], vd);
+        store_codes(c, q + 8 * i);
+        r[i] = _mm256_fnmadd_ps(c, vd, v[i]);
+        rmx = _mm256_max_ps(rmx, _mm256_and_ps(r[i], sign));
+    }
+    const float d2d = hmax8(rmx) / 127.0f;
+    *d2 = d2d;
+    if (!(d2d > 0.0f)) {
+        memset(q2, 0, QG);
+        return;
+    }
+    const __m256 vd2 = _mm256_set1_ps(d2d);
+    for (int i = 0; i < 4; i++) store_codes(codes8(r[i], vd2), q2 + 8 * i);
+}
+#define QUANTIZE_GROUP2 quantize_group2_v
+#else
+#define QUANTIZE_GROUP2 quantize_group2
+#endif
+
+/* a16: also the second level (qa2, d2; sq unused) */
 static void quantize_rows(const void *x, int kind, long ldx, int M, int K, int8_t *qa, float *d, int32_t *sq,
-                          float *sum) {
+                          float *sum, int8_t *qa2, float *d2) {
     float buf[QG];
     const int NB = K / QG;
     for (int m = 0; m < M; m++)
         for (int b = 0; b < NB; b++) {
             to_f32(x, kind, (long)m * ldx + (long)b * QG, QG, buf);
             const long g = (long)m * NB + b;
-            QUANTIZE_GROUP(buf, qa + g * QG, d + g, sq + g, sum + g);
+            if (qa2)
+                QUANTIZE_GROUP2(buf, qa + g * QG, qa2 + g * QG, d + g, d2 + g, sum + g);
+            else
+                QUANTIZE_GROUP(buf, qa + g * QG, d + g, sq + g, sum + g);
         }
+}
+
+/* a float16's value (the A16 blocks' scales and lows): normals, subnormals, zeros, infinities */
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    uint32_t bits;
+    if (e == 0) {
+        const float v = ldexpf((float)m, -24);
+        memcpy(&bits, &v, 4);
+        bits |= sign;
+    } else if (e == 31) {
+        bits = sign | 0x7f800000u | (m << 13);
+    } else {
+        bits = sign | ((e + 112) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
 }
 
 #if defined(__AVX2__)
@@ -119,18 +223,37 @@ static inline __m256 load8_bf16(const uint8_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-/* ROWS rows of one half (h: channels 8h .. 8h + 7) of a channel group: acc[r] = its outputs for row r */
+static inline __m256 load8_f16(const uint8_t *p) {
+#if defined(__F16C__)
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    float f[8];
+    for (int j = 0; j < 8; j++) {
+        uint16_t h;
+        memcpy(&h, p + 2 * j, 2);
+        f[j] = f16_to_f32(h);
+    }
+    return _mm256_loadu_ps(f);
+#endif
+}
+
+/* ROWS rows of one half (h: channels 8h .. 8h + 7) of a channel group: acc[r] = its outputs for row r.
+ * A16: the second level's codes qa2 and scales d2 too, float16 scales and lows (sq unused) */
 static inline __attribute__((always_inline)) void group_rows(const uint8_t *w, int NB, const int ROWS, int h,
                                                              const int8_t *qa, const float *d, const int32_t *sq,
-                                                             const float *sum, __m256 *acc, const uint8_t *end) {
+                                                             const float *sum, __m256 *acc, const uint8_t *end,
+                                                             const int A16, const int8_t *qa2, const float *d2) {
     const __m256i lo = _mm256_set1_epi8(0x0f);
     _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
     for (int b = 0; b < NB; b++) {
         const uint8_t *blk = w + (long)b * BLOCK;
         if (end && blk + AHEAD * BLOCK < end)     /* the stream AHEAD blocks on, into L2 (see pd_int4_mm) */
             for (int l = 0; l < BLOCK; l += 64) _mm_prefetch((const char *)(blk + AHEAD * BLOCK + l), _MM_HINT_T1);
-        __m256i dot[MR][2];                 /* two independent chains per row (integer sums: exact) */
-        _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+        __m256i dot[MR][2], dot2[MR][2];    /* two independent chains per row and level (integer sums: exact) */
+        _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) {
+            dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+            if (A16) dot2[r][0] = dot2[r][1] = _mm256_setzero_si256();
+        }
         _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
             const __m256i p = _mm256_loadu_si256((const __m256i *)(blk + 64 * i + 32 * h));
             const __m256i u0 = _mm256_and_si256(p, lo), u1 = _mm256_and_si256(_mm256_srli_epi16(p, 4), lo);
@@ -141,7 +264,26 @@ static inline __attribute__((always_inline)) void group_rows(const uint8_t *w, i
                 memcpy(&a1, q + 4 * (i + 4), 4);
                 dot[r][0] = DPBUSD(dot[r][0], u0, _mm256_set1_epi32(a0));
                 dot[r][1] = DPBUSD(dot[r][1], u1, _mm256_set1_epi32(a1));
+                if (A16) {
+                    const int8_t *q2 = qa2 + ((long)r * NB + b) * QG;
+                    memcpy(&a0, q2 + 4 * i, 4);
+                    memcpy(&a1, q2 + 4 * (i + 4), 4);
+                    dot2[r][0] = DPBUSD(dot2[r][0], u0, _mm256_set1_epi32(a0));
+                    dot2[r][1] = DPBUSD(dot2[r][1], u1, _mm256_set1_epi32(a1));
+                }
             }
+        }
+        if (A16) {
+            const __m256 sc = load8_f16(blk + SCALES + 16 * h), lw = load8_f16(blk + SCALES + 32 + 16 * h);
+            _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) {
+                const long g = (long)r * NB + b;
+                const __m256i i1 = _mm256_add_epi32(dot[r][0], dot[r][1]);
+                const __m256i i2 = _mm256_add_epi32(dot2[r][0], dot2[r][1]);
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_set1_ps(d[g])), _mm256_cvtepi32_ps(i1), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_set1_ps(d2[g])), _mm256_cvtepi32_ps(i2), acc[r]);
+                acc[r] = _mm256_fmadd_ps(lw, _mm256_set1_ps(sum[g]), acc[r]);
+            }
+            continue;
         }
         const __m256 sc = load8_bf16(blk + SCALES + 16 * h), ze = load8_bf16(blk + SCALES + 32 + 16 * h);
         _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) {
@@ -162,7 +304,8 @@ T512 static inline __attribute__((always_inline)) void group_rows_512(const uint
                                                                       const int8_t *qa, const float *d,
                                                                       const int32_t *sq, const float *sum,
                                                                       __m512 *acc, const uint8_t *next,
-                                                                      const uint8_t *end) {
+                                                                      const uint8_t *end, const int A16,
+                                                                      const int8_t *qa2, const float *d2) {
     const __m512i lo = _mm512_set1_epi8(0x0f);
     _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
     for (int b = 0; b < NB; b++) {
@@ -171,7 +314,11 @@ T512 static inline __attribute__((always_inline)) void group_rows_512(const uint
             for (int l = 0; l < BLOCK; l += 64) _mm_prefetch((const char *)(next + (long)b * BLOCK + l), _MM_HINT_T1);
         else if (end && blk + AHEAD * BLOCK < end)   /* the stream AHEAD blocks on, into L2 */
             for (int l = 0; l < BLOCK; l += 64) _mm_prefetch((const char *)(blk + AHEAD * BLOCK + l), _MM_HINT_T1);
-        __m512i dot[MR][4];                 /* four independent chains per row (integer sums: exact) */
+        /* four independent chains per row (integer sums: exact); A16: two per level */
+        __m512i dot[MR][4];
+        if (A16)
+            _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++)
+                dot[r][0] = dot[r][1] = dot[r][2] = dot[r][3] = _mm512_setzero_si512();
         _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
             const __m512i p = _mm512_loadu_si512((const void *)(blk + 64 * i));
             const __m512i u0 = _mm512_and_si512(p, lo), u1 = _mm512_and_si512(_mm512_srli_epi16(p, 4), lo);
@@ -180,9 +327,32 @@ T512 static inline __attribute__((always_inline)) void group_rows_512(const uint
                 int32_t a0, a1;
                 memcpy(&a0, q + 4 * i, 4);
                 memcpy(&a1, q + 4 * (i + 4), 4);
-                dot[r][i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, _mm512_set1_epi32(a0));
-                dot[r][i] = _mm512_dpbusd_epi32(dot[r][i], u1, _mm512_set1_epi32(a1));
+                if (A16) {
+                    const int8_t *q2 = qa2 + ((long)r * NB + b) * QG;
+                    int32_t b0, b1;
+                    memcpy(&b0, q2 + 4 * i, 4);
+                    memcpy(&b1, q2 + 4 * (i + 4), 4);
+                    dot[r][i & 1] = _mm512_dpbusd_epi32(dot[r][i & 1], u0, _mm512_set1_epi32(a0));
+                    dot[r][i & 1] = _mm512_dpbusd_epi32(dot[r][i & 1], u1, _mm512_set1_epi32(a1));
+                    dot[r][2 + (i & 1)] = _mm512_dpbusd_epi32(dot[r][2 + (i & 1)], u0, _mm512_set1_epi32(b0));
+                    dot[r][2 + (i & 1)] = _mm512_dpbusd_epi32(dot[r][2 + (i & 1)], u1, _mm512_set1_epi32(b1));
+                } else {
+                    dot[r][i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, _mm512_set1_epi32(a0));
+                    dot[r][i] = _mm512_dpbusd_epi32(dot[r][i], u1, _mm512_set1_epi32(a1));
+                }
             }
+        }
+        if (A16) {
+            const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + SCALES)));
+            const __m512 lw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + SCALES + 32)));
+            _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) {
+                const long g = (long)r * NB + b;
+                const __m512i i1 = _mm512_add_epi32(dot[r][0], dot[r][1]), i2 = _mm512_add_epi32(dot[r][2], dot[r][3]);
+                acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(sc, _mm512_set1_ps(d[g])), _mm512_cvtepi32_ps(i1), acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(sc, _mm512_set1_ps(d2[g])), _mm512_cvtepi32_ps(i2), acc[r]);
+                acc[r] = _mm512_fmadd_ps(lw, _mm512_set1_ps(sum[g]), acc[r]);
+            }
+            continue;
         }
         const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(
             _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(blk + SCALES))), 16));
@@ -199,14 +369,22 @@ T512 static inline __attribute__((always_inline)) void group_rows_512(const uint
     }
 }
 
+#define GROUP_512(A16)                                                                                          \
+    switch (rows) {                                                                                             \
+        case 1: group_rows_512(wg, NB, 1, q, d, sq, sum, acc, next, end, A16, q2, d2); break;                   \
+        case 2: group_rows_512(wg, NB, 2, q, d, sq, sum, acc, next, end, A16, q2, d2); break;                   \
+        case 3: group_rows_512(wg, NB, 3, q, d, sq, sum, acc, next, end, A16, q2, d2); break;                   \
+        default: group_rows_512(wg, NB, 4, q, d, sq, sum, acc, next, end, A16, q2, d2); break;                  \
+    }
+
 T512 static void group_512(const uint8_t *wg, int NB, int rows, const int8_t *q, const float *d, const int32_t *sq,
-                           const float *sum, float *out, const uint8_t *next, const uint8_t *end) {
+                           const float *sum, float *out, const uint8_t *next, const uint8_t *end, const int8_t *q2,
+                           const float *d2) {
     __m512 acc[MR];
-    switch (rows) {
-        case 1: group_rows_512(wg, NB, 1, q, d, sq, sum, acc, next, end); break;
-        case 2: group_rows_512(wg, NB, 2, q, d, sq, sum, acc, next, end); break;
-        case 3: group_rows_512(wg, NB, 3, q, d, sq, sum, acc, next, end); break;
-        default: group_rows_512(wg, NB, 4, q, d, sq, sum, acc, next, end); break;
+    if (q2) {
+        GROUP_512(1)
+    } else {
+        GROUP_512(0)
     }
     for (int r = 0; r < rows; r++) _mm512_storeu_ps(out + r * CG, acc[r]);
 }
@@ -214,51 +392,75 @@ T512 static void group_512(const uint8_t *wg, int NB, int rows, const int8_t *q,
 #endif
 
 /* the same sums in plain C (the vector paths' bits: exact integer dots, the same float operations) */
-__attribute__((unused)) static void group_rows_c(const uint8_t *w, int NB, int rows, const int8_t *qa, const float *d, const int32_t *sq,
-                         const float *sum, float *acc) {
+__attribute__((unused)) static void group_rows_c(const uint8_t *w, int NB, int rows, const int8_t *qa, const float *d,
+                                                 const int32_t *sq, const float *sum, float *acc, const int8_t *qa2,
+                                                 const float *d2) {
     for (int r = 0; r < rows; r++)
         for (int j = 0; j < CG; j++) acc[r * CG + j] = 0.0f;
     for (int b = 0; b < NB; b++) {
         const uint8_t *blk = w + (long)b * BLOCK;
         for (int r = 0; r < rows; r++) {
             const long g = (long)r * NB + b;
-            const int8_t *q = qa + g * QG;
+            const int8_t *q = qa + g * QG, *q2 = qa2 ? qa2 + g * QG : NULL;
             for (int j = 0; j < CG; j++) {
-                int32_t dot = 0;
+                int32_t dot = 0, dot2 = 0;
                 for (int i = 0; i < 4; i++)
                     for (int t = 0; t < 4; t++) {
                         const uint8_t byte = blk[64 * i + 4 * j + t];
                         dot += (int32_t)(byte & 0x0f) * q[4 * i + t] + (int32_t)(byte >> 4) * q[4 * (i + 4) + t];
+                        if (q2)
+                            dot2 += (int32_t)(byte & 0x0f) * q2[4 * i + t] + (int32_t)(byte >> 4) * q2[4 * (i + 4) + t];
                     }
                 uint16_t sb, zb;
                 memcpy(&sb, blk + SCALES + 2 * j, 2);
                 memcpy(&zb, blk + SCALES + 32 + 2 * j, 2);
-                acc[r * CG + j] = fmaf(bf16_to_f32(sb) * d[g], (float)(dot - 8 * sq[g]), acc[r * CG + j]);
-                acc[r * CG + j] = fmaf(bf16_to_f32(zb), sum[g], acc[r * CG + j]);
+                if (q2) {
+                    const float s = f16_to_f32(sb);
+                    acc[r * CG + j] = fmaf(s * d[g], (float)dot, acc[r * CG + j]);
+                    acc[r * CG + j] = fmaf(s * d2[g], (float)dot2, acc[r * CG + j]);
+                    acc[r * CG + j] = fmaf(f16_to_f32(zb), sum[g], acc[r * CG + j]);
+                } else {
+                    acc[r * CG + j] = fmaf(bf16_to_f32(sb) * d[g], (float)(dot - 8 * sq[g]), acc[r * CG + j]);
+                    acc[r * CG + j] = fmaf(bf16_to_f32(zb), sum[g], acc[r * CG + j]);
+                }
             }
         }
     }
 }
 
+#if defined(__AVX2__)
+#define GROUP_AVX2(A16)                                                                                         \
+    switch (rows) {                                                                                             \
+        case 1: group_rows(wg, NB, 1, h, q, d + g0, sq + g0, sum + g0, acc, h ? NULL : end, A16, q2, d2g); break; \
+        case 2: group_rows(wg, NB, 2, h, q, d + g0, sq + g0, sum + g0, acc, h ? NULL : end, A16, q2, d2g); break; \
+        case 3: group_rows(wg, NB, 3, h, q, d + g0, sq + g0, sum + g0, acc, h ? NULL : end, A16, q2, d2g); break; \
+        default: group_rows(wg, NB, 4, h, q, d + g0, sq + g0, sum + g0, acc, h ? NULL : end, A16, q2, d2g); break; \
+    }
+#endif
+
 /* y (M, N) in y_kind (row stride ldy) = x (M, K) in x_kind (row stride ldx) times the packed weight of
  * N channels (N a multiple of 16: the packing pads) and K inputs (a multiple of 32), the channel groups
- * on up to nt threads (simd.h: PD_PARALLEL_FOR).
+ * on up to nt threads (simd.h: PD_PARALLEL_FOR); a16: the A16 variant's blocks and activations.
  * Returns 0, or -1 when scratch memory could not be allocated. */
-int pd_int4_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t *w, int N, void *y, int y_kind,
-               long ldy, int nt) {
+static int int4_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t *w, int N, void *y, int y_kind,
+                   long ldy, int nt, int a16) {
     const int NB = K / QG;
     int8_t *qa = (int8_t *)malloc((size_t)M * K + 1);
     float *d = (float *)malloc(sizeof(float) * ((size_t)M * NB + 1));
     int32_t *sq = (int32_t *)malloc(sizeof(int32_t) * ((size_t)M * NB + 1));
     float *sum = (float *)malloc(sizeof(float) * ((size_t)M * NB + 1));
-    if (!qa || !d || !sq || !sum) {
+    int8_t *qa2 = a16 ? (int8_t *)malloc((size_t)M * K + 1) : NULL;
+    float *d2 = a16 ? (float *)malloc(sizeof(float) * ((size_t)M * NB + 1)) : NULL;
+    if (!qa || !d || !sq || !sum || (a16 && (!qa2 || !d2))) {
         free(qa);
         free(d);
         free(sq);
         free(sum);
+        free(qa2);
+        free(d2);
         return -1;
     }
-    quantize_rows(x, x_kind, ldx, M, K, qa, d, sq, sum);
+    quantize_rows(x, x_kind, ldx, M, K, qa, d, sq, sum, qa2, d2);
 #ifdef HAVE_512
     const int fast = pd_avx512_vnni(), stream = pd_stream_prefetch();
 #else
@@ -284,28 +486,28 @@ int pd_int4_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t 
         (void)end;
         for (int m0 = 0; m0 < M; m0 += MR) {
             const int rows = M - m0 < MR ? M - m0 : MR;
-            const int8_t *q = qa + (long)m0 * K;
+            const int8_t *q = qa + (long)m0 * K, *q2 = a16 ? qa2 + (long)m0 * K : NULL;
             const long g0 = (long)m0 * NB;
+            const float *d2g = a16 ? d2 + g0 : NULL;
             float out[MR * CG];
 #ifdef HAVE_512
             if (fast) {
-                group_512(wg, NB, rows, q, d + g0, sq + g0, sum + g0, out, next, end);
+                group_512(wg, NB, rows, q, d + g0, sq + g0, sum + g0, out, next, end, q2, d2g);
             } else
 #endif
             {
 #if defined(__AVX2__)
                 for (int h = 0; h < 2; h++) {
                     __m256 acc[MR];
-                    switch (rows) {
-                        case 1: group_rows(wg, NB, 1, h, q, d + g0, sq + g0, sum + g0, acc, h ? NULL : end); break;
-                        case 2: group_rows(wg, NB, 2, h, q, d + g0, sq + g0, sum + g0, acc, h ? NULL : end); break;
-                        case 3: group_rows(wg, NB, 3, h, q, d + g0, sq + g0, sum + g0, acc, h ? NULL : end); break;
-                        default: group_rows(wg, NB, 4, h, q, d + g0, sq + g0, sum + g0, acc, h ? NULL : end); break;
+                    if (a16) {
+                        GROUP_AVX2(1)
+                    } else {
+                        GROUP_AVX2(0)
                     }
                     for (int r = 0; r < rows; r++) _mm256_storeu_ps(out + r * CG + 8 * h, acc[r]);
                 }
 #else
-                group_rows_c(wg, NB, rows, q, d + g0, sq + g0, sum + g0, out);
+                group_rows_c(wg, NB, rows, q, d + g0, sq + g0, sum + g0, out, q2, d2g);
 #endif
             }
             for (int r = 0; r < rows; r++) from_f32(y, y_kind, (long)(m0 + r) * ldy + (long)c * CG, CG, out + r * CG);
@@ -315,5 +517,18 @@ int pd_int4_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t 
     free(d);
     free(sq);
     free(sum);
+    free(qa2);
+    free(d2);
     return 0;
+}
+
+int pd_int4_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t *w, int N, void *y, int y_kind,
+               long ldy, int nt) {
+    return int4_mm(x, x_kind, ldx, M, K, w, N, y, y_kind, ldy, nt, 0);
+}
+
+/* the A16 variant (see the top of this file) */
+int pd_int4_a16_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t *w, int N, void *y, int y_kind,
+                   long ldy, int nt) {
+    return int4_mm(x, x_kind, ldx, M, K, w, N, y, y_kind, ldy, nt, 1);
 }

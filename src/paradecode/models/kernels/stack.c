@@ -19,6 +19,8 @@ int pd_f32_mm(const void *x, int x_kind, long ldx, int M, int K, const float *w,
               long ldy, int nt);
 int pd_int4_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t *w, int N, void *y, int y_kind,
                long ldy, int nt);
+int pd_int4_a16_mm(const void *x, int x_kind, long ldx, int M, int K, const uint8_t *w, int N, void *y,
+                   int y_kind, long ldy, int nt);
 int pd_bf16_mm(const void *x, int x_kind, long ldx, int M, int K, const uint16_t *w, int N, void *y, int y_kind,
                long ldy, int nt);
 void pd_add_rmsnorm(float *x, const void *delta, int delta_kind, long ldd, long rows, int H, const float *w,
@@ -29,8 +31,8 @@ int pd_rope_attend(const void *qkv, int qkv_kind, long ldq, const float *cos, co
                    float *qk, float *att, void *out, int out_kind, int B, int T, int Hkv, int G, int D, int L0,
                    float scale, int nt);
 
-/* Int8I15Weight, Int8PanelWeight, F32PanelWeight, Int4W4A8Weight, BF16PanelWeight */
-enum { W_I15 = 1, W_I8 = 2, W_F32 = 3, W_INT4 = 4, W_BF16 = 5 };
+/* Int8I15Weight, Int8PanelWeight, F32PanelWeight, Int4W4A8Weight, BF16PanelWeight, Int4W4A16Weight */
+enum { W_I15 = 1, W_I8 = 2, W_F32 = 3, W_INT4 = 4, W_BF16 = 5, W_INT4_A16 = 6 };
 
 typedef struct {
     int kind;
@@ -53,6 +55,7 @@ static int product(const pd_mat *m, const void *x, int x_kind, long ldx, int M, 
         case W_I8: return pd_i8_mm(x, x_kind, ldx, M, m->K, m->w, m->scale, m->N, y, m->out_kind, m->N, nt);
         case W_F32: return pd_f32_mm(x, x_kind, ldx, M, m->K, m->w, m->N, y, m->out_kind, m->N, nt);
         case W_INT4: return pd_int4_mm(x, x_kind, ldx, M, m->K, m->w, m->N, y, m->out_kind, m->N, nt);
+        case W_INT4_A16: return pd_int4_a16_mm(x, x_kind, ldx, M, m->K, m->w, m->N, y, m->out_kind, m->N, nt);
         case W_BF16: return pd_bf16_mm(x, x_kind, ldx, M, m->K, m->w, m->N, y, m->out_kind, m->N, nt);
         default: return -2;
     }
