@@ -69,6 +69,18 @@ def test_the_twin_of_a_cached_model_is_cached_too(checkpoint):
     assert again.prepared_from is not None and torch.equal(logits(first), logits(again))
 
 
+@needs_kernels
+def test_the_a16_twin_is_cached_apart_from_the_w4a8_one(checkpoint):
+    from paradecode.models.quant import Int4W4A16Weight
+
+    a8 = load(checkpoint, "bfloat16").twin("int4")
+    first = load(checkpoint, "bfloat16").twin("int4", int4_activations=16)
+    assert first.prepared_from is None                 # not the W4A8 twin's file, cached just before
+    again = load(checkpoint, "bfloat16").twin("int4", int4_activations=16)
+    assert again.prepared_from is not None and isinstance(again.wqkv[0], Int4W4A16Weight)
+    assert torch.equal(logits(first), logits(again)) and not torch.equal(logits(first), logits(a8))
+
+
 def test_formats_options_and_checkpoints_get_files_of_their_own(checkpoint):
     load(checkpoint, "float32")
     load(checkpoint, "bfloat16")

@@ -75,13 +75,13 @@ def test_int4_refuses_unsuitable_widths():
 @settings(max_examples=12, deadline=None)
 @given(n=st.integers(1, 20), seed=st.integers(0, 1000), k=st.integers(1, 8), budget=st.integers(1, 30),
        fmt=st.sampled_from(["int4", "int8"]), threshold=st.sampled_from([0.0, 0.3, 0.9]), siblings=st.integers(0, 3),
-       vocab=st.sampled_from([0, 16, 48]))
-def test_greedy_matches_plain_tiny(tiny32, n, seed, k, budget, fmt, threshold, siblings, vocab):
+       vocab=st.sampled_from([0, 16, 48]), acts=st.sampled_from([8, 16]))
+def test_greedy_matches_plain_tiny(tiny32, n, seed, k, budget, fmt, threshold, siblings, vocab, acts):
     p = _prompt(n, seed)
     ref = generate(tiny32, p, "plain", max_new_tokens=budget, ignore_eos=True)
     r = generate(tiny32, p, "quantspec", {"num_draft_tokens": k, "max_draft_tokens": max(k, 8),
                                           "draft_format": fmt, "confidence_threshold": threshold,
-                                          "siblings": siblings, "draft_vocab": vocab},
+                                          "siblings": siblings, "draft_vocab": vocab, "draft_activations": acts},
                  max_new_tokens=budget, ignore_eos=True)
     assert r.token_ids == ref.token_ids
     assert r.stats.extra["draft_format"] == fmt
@@ -173,8 +173,47 @@ def test_lookup_tails_keep_greedy_identity():
     assert r.stats.extra["lookup_extensions"] > 0
 
 
+def test_a16_twin_takes_the_a16_kernel_and_rechecks_its_best_logits(tiny32):
+    """draft_activations=16: the twin's layer matrices are the A16 variant's (float16 scales), and each row's
+    REFINE_TOP best logits are float32 sums over the head's own values, not the int8 head's."""
+    from paradecode.models.native import REFINE_TOP
+    from paradecode.models.quant import Int4W4A16Weight
+
+    a8, a16 = tiny32.twin("int4"), tiny32.twin("int4", int4_activations=16)
+    assert a8 is not a16 and tiny32.twin("int4", int4_activations=16) is a16       # built once
+    assert not isinstance(a8.wqkv[0], Int4W4A16Weight) and a8.refine_top == 0
+    assert all(isinstance(w, Int4W4A16Weight) for w in a16.wqkv + a16.wo + a16.wgu + a16.wdown)
+    assert a16.refine_top == REFINE_TOP
+    ids = torch.tensor([_prompt(9, 2)])
+    seen = {}
+    refine = a16._refine
+
+    def spy(h, logits):
+        seen["h"], seen["raw"] = h.clone(), logits.clone()
+        return refine(h, logits)
+
+    a16._refine = spy
+    try:
+        logits = a16.forward(a16.new_cache(1, 16), ids)[0]                      # (9, V)
+    finally:
+        del a16._refine
+    raw, h = seen["raw"], seen["h"][:9].float()
+    top = raw.topk(REFINE_TOP, dim=-1).indices                                   # (9, k)
+    # an untied head's values: the target's head (a tied one's: the twin's bfloat16 embedding)
+    assert not tiny32.shape.tie_embeddings and a16.refine_head is tiny32.lm_head
+    want = torch.einsum("rh,rkh->rk", h, tiny32.lm_head.rows(top).float())
+    assert torch.equal(logits.gather(-1, top), want)
+    rest = torch.ones_like(logits, dtype=torch.bool).scatter(-1, top, False)
+    assert torch.equal(logits[rest], raw[rest])                                  # the others: the int8 head's
+    assert not torch.equal(want, raw.gather(-1, top))
+
+
 def test_bad_options():
     from paradecode.methods.base import get_method
+
+    assert get_method("quantspec", {"draft_activations": "8"}).config.draft_activations == 8    # the CLI's text
+    with pytest.raises(UserError, match="draft_activations"):
+        get_method("quantspec", {"draft_activations": 12})
 
     with pytest.raises(UserError, match="lookup_ngram"):
         get_method("quantspec", {"lookup_ngram": 5})
@@ -282,11 +321,13 @@ def test_refusals(tiny_llama_pair):
 
 # -- the default model ----------------------------------------------------------------------------------
 def test_default_model_matches_plain_on_all_prompts(default_model):
-    """Greedy token identity with plain on every prompt; the int4 twin drafts well on this model
-    (it holds the GGUF file's own 4-bit codes), so most drafted tokens are accepted."""
+    """Greedy token identity with plain on every prompt (the W4A8 int4 twin, the A16 one, the int8 one); the
+    int4 twin drafts well on this model (it holds the GGUF file's own 4-bit codes), so most drafted tokens are
+    accepted. The model's head is tied: the A16 twin rechecks its best logits with its bfloat16 embedding."""
     mismatches, accepted, drafted = [], 0, 0
     for i, prompt in enumerate(PROMPTS):
-        options = {"draft_format": "int8"} if i % 7 == 3 else {"num_draft_tokens": 1 + i % 8, "siblings": i % 3}
+        options = {"draft_format": "int8"} if i % 7 == 3 else {"draft_activations": 16} if i % 7 == 5 else \
+            {"num_draft_tokens": 1 + i % 8, "siblings": i % 3}
         ref = generate(default_model, prompt, "plain", chat=True, max_new_tokens=24)
         r = generate(default_model, prompt, "quantspec", options, chat=True, max_new_tokens=24)
         if r.token_ids != ref.token_ids:
@@ -294,6 +335,8 @@ def test_default_model_matches_plain_on_all_prompts(default_model):
         accepted += sum(a - 1 for a in r.stats.accepted_lengths)
         drafted += r.stats.draft_tokens
     assert not mismatches
+    twin = default_model.twin("int4", int4_activations=16)
+    assert twin.refine_head is twin.embed and twin.embed.dtype == torch.bfloat16
     # (> 0.5 with the whole vocabulary; a draft vocabulary renormalises the twin's confidence, so it drafts
     # longer chains and fewer of their tokens pass)
     assert drafted > 0 and accepted / drafted > 0.4

@@ -110,10 +110,12 @@ def _convert(name: str, raw: Any, tp) -> Any:
         origin = typing.get_origin(tp)
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
-        if raw not in allowed:
-            raise UserError(f"option {name}={raw!r} is not allowed", f"choose one of {', '.join(map(str, allowed))}",
-                            field=name)
-        return raw
+        for a in allowed:               # numbers given as text (the CLI's -o) match by their spelling
+            as_text = isinstance(raw, str) and not isinstance(a, str) and raw == str(a)
+            if as_text or (raw == a and type(raw) is type(a)):
+                return a
+        raise UserError(f"option {name}={raw!r} is not allowed", f"choose one of {', '.join(map(str, allowed))}",
+                        field=name)
     if origin in (tuple, list):
         (inner, *_) = typing.get_args(tp) or (str,)
         items = raw.split(",") if isinstance(raw, str) else list(raw)

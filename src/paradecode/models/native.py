@@ -58,11 +58,13 @@ from .kernels import KEY_BLOCK
 from .argmax_head import ArgmaxHead
 from .quant import (BF16PanelWeight, F32PanelWeight, Int4W4A8Weight, Int4Weight, Int8I15Weight, Int8PanelWeight,
                     Int8Weight, PackedBF16Weight, PanelWeight, can_pack_bf16, first_channels, linear, pack_bf16,
-                    pack_bf16_panels, pack_f32, pack_int4_w4a8, pack_int8_i15, pack_int8_panels, quantize_int4,
-                    quantize_int8)
+                    pack_bf16_panels, pack_f32, pack_int4_w4a8, pack_int4_w4a16, pack_int8_i15, pack_int8_panels,
+                    quantize_int4, quantize_int8)
 from ..errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+#: an A16 int4 twin's head: each row's best logits recomputed with its target's head (NativeLlama._refine)
+REFINE_TOP = 8
 # weight format -> dtype of the activations fed to the projections
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
 MIN_ROWS = 4            # GEMM rows below which MKL (float32) / oneDNN (bfloat16) take a GEMV kernel;
@@ -280,7 +282,7 @@ class NativeLlama(CausalLM):
 
     def __init__(self, hf_config, weights: Mapping[str, torch.Tensor], *, dtype: str = "float32",
                  tokenizer=None, name: str = "model", invariant: bool = True, packed: bool | None = None,
-                 attention: str = "auto", bf16_kernel: bool | None = None):
+                 attention: str = "auto", bf16_kernel: bool | None = None, int4_activations: int = 8):
         """``invariant=False`` drops the row padding of float32/bfloat16 products: a
         single-token step then uses the GEMV kernel (float32: ~1.5x faster per
         step on this machine) but its logits differ in the last bits from the
@@ -294,7 +296,10 @@ class NativeLlama(CausalLM):
         chains only; int4 x bfloat16 products), or ``"auto"`` (the kernels where they can be built).
         ``bf16_kernel`` (bfloat16 with the kernels): the compiled bfloat16 products (``kernels/bf16.c``: AMX
         tiles where the CPU has them, else ``vdpbf16ps`` with AVX-512 BF16, else AVX2 + FMA or plain C) instead of
-        PyTorch's (oneDNN's); default: wherever the kernels are built (``docs/engine.md``)."""
+        PyTorch's (oneDNN's); default: wherever the kernels are built (``docs/engine.md``).
+        ``int4_activations`` (int4 with the kernels): 8 (GGUF's Q8 blocks, the int4 format's products) or 16
+        (the A16 variant, :class:`~.quant.Int4W4A16Weight`: float16 scales, activations in two int8 levels;
+        quantspec's twin)."""
         arch = (getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UserError(f"architecture {arch} is not supported by the native backend",
@@ -303,6 +308,8 @@ class NativeLlama(CausalLM):
             raise UserError(f"unknown dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
         if attention not in ("auto", "kernel", "torch"):
             raise UserError(f"unknown attention path {attention!r}", "choose auto, kernel or torch")
+        if int4_activations not in (8, 16):
+            raise UserError(f"int4_activations must be 8 or 16, got {int4_activations}", "use 8 or 16")
         self._attn_kernel = None if attention == "torch" else kernels.attention_kernel()
         self._glue = None if self._attn_kernel is None else kernels.layer_glue()
         if attention == "kernel" and self._attn_kernel is None:
@@ -311,6 +318,10 @@ class NativeLlama(CausalLM):
         self.exact_tree_logits = self._attn_kernel is not None and invariant
         self.format = dtype
         self.dtype = DTYPES[dtype]          # activations fed to the projections
+        # the int4 format's products with the kernels: W4A8, or the A16 variant (None: not int4 with the kernels)
+        self.int4_activations = int4_activations if dtype == "int4" and self._attn_kernel is not None else None
+        self.refine_top = 0        # > 0: each row's best logits recomputed from refine_head (see _refine)
+        self.refine_head = None
         # The KV cache: with the kernels, bfloat16 where the projections take bfloat16 (their values come out
         # of a bfloat16 product already; the keys are rounded once, after RoPE): half the bytes a step's
         # attention reads. float32 for the float32 format and for PyTorch's attention path.
@@ -350,7 +361,7 @@ class NativeLlama(CausalLM):
                        if self._attn_kernel is not None and not self._pad_rows and not self.shape.qkv_bias else None)
         self.fused = self._stack is not None      # False: the same kernels called layer by layer from Python
         self._source = (hf_config, weights)   # what :meth:`twin` rebuilds from (LazyWeights: just an index)
-        self._twins: dict[str, NativeLlama] = {}
+        self._twins: dict[tuple[str, int], NativeLlama] = {}
         inv_freq, self.rope_scale = _rope_inv_freq(c)
         pos = torch.arange(max_ctx, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]                         # (P, D/2)
@@ -388,6 +399,8 @@ class NativeLlama(CausalLM):
         if files is not None:
             options = {"format": self.format, "invariant": self.invariant, "packed": self.packed,
                        "panels": self.panels, "bf16_panels": self.bf16_panels, "kernels": self._attn_kernel is not None}
+            if self.int4_activations == 16:      # (absent otherwise: the files cached before it keep their names)
+                options["int4_activations"] = 16
             path = prepared.cache_file(files, hf_config.to_dict(), options)
             state = prepared.load(path)
             if state is not None and set(state) == set(self._PREPARED):
@@ -415,7 +428,17 @@ class NativeLlama(CausalLM):
 
         # int4 with the compiled kernels: int4 x int8 products (models/kernels/int4.c), else PyTorch's int4 x bfloat16
         compiled = self._attn_kernel is not None
-        int4 = pack_int4_w4a8 if compiled else quantize_int4
+
+        def int4(m: torch.Tensor):
+            if not compiled:
+                return quantize_int4(m)
+            if self.int4_activations == 16:
+                try:
+                    return pack_int4_w4a16(m)
+                except ValueError:          # beyond float16's range: this matrix takes the W4A8 kernel
+                    pass
+            return pack_int4_w4a8(m)
+
         # the int8 format's matrices and the int4 format's LM head: int8 x 15-bit integer products
         # (kernels/int8.c) for layer widths that are multiples of 4
         widths = (s.hidden, s.heads * s.head_dim, s.intermediate)
@@ -484,7 +507,7 @@ class NativeLlama(CausalLM):
             if self.quantized or pack or self.panels or self.bf16_panels:
                 release_free_memory()   # quantizing or packing leaves freed temporaries in the heap
 
-    def twin(self, dtype: str) -> "NativeLlama":
+    def twin(self, dtype: str, int4_activations: int = 8) -> "NativeLlama":
         """The same checkpoint in another weight format (built once, then kept with this model).
 
         Used as a cheap draft of this model: the quantspec method drafts with
@@ -492,13 +515,21 @@ class NativeLlama(CausalLM):
         """
         if dtype == self.format:
             return self
-        if dtype not in self._twins:
+        key = (dtype, int4_activations if dtype == "int4" else 8)
+        if key not in self._twins:
             config, weights = self._source
-            self._twins[dtype] = NativeLlama(config, weights, dtype=dtype, tokenizer=self.tokenizer,
-                                             name=self.info.name, invariant=self.invariant, packed=self.packed,
-                                             bf16_kernel=self._bf16_kernel,
-                                             attention="torch" if self._attn_kernel is None else "kernel")
-        return self._twins[dtype]
+            self._twins[key] = NativeLlama(config, weights, dtype=dtype, tokenizer=self.tokenizer,
+                                           name=self.info.name, invariant=self.invariant, packed=self.packed,
+                                           bf16_kernel=self._bf16_kernel, int4_activations=key[1],
+                                           attention="torch" if self._attn_kernel is None else "kernel")
+            twin = self._twins[key]
+            # the head's values: a tied head's are the twin's bfloat16 embedding (rows in a row: a few cache lines
+            # each), else the target's head (a panel layout's row is spread over a cache line per pair)
+            head = twin.embed if twin.shape.tie_embeddings and isinstance(twin.embed, torch.Tensor) else \
+                self.lm_head if hasattr(self.lm_head, "rows") else None
+            if twin.int4_activations == 16 and head is not None:
+                twin.refine_head, twin.refine_top = head, REFINE_TOP
+        return self._twins[key]
 
     def _probe_row_blocks(self) -> None:
         """Run :func:`_max_rows`'s probes for every projection shape now (~0.5 s for the default model
@@ -664,6 +695,16 @@ class NativeLlama(CausalLM):
         return self._head(F.rms_norm(x, (self.shape.hidden,), self.norm, self.shape.eps).to(self.dtype), None,
                           pad_rows, vocab, greedy)
 
+    def _refine(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (R, V) from this model's head with each row's ``refine_top`` best recomputed from
+        ``refine_head`` (a twin: its target's head, float32 sums): the twin's argmax is then the target's but
+        for float rounding, where its int8 head's flips near-ties."""
+        top = logits.topk(min(self.refine_top, logits.shape[-1]), dim=-1).indices    # (R, k)
+        w = self.refine_head
+        rows = (w[top] if isinstance(w, torch.Tensor) else w.rows(top)).float()     # (R, k, H)
+        exact = torch.einsum("rh,rkh->rk", h[:logits.shape[0]].float(), rows)
+        return logits.scatter_(-1, top, exact)
+
     def head_prefix(self, n: int):
         """The LM head of the vocabulary's first ``n`` tokens (a view), or None where its layout has none."""
         return first_channels(self.lm_head, n)
@@ -684,6 +725,9 @@ class NativeLlama(CausalLM):
         if pad_rows and B2 * T2 % MIN_ROWS:
             h = torch.cat([h, h.new_zeros(_padded(B2 * T2) - B2 * T2, H)])
         proj = _split_rows if pad_rows else linear
+        if self.refine_top:
+            out = vocab.logits(h, proj) if vocab is not None else proj(h, self.lm_head).float()
+            return self._refine(h, out[:B2 * T2, :self.vocab_size]).reshape(B2, T2, -1)
         if vocab is not None:
             return vocab.logits(h, proj)[:B2 * T2].view(B2, T2, -1)      # (B, T', V), -inf outside vocab
         if greedy and self.argmax_head is not None and B2 * T2 <= self.argmax_rows:
