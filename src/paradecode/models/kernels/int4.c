@@ -55,46 +55,6 @@ __attribute__((unused)) static void quantize_group(const float *a, int8_t *q, fl
     *sq = s;
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-/* quantize_group's numbers with 8 lanes: lane j sums inputs j, j + 8, j + 16, j + 24 in that order */
-static void quantize_group_v(const float *a, int8_t *q, float *d, int32_t *sq, float *sum) {
-    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 v[4], mx = _mm256_setzero_ps(), acc = _mm256_setzero_ps();
-    for (int i = 0; i < 4; i++) {
-        v[i] = _mm256_loadu_ps(a + 8 * i);
-        mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], sign));
-        acc = _mm256_add_ps(acc, v[i]);
-    }
-    float m8[8], part[8];
-    _mm256_storeu_ps(m8, mx);
-    _mm256_storeu_ps(part, acc);
-    float amax = 0.0f;
-    for (int j = 0; j < 8; j++) amax = m8[j] > amax ? m8[j] : amax;
-    *sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-    const float dd = amax / 127.0f;
-    int32_t iv[32], s = 0;
-    if (dd > 0.0f) {
-        const __m256 vd = _mm256_set1_ps(dd), lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
-        for (int i = 0; i < 4; i++) {
-            __m256 r = _mm256_round_ps(_mm256_div_ps(v[i], vd), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            r = _mm256_min_ps(_mm256_max_ps(r, nlim), lim);
-            _mm256_storeu_si256((__m256i *)(iv + 8 * i), _mm256_cvtps_epi32(r));
-        }
-    } else {
-        memset(iv, 0, sizeof iv);
-    }
-    for (int k = 0; k < QG; k++) {
-        q[k] = (int8_t)iv[k];
-        s += iv[k];
-    }
-    *d = dd;
-    *sq = s;
-}
-#define QUANTIZE_GROUP quantize_group_v
-#else
-#define QUANTIZE_GROUP quantize_group
-#endif
-
 /* the A16 variant's two levels: quantize_group's codes, scale and sum, then its residual's codes and scale
  * (r = a - q * d, one rounding: fmaf) */
 __attribute__((unused)) static void quantize_group2(const float *a, int8_t *q, int8_t *q2, float *d, float *d2,
@@ -116,38 +76,61 @@ __attribute__((unused)) static void quantize_group2(const float *a, int8_t *q, i
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
+/* a group's 32 inputs into v[4], their exact sum as quantize_group's (lane j sums inputs j, j + 8, j + 16,
+ * j + 24 in that order, then the lanes in a fixed order); returns max |a| */
+static inline float load_group(const float *a, __m256 *v, float *sum) {
+    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 mx = _mm256_setzero_ps(), acc = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(a + 8 * i);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], sign));
+        acc = _mm256_add_ps(acc, v[i]);
+    }
+    float m8[8], part[8], amax = 0.0f;
+    _mm256_storeu_ps(m8, mx);
+    _mm256_storeu_ps(part, acc);
+    for (int j = 0; j < 8; j++) amax = m8[j] > amax ? m8[j] : amax;
+    *sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    return amax;
+}
+
 /* 8 lanes' round(v / d) clamped to [-127, 127], as floats (quantize_group's numbers) */
 static inline __m256 codes8(__m256 v, __m256 vd) {
     const __m256 r = _mm256_round_ps(_mm256_div_ps(v, vd), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     return _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
 }
 
-static inline float hmax8(__m256 v) {
-    float m8[8], m = 0.0f;
-    _mm256_storeu_ps(m8, v);
-    for (int j = 0; j < 8; j++) m = m8[j] > m ? m8[j] : m;
-    return m;
-}
-
-static inline void store_codes(__m256 c, int8_t *q) {
-    int32_t iv[8];
+/* 8 codes as int8; returns their sum */
+static inline int32_t store_codes(__m256 c, int8_t *q) {
+    int32_t iv[8], s = 0;
     _mm256_storeu_si256((__m256i *)iv, _mm256_cvtps_epi32(c));
-    for (int j = 0; j < 8; j++) q[j] = (int8_t)iv[j];
+    for (int j = 0; j < 8; j++) {
+        q[j] = (int8_t)iv[j];
+        s += iv[j];
+    }
+    return s;
 }
 
-/* quantize_group2's numbers with 8 lanes (its sum as quantize_group_v's) */
+/* quantize_group's numbers with 8 lanes */
+static void quantize_group_v(const float *a, int8_t *q, float *d, int32_t *sq, float *sum) {
+    __m256 v[4];
+    const float dd = load_group(a, v, sum) / 127.0f;
+    int32_t s = 0;
+    if (dd > 0.0f) {
+        const __m256 vd = _mm256_set1_ps(dd);
+        for (int i = 0; i < 4; i++) s += store_codes(codes8(v[i], vd), q + 8 * i);
+    } else {
+        memset(q, 0, QG);
+    }
+    *d = dd;
+    *sq = s;
+}
+
+/* quantize_group2's numbers with 8 lanes */
 static void quantize_group2_v(const float *a, int8_t *q, int8_t *q2, float *d, float *d2, float *sum) {
     const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 v[4], mx = _mm256_setzero_ps(), acc = _mm256_setzero_ps();
-    for (int i = 0; i < 4; i++) {
-        v[i] = _mm256_loadu_ps(a + 8 * i);
-        mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], sign));
-        acc = _mm256_add_ps(acc, v[i]);
-    }
-    float part[8];
-    _mm256_storeu_ps(part, acc);
-    *sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-    const float dd = hmax8(mx) / 127.0f;
+    __m256 v[4];
+    const float dd = load_group(a, v, sum) / 127.0f;
     *d = dd;
     if (!(dd > 0.0f)) {             /* all zero: so are the residuals */
         memset(q, 0, QG);
@@ -163,7 +146,10 @@ static void quantize_group2_v(const float *a, int8_t *q, int8_t *q2, float *d, f
         r[i] = _mm256_fnmadd_ps(c, vd, v[i]);
         rmx = _mm256_max_ps(rmx, _mm256_and_ps(r[i], sign));
     }
-    const float d2d = hmax8(rmx) / 127.0f;
+    float m8[8], rmax = 0.0f;
+    _mm256_storeu_ps(m8, rmx);
+    for (int j = 0; j < 8; j++) rmax = m8[j] > rmax ? m8[j] : rmax;
+    const float d2d = rmax / 127.0f;
     *d2 = d2d;
     if (!(d2d > 0.0f)) {
         memset(q2, 0, QG);
@@ -172,8 +158,10 @@ static void quantize_group2_v(const float *a, int8_t *q, int8_t *q2, float *d, f
     const __m256 vd2 = _mm256_set1_ps(d2d);
     for (int i = 0; i < 4; i++) store_codes(codes8(r[i], vd2), q2 + 8 * i);
 }
+#define QUANTIZE_GROUP quantize_group_v
 #define QUANTIZE_GROUP2 quantize_group2_v
 #else
+#define QUANTIZE_GROUP quantize_group
 #define QUANTIZE_GROUP2 quantize_group2
 #endif
 
