@@ -438,8 +438,8 @@ def int4_mm(x: torch.Tensor, w, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     M, K = x.shape
     y = torch.empty(M, w.padded, dtype=torch.bfloat16)
     fn = lib.pd_int4_a16_mm if isinstance(w, Int4W4A16Weight) else lib.pd_int4_mm
-    if fn(x.data_ptr(), _KIND[x.dtype], x.stride(0), M, K, w.blocks.data_ptr(), w.padded,
-                      y.data_ptr(), 2, y.stride(0), torch.get_num_threads()):
+    if fn(x.data_ptr(), _KIND[x.dtype], x.stride(0), M, K, w.blocks.data_ptr(), w.padded, y.data_ptr(), 2,
+          y.stride(0), torch.get_num_threads()):
         raise MemoryError("the int4 kernel could not allocate its scratch memory")
     return y if w.padded == w.n else y[:, :w.n]
 
