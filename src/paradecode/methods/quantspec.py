@@ -183,6 +183,6 @@ class QuantSpec(Method):
         if model.info.dtype == fmt:
             raise UserError(f"quantspec drafts with an {fmt} copy, but the model already runs in {fmt}",
                             "load the model in a wider format (--dtype bfloat16 or float32) or pick another method")
-        twin = twin_of(fmt, int4_activations=self.config.draft_activations) if fmt == "int4" else twin_of(fmt)
+        twin = twin_of(fmt, int4_activations=self.config.draft_activations)     # (an int8 twin ignores it)
         speculative_decode(model, TwinDrafter(self.config, twin), prompt_ids, gen, sink,
                            backoff=self.config.backoff, sizing=self.config.size_drafts)

@@ -76,6 +76,14 @@ __attribute__((unused)) static void quantize_group2(const float *a, int8_t *q, i
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
+/* the largest of 8 lanes (each >= 0) */
+static inline float hmax8(__m256 v) {
+    float m8[8], m = 0.0f;
+    _mm256_storeu_ps(m8, v);
+    for (int j = 0; j < 8; j++) m = m8[j] > m ? m8[j] : m;
+    return m;
+}
+
 /* a group's 32 inputs into v[4], their exact sum as quantize_group's (lane j sums inputs j, j + 8, j + 16,
  * j + 24 in that order, then the lanes in a fixed order); returns max |a| */
 static inline float load_group(const float *a, __m256 *v, float *sum) {
@@ -86,12 +94,10 @@ static inline float load_group(const float *a, __m256 *v, float *sum) {
         mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], sign));
         acc = _mm256_add_ps(acc, v[i]);
     }
-    float m8[8], part[8], amax = 0.0f;
-    _mm256_storeu_ps(m8, mx);
+    float part[8];
     _mm256_storeu_ps(part, acc);
-    for (int j = 0; j < 8; j++) amax = m8[j] > amax ? m8[j] : amax;
     *sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-    return amax;
+    return hmax8(mx);
 }
 
 /* 8 lanes' round(v / d) clamped to [-127, 127], as floats (quantize_group's numbers) */
@@ -146,10 +152,7 @@ static void quantize_group2_v(const float *a, int8_t *q, int8_t *q2, float *d, f
         r[i] = _mm256_fnmadd_ps(c, vd, v[i]);
         rmx = _mm256_max_ps(rmx, _mm256_and_ps(r[i], sign));
     }
-    float m8[8], rmax = 0.0f;
-    _mm256_storeu_ps(m8, rmx);
-    for (int j = 0; j < 8; j++) rmax = m8[j] > rmax ? m8[j] : rmax;
-    const float d2d = rmax / 127.0f;
+    const float d2d = hmax8(rmx) / 127.0f;
     *d2 = d2d;
     if (!(d2d > 0.0f)) {
         memset(q2, 0, QG);
