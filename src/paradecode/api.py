@@ -18,9 +18,10 @@ from .decoding.sink import DecodeResult, TokenSink
 from .errors import UserError
 from .methods.base import Method, get_method
 from .models.base import CausalLM
-from .sampling import GenerationConfig
+from .sampling import GenerationConfig, check_text
 
 Prompt = str | list[dict] | list[int]
+EMPTY_FIX = "give some text to continue (the CLI: --prompt, a file or stdin)"
 
 
 def encode_prompt(model: CausalLM, prompt: Prompt, *, chat: bool = False) -> list[int]:
@@ -28,7 +29,8 @@ def encode_prompt(model: CausalLM, prompt: Prompt, *, chat: bool = False) -> lis
     tok = model.tokenizer
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise UserError("the prompt is empty", "pass some text with --prompt, a file, or stdin", field="prompt")
+            raise UserError("the prompt is empty", EMPTY_FIX, field="prompt")
+        check_text(prompt, "prompt", "the prompt")
         if tok is None:
             raise UserError("this model has no tokenizer", "pass token ids instead of text")
         if chat:
@@ -42,7 +44,7 @@ def encode_prompt(model: CausalLM, prompt: Prompt, *, chat: bool = False) -> lis
     else:
         ids = _messages_or_ids(model, prompt)
     if not ids:
-        raise UserError("the prompt is empty", "pass some text with --prompt, a file, or stdin", field="prompt")
+        raise UserError("the prompt is empty", EMPTY_FIX, field="prompt")
     return list(ids)
 
 
@@ -92,6 +94,7 @@ def _check_messages(messages: Sequence[Mapping], template: str | Any) -> None:
             got = type(m["content"]).__name__ if "content" in m else "nothing"
             raise UserError(f'{where} needs its "content" as text, got {got}',
                             'write it as {"role": "user", "content": "..."}', field="messages")
+        check_text(m["content"], "messages", f"{where}'s content")
         role = m["role"]
         if role not in CHAT_ROLES and not re.search(rf"""['"]{re.escape(role)}['"]""", str(template)):
             raise UserError(f"{where} has the role {role!r}, which this model's chat template does not know",
@@ -106,7 +109,7 @@ def _is_messages_or_ids(prompt) -> bool:
         all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in prompt)
 
 
-def _check_fits(model: CausalLM, n_prompt: int, gen: GenerationConfig) -> None:
+def check_fits(model: CausalLM, n_prompt: int, gen: GenerationConfig) -> None:
     if n_prompt >= model.max_context:
         raise UserError(f"the prompt has {n_prompt} tokens, longer than the model's context window of "
                         f"{model.max_context}", "shorten the prompt", field="prompt")
@@ -140,7 +143,7 @@ def generate(model: CausalLM, prompt: Prompt, method: str | Method = "plain",
     g = _make_gen(gen, settings)
     m = get_method(method, options)
     ids = encode_prompt(model, prompt, chat=chat)
-    _check_fits(model, len(ids), g)
+    check_fits(model, len(ids), g)
     sink = _sink(model, g, m, stream, trace)
     sink.cancel = cancel
     t0 = time.perf_counter()
@@ -159,7 +162,7 @@ def generate_batch(model: CausalLM, prompts: Sequence[Prompt], method: str | Met
         raise UserError("no prompts given", "pass at least one prompt")
     all_ids = [encode_prompt(model, p, chat=chat) for p in prompts]
     for ids in all_ids:
-        _check_fits(model, len(ids), g)
+        check_fits(model, len(ids), g)
     sinks = [_sink(model, g, m, None, False) for _ in all_ids]
     m.decode_batch(model, all_ids, g, sinks)
     return [s.result(ids) for s, ids in zip(sinks, all_ids)]

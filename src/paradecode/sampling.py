@@ -6,11 +6,24 @@ decoding and every verifier see the same target distribution.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from .errors import UserError
+
+
+def check_text(text: str, field: str, what: str) -> None:
+    """Refuse text that is not valid Unicode (an unpaired surrogate, as a JSON "\\ud800" escape gives),
+    which no tokenizer can take, with the position of its first bad character."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} holds an unpaired surrogate (U+{ord(text[e.start]):04X}) at character {e.start}, "
+                        "which is not valid Unicode", "send the text as valid UTF-8 (pair or drop the surrogate)",
+                        field=field) from None
 
 
 @dataclass(frozen=True)
@@ -29,20 +42,27 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             raise UserError(f"max new tokens must be a positive integer, got {self.max_new_tokens!r}",
-                            "pass a value ≥ 1 (e.g. --max-new-tokens 64)", field="max_new_tokens")
-        if not (self.temperature >= 0):
-            raise UserError(f"temperature must be ≥ 0, got {self.temperature!r}",
+                            "ask for ≥ 1 new token (e.g. 64)", field="max_new_tokens")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real) \
+                or not (0 <= self.temperature < math.inf):
+            raise UserError(f"temperature must be a finite number ≥ 0, got {self.temperature!r}",
                             "use 0 for greedy decoding or a positive value to sample", field="temperature")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise UserError(f"top-k must be a non-negative integer, got {self.top_k!r}",
                             "use 0 to disable top-k", field="top_k")
-        if not (0.0 < self.top_p <= 1.0):
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, numbers.Real) or not (0.0 < self.top_p <= 1.0):
             raise UserError(f"top-p must be in (0, 1], got {self.top_p!r}",
                             "use 1.0 to disable nucleus sampling", field="top_p")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        if any(not s for s in self.stop):
-            raise UserError("stop strings must be non-empty", "remove the empty stop string", field="stop")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise UserError("stop strings must be non-empty text", "remove the empty stop string", field="stop")
+        for s in self.stop:
+            check_text(s, "stop", "a stop string")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                                      or not 0 <= self.seed < 2 ** 64):
+            raise UserError(f"the seed must be an integer in 0..2**64-1, got {self.seed!r}",
+                            "pass a smaller non-negative seed (e.g. 1234)", field="seed")
 
     @property
     def greedy(self) -> bool:
@@ -58,6 +78,7 @@ class GenerationConfig:
 
 
 ARGMAX_BLOCK = 1024   # row block of :func:`argmax`
+TINY_TEMPERATURE = 1e-30   # below it :func:`target_probs` scales logits relative to each row's max
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -97,6 +118,8 @@ def target_probs(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     logits = logits.float()
     if cfg.greedy:
         return torch.nn.functional.one_hot(argmax(logits), logits.shape[-1]).float()
+    if cfg.temperature < TINY_TEMPERATURE:      # logits / T would overflow to inf (and softmax give NaN)
+        logits = logits - logits.amax(-1, keepdim=True)
     logits = logits / cfg.temperature
     V = logits.shape[-1]
     if 0 < cfg.top_k < V:

@@ -118,8 +118,16 @@ def _convert(name: str, raw: Any, tp) -> Any:
                         field=name)
     if origin in (tuple, list):
         (inner, *_) = typing.get_args(tp) or (str,)
-        items = raw.split(",") if isinstance(raw, str) else list(raw)
-        return tuple(_convert(name, x, inner) for x in items if x != "")
+        if isinstance(raw, str):                     # the CLI's -o name=1,2,3 ("" is the empty list)
+            items = [x.strip() for x in raw.split(",")] if raw.strip() else []
+        elif isinstance(raw, (list, tuple)):
+            items = list(raw)
+        else:
+            raise UserError(f"option {name}={raw!r} must be a list",
+                            f"pass a list such as [1, 2] (the CLI: -o {name}=1,2)", field=name)
+        if any(x == "" for x in items):
+            raise UserError(f"option {name}={raw!r} has an empty item", "remove the extra comma", field=name)
+        return tuple(_convert(name, x, inner) for x in items)
     if tp is bool:
         if isinstance(raw, bool):
             return raw
