@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -121,6 +123,11 @@ def test_completions(client, default_model, name):
     ({"temperature": -1.0}, "temperature", 400),
     ({"extra_body": {"method": "nope"}}, "method", 400),
     ({"extra_body": {"method": "pld", "options": {"bogus": 1}}}, "bogus", 400),
+    ({"temperature": 0.5, "seed": 2 ** 70}, "seed", 400),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}]},
+     "messages", 400),                                                     # nothing in a part is dropped
+    ({"stream_options": {"include_usage": True}}, "stream_options", 400),  # without stream
+    ({"extra_body": {"method": "draft", "options": {"draft_model": "/etc/passwd"}}}, "options.draft_model", 400),
 ])
 def test_chat_refusals_are_openai_errors_and_the_server_keeps_serving(client, http, name, change, param, status):
     args = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **change}
@@ -140,11 +147,24 @@ def test_chat_refusals_are_openai_errors_and_the_server_keeps_serving(client, ht
     ({"best_of": 3}, "best_of"),
     ({"logprobs": 2}, "logprobs"),
     ({"prompt": [10**9]}, "prompt"),
+    ({"logprobs": 0}, "logprobs"),                  # 0 still asks for the chosen tokens' logprobs
 ])
 def test_completion_refusals(client, name, change, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(**{"model": name, "prompt": "hi", "max_tokens": 4, **change})
     assert e.value.body["param"] == param
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "Hi \ud800", "max_tokens": 2}, "prompt"),                       # an unpaired surrogate
+    ({"prompt": "hi", "max_tokens": 2, "temperature": 1e309}, "temperature"),     # Infinity
+    ({"prompt": [True, 2], "max_tokens": 2}, "prompt"),                          # JSON types as they are
+    ({"prompt": "hi", "max_tokens": 2, "stream": "yes"}, "stream"),
+])
+def test_raw_json_refusals(http, body, param):
+    r = http.post("/v1/completions", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].split(".")[0] == param and r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_our_own_endpoint_keeps_its_error_shape(http):

@@ -51,9 +51,26 @@ def test_generate_matches_library(client, default_model):
     ({"prompt": "word " * 9000}, 400, "prompt"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
     ({"messages": [{"role": "user"}]}, 422, "messages.0.content"),
+    # what a JSON client can send that Python callers cannot (audit, session 24)
+    ({"prompt": "Hi \ud800"}, 400, "prompt"),                              # an unpaired surrogate
+    ({"messages": [{"role": "user", "content": "Hi \udfff"}]}, 400, "messages"),
+    ({"prompt": "hi", "stop": ["\ud800"]}, 400, "stop"),
+    ({"prompt": "hi", "temperature": 0.5, "seed": 2 ** 70}, 400, "seed"),
+    ({"prompt": "hi", "temperature": 0.5, "seed": -1}, 400, "seed"),     # would alias 2**64 - 1
+    ({"prompt": "hi", "temperature": float("inf")}, 400, "temperature"),
+    ({"prompt": "hi", "method": "selfspec", "options": {"skip_layers": 5}}, 400, "skip_layers"),
+    ({"prompt": "hi", "method": "selfspec", "options": {"skip_layers": "1,,2"}}, 400, "skip_layers"),
+    ({"prompt": "hi", "method": "draft", "options": {"draft_model": "/etc/passwd"}}, 400,
+     "options.draft_model"),                                                # no files of the client's choosing
+    ({"prompt": "hi", "temprature": 0.5}, 422, "temprature"),               # unknown fields are refused
+    ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, 422, "messages.0.name"),
+    ({"prompt": "hi", "max_new_tokens": True}, 422, "max_new_tokens"),      # JSON types as they are
+    ({"prompt": "hi", "max_new_tokens": "2"}, 422, "max_new_tokens"),
+    ({"prompt": "hi", "stream": "yes"}, 422, "stream"),
 ])
 def test_bad_requests_get_error_objects_and_server_keeps_serving(client, body, status, field):
-    r = client.post("/v1/generate", json=body)
+    # json.dumps as a client would send it: "\ud800" escaped, Infinity allowed (the test client refuses both)
+    r = client.post("/v1/generate", content=json.dumps(body), headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request" and err["message"]
@@ -67,6 +84,49 @@ def test_a_body_that_is_not_json_gets_an_error_object(client):
     err = r.json()["error"]
     assert err["message"] == "the body is not valid JSON (at character 0)" and "field" not in err
     assert client.get("/health").status_code == 200
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_failing(client):
+    greedy = client.post("/v1/generate", json={"prompt": "The capital of France is", "max_new_tokens": 4})
+    tiny = client.post("/v1/generate", json={"prompt": "The capital of France is", "max_new_tokens": 4,
+                                             "temperature": 1e-40, "seed": 1})
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["token_ids"] == greedy.json()["token_ids"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": "word " * 9000}, "prompt"),
+    ({"prompt": "hi", "max_new_tokens": 99999}, "max_new_tokens"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+])
+def test_a_bad_stream_request_is_refused_before_the_stream_starts(client, body, field):
+    r = client.post("/v1/generate", json={**body, "stream": True})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), r.text
+    assert r.json()["error"]["field"] == field
+
+
+def test_unknown_routes_methods_and_huge_bodies_get_error_objects(client):
+    from paradecode.server.app import MAX_BODY
+
+    for r, status in [(client.get("/nope"), 404), (client.delete("/v1/generate"), 405),
+                      (client.post("/v1/generate", content=b"x" * (MAX_BODY + 1),
+                                   headers={"content-type": "application/json"}), 413),
+                      (client.post("/v1/generate", content=iter([b"x" * MAX_BODY, b"x"]),        # chunked
+                                   headers={"content-type": "application/json"}), 413)]:
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["type"] and err["message"] and "detail" not in r.json()
+    assert client.get("/health").status_code == 200
+
+
+def test_a_server_started_with_a_draft_model_lets_requests_name_it(default_model, tmp_path):
+    from paradecode.server import create_app
+
+    path = str(tmp_path / "draft.gguf")               # not loaded: the option is checked first
+    app = TestClient(create_app(default_model, draft_models=[path]))
+    r = app.post("/v1/generate", json={"prompt": "hi", "method": "draft", "options": {"draft_model": path}})
+    assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"]    # past the allowlist
 
 
 def test_stream(client):

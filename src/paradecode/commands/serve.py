@@ -15,6 +15,9 @@ def register(sub) -> None:
     p.add_argument("--api-key", default=os.environ.get("PARADECODE_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on every request but GET /health "
                         "(default: $PARADECODE_API_KEY; none: open)")
+    p.add_argument("--draft-model", action="append", default=[], metavar="PATH",
+                   help="a draft model that requests may name in the draft method's draft_model option "
+                        "(repeatable; without it, requests cannot make the server load a file)")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -29,9 +32,13 @@ def run(args) -> int:
         raise UserError("--api-key is empty", "pass a non-empty key, or leave --api-key out for an open server")
     if not 0 < args.port < 65536:
         raise UserError(f"port {args.port} is out of range", "pass --port between 1 and 65535")
+    for path in args.draft_model:
+        if not os.path.exists(path):
+            raise UserError(f"--draft-model {path} does not exist", "pass a local model directory or .gguf file")
     _check_can_listen(args.host, args.port)              # before loading the model, in one line
     model = model_from_args(args)
-    uvicorn.run(create_app(model, api_key=args.api_key), host=args.host, port=args.port, log_level="info")
+    app = create_app(model, api_key=args.api_key, draft_models=args.draft_model)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 

@@ -16,24 +16,32 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
+from typing import Any, Sequence
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
 from .openai import PATHS as OPENAI_PATHS, add_openai_routes, openai_error
 from .streaming import run_unless_disconnected, stream_decode
 
+MAX_BODY = 4 << 20      # bytes a request body may have (a full context window of text is ~40 KB)
 
-class Message(BaseModel):
+
+class _Strict(BaseModel):
+    """Unknown fields are refused and JSON types are taken as they are ("2" is no number, 1 no boolean)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Message(_Strict):
     role: str
     content: str
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(_Strict):
     prompt: str | None = Field(None, description="plain text prompt (or give messages)")
     messages: list[Message] | None = Field(None, description="chat messages; implies the chat template")
     chat: bool = Field(False, description="wrap a text prompt in the model's chat template")
@@ -60,17 +68,32 @@ def _error(status: int, type_: str, message: str, fix: str | None = None, field:
     return JSONResponse(status_code=status, content={"error": body})
 
 
-def create_app(model, *, api_key: str | None = None) -> FastAPI:
+def check_paths(options: dict[str, Any], allowed: Sequence[str]) -> None:
+    """Clients may not make the server read files of their choosing: a draft model must be one the
+    server was started with (``serve --draft-model PATH``)."""
+    path = options.get("draft_model")
+    if path is not None and path not in allowed:
+        listed = ", ".join(allowed) if allowed else "none"
+        raise UserError(f"this server does not load draft_model {path!r}: it loads only the draft models it "
+                        f"was started with ({listed})",
+                        "name one of those, or ask the operator to start the server with --draft-model PATH",
+                        field="options.draft_model")
+
+
+def create_app(model, *, api_key: str | None = None, draft_models: Sequence[str] = ()) -> FastAPI:
     """An app serving ``model`` (a loaded CausalLM). One decode runs at a time. With ``api_key``, every
-    request but ``GET /health`` must carry ``Authorization: Bearer <api_key>`` (what OpenAI clients send)."""
+    request but ``GET /health`` must carry ``Authorization: Bearer <api_key>`` (what OpenAI clients send).
+    ``draft_models``: the paths a request's ``draft_model`` option may name (none by default)."""
     import hmac
 
-    from ..api import generate
+    from ..api import check_fits, encode_prompt, generate
     from ..methods import all_methods, get_method, method_options
     from ..sampling import GenerationConfig
 
     app = FastAPI(title="paradecode", version="0.1.0")
     lock = threading.Lock()  # the CPU does one decode at a time; requests queue here
+    draft_models = tuple(draft_models)
+
 
     if api_key:
         expected = f"Bearer {api_key}".encode()
@@ -104,6 +127,19 @@ def create_app(model, *, api_key: str | None = None) -> FastAPI:
         return _error(422, "invalid_request", f"{field or 'body'}: {first.get('msg', 'invalid request')}",
                       fix, field, request=request)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            return _error(404, "not_found", f"there is no {request.url.path}",
+                          "GET /docs lists the routes", request=request)
+        if e.status_code == 405:
+            return _error(405, "method_not_allowed", f"{request.url.path} does not take {request.method}",
+                          "GET /docs lists each route's methods", request=request)
+        type_ = "invalid_request" if 400 <= e.status_code < 500 else "internal_error"
+        return _error(e.status_code, type_, str(e.detail),
+                      "send a JSON object with content-type application/json" if e.status_code == 400 else None,
+                      request=request)
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
         return _error(500, "internal_error", f"{type(e).__name__}: {e}", request=request)
@@ -128,16 +164,19 @@ def create_app(model, *, api_key: str | None = None) -> FastAPI:
             raise UserError("give either prompt or messages, not both", "drop one of them", field="prompt")
         gen = GenerationConfig(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
                                top_p=req.top_p, seed=req.seed, stop=tuple(req.stop))
+        check_paths(req.options, draft_models)
         method = get_method(req.method, req.options)
         prompt = [m.model_dump() for m in req.messages] if req.messages else req.prompt
-        return prompt, method, gen
+        ids = encode_prompt(model, prompt, chat=req.chat)       # every check before a stream starts
+        check_fits(model, len(ids), gen)
+        return ids, method, gen
 
-    def decode(prompt, method, gen, cancel: threading.Event, *, chat: bool = False, stream=None):
+    def decode(prompt, method, gen, cancel: threading.Event, *, stream=None):
         """One decode under the lock; None when the client left while the request queued."""
         with lock:
             if cancel.is_set():
                 return None
-            return generate(model, prompt, method, chat=chat, gen=gen, stream=stream, cancel=cancel.is_set)
+            return generate(model, prompt, method, gen=gen, stream=stream, cancel=cancel.is_set)
 
     @app.post("/v1/generate")
     async def generate_endpoint(req: GenerateRequest, request: Request):
@@ -145,13 +184,13 @@ def create_app(model, *, api_key: str | None = None) -> FastAPI:
         cancel = threading.Event()
         if not req.stream:
             out = await run_unless_disconnected(
-                request, lambda: decode(prompt, method, gen, cancel, chat=req.chat), cancel)
+                request, lambda: decode(prompt, method, gen, cancel), cancel)
             if out is None or out.finish_reason == "cancelled":
                 return Response(status_code=499)            # the client is gone
             return {**out.to_dict(), "prompt_tokens": len(out.prompt_ids), "model": model.info.name}
 
         def run(on_text):
-            return decode(prompt, method, gen, cancel, chat=req.chat, stream=on_text)
+            return decode(prompt, method, gen, cancel, stream=on_text)
 
         async def events():
             async for kind, data in stream_decode(run, cancel):
@@ -163,6 +202,40 @@ def create_app(model, *, api_key: str | None = None) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    add_openai_routes(app, model, decode)
+    add_openai_routes(app, model, decode, draft_models)
+    app.add_middleware(_LimitBody)
     return app
+
+
+class _LimitBody:
+    """A body over :data:`MAX_BODY` bytes gets a 413 error object: at once by its content-length, else (a
+    chunked body) as soon as it grows past the limit. Plain ASGI: an ``@app.middleware`` would wrap
+    ``receive`` and hide a client's disconnect from the endpoints that stop decoding on it. (FastAPI's own
+    ``max_body_size`` answers in plain text.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        size = request.headers.get("content-length", "")
+        if size and (not size.isdigit() or int(size) > MAX_BODY):
+            response = _error(413, "invalid_request", f"the request body has {size} bytes, more than the "
+                              f"{MAX_BODY} this server takes", "send a shorter prompt", request=request)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY:             # FastAPI passes an HTTPException on to the handler above
+                    raise HTTPException(413, f"the request body has more than the {MAX_BODY} bytes this "
+                                             "server takes")
+            return message
+
+        await self.app(scope, counted, send)
 

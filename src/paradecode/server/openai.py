@@ -35,7 +35,7 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ChatMessage(_Strict):
@@ -50,6 +50,10 @@ class ChatMessage(_Strict):
                 raise UserError(f"message {i} has a content part of type {part.get('type')!r}; "
                                 "this model reads text only", 'send parts as {"type": "text", "text": "..."}',
                                 field="messages")
+            if set(part) - {"type", "text"}:
+                extra = sorted(set(part) - {"type", "text"})[0]
+                raise UserError(f"message {i} has a content part with {extra!r}, which paradecode does not take",
+                                f"remove {extra!r} from the part", field="messages")
         return {"role": self.role, "content": "".join(p["text"] for p in self.content)}
 
 
@@ -121,18 +125,23 @@ def _refuse_unsupported(req: _Sampling) -> None:
                             f"leave {name} at 0", field=name)
     if getattr(req, "best_of", None) not in (None, 1):
         raise UserError("best_of is not supported", "leave best_of out", field="best_of")
-    if getattr(req, "logprobs", None) or getattr(req, "top_logprobs", None):
+    logprobs = getattr(req, "logprobs", None)
+    if (logprobs is not None and logprobs is not False) or getattr(req, "top_logprobs", None) is not None:
         raise UserError("logprobs are not supported", "leave logprobs out", field="logprobs")
     if getattr(req, "echo", False):
         raise UserError("echo is not supported", "leave echo out; the prompt is the one you sent", field="echo")
     if getattr(req, "suffix", None) is not None:
         raise UserError("suffix (fill in the middle) is not supported", "leave suffix out", field="suffix")
+    if req.stream_options is not None and not req.stream:
+        raise UserError("stream_options is only taken with stream: true", "leave stream_options out, or stream",
+                        field="stream_options")
 
 
-def add_openai_routes(app: FastAPI, model, decode: Callable) -> None:
+def add_openai_routes(app: FastAPI, model, decode: Callable, draft_models: tuple[str, ...] = ()) -> None:
     """Register the endpoints; ``decode(prompt, method, gen, cancel, stream=None)`` runs one request under
-    the server's lock (None when ``cancel`` was set while it queued)."""
+    the server's lock (None when ``cancel`` was set while it queued); ``draft_models`` as ``create_app``'s."""
     from ..api import encode_prompt
+    from .app import check_paths
     from ..methods import get_method
     from ..sampling import GenerationConfig
 
@@ -147,6 +156,7 @@ def add_openai_routes(app: FastAPI, model, decode: Callable) -> None:
     def prepare(req: _Sampling, prompt, *, chat: bool, max_tokens: int | None):
         check_model(req)
         _refuse_unsupported(req)
+        check_paths(req.options, draft_models)
         method = get_method(req.method, req.options)
         ids = encode_prompt(model, prompt, chat=chat)
         room = model.max_context - len(ids)
