@@ -58,10 +58,70 @@ def small_model_dir(tmp_path_factory):
     (["-o", "novalue"], ["KEY=VALUE"]),
     (["--backend", "onnx"], ["unknown backend", "native"]),
     (["--dtype", "float8"], ["unknown dtype", "float32"]),
+    # nothing given is dropped or crashes (audit, session 24)
+    (["--threads", "100000"], ["threads must be in 1..1024"]),                 # torch segfaulted
+    (["--temperature", "inf"], ["temperature", "finite"]),
+    (["--temperature", "0.5", "--seed", "-1"], ["seed", "0..2**64-1"]),
+    (["--top-k", "3"], ["--top-k", "greedy decoding takes none"]),
+    (["--top-p", "0.5", "--seed", "5"], ["--top-p and --seed", "--temperature"]),
+    (["--method", "pld", "-o", "num_draft_tokens=0", "-o", "num_draft_tokens=5"], ["given twice"]),
+    (["--method", "pld", "-o", "max_ngram=1000000000"], ["max_ngram", "1..16"]),
+    (["--method", "selfspec", "-o", "skip_layers=1,,2"], ["empty item"]),
+    (["--method", "selfspec", "-o", "skip_layers=3,3,5"], ["lists a layer twice"]),
+    (["--method", "selfspec", "-o", "skip_layers=3", "-o", "skip_ratio=0.5"], ["skip_ratio", "no effect"]),
+    (["--method", "quantspec", "-o", "draft_format=int8", "-o", "draft_activations=16"],
+     ["draft_activations", "int4 twin only"]),
 ])
 def test_bad_generate_options(capsys, args, needles):
     code, _, err = run_cli(capsys, "generate", "--prompt", "Hello", *args)
     assert_one_line_error(code, err, *needles)
+
+
+def test_a_prompt_that_is_not_utf8_is_one_clear_line(capsys):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "ab\udcffcd")     # how Python keeps argv's byte 0xFF
+    assert_one_line_error(code, err, "byte 0xFF", "not UTF-8")
+
+
+def test_closed_stdin_and_an_unwritable_stdout_are_one_clear_line(capsys, monkeypatch):
+    import paradecode.api
+
+    monkeypatch.setattr(sys, "stdin", None)                                   # started with 0<&-
+    code, _, err = run_cli(capsys, "generate")
+    assert_one_line_error(code, err, "prompt is empty")
+
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(paradecode.api, "generate", full)                     # as writing to >/dev/full does
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi")
+    assert code == 1 and err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--out", "same.png"], ["is not an .html file"]),                        # the PNG would overwrite it
+    (["--png", "v.xyz"], ["is not a .png file"]),
+    (["--png", "v.png", "--no-png"], ["both --png and --no-png"]),
+])
+def test_bad_viz_outputs_are_refused_before_the_decode(capsys, tmp_path, monkeypatch, args, needles):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "viz", "--prompt", "hi", *args)
+    assert_one_line_error(code, err, *needles)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--max-new-tokens", "0"], ["max new tokens"]),
+    (["--prompt", "  "], ["prompt is empty"]),
+    (["--method", "pld", "-o", "nope=1"], ["no option", "nope"]),
+])
+def test_bad_demo_options_are_refused_before_the_model_loads(capsys, monkeypatch, args, needles):
+    import paradecode.commands.demo as demo
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(demo, "model_from_args", no_model)
+    code, out, err = run_cli(capsys, "demo", *args)
+    assert_one_line_error(code, err, *needles)
+    assert not out
 
 
 def test_empty_prompt(capsys):
@@ -181,6 +241,24 @@ def test_an_unwritable_cache_is_one_clear_line(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
     code, _, err = run_cli(capsys, "generate", "-p", "hi", "--max-new-tokens", "2")
     assert_one_line_error(code, err, "cannot write the model cache", "XDG_CACHE_HOME")
+
+
+@pytest.mark.parametrize("change, needles", [
+    ({"hidden_size": None}, ["hidden_size must be a positive integer"]),
+    ({"num_attention_heads": "nine"}, ["num_attention_heads must be a positive integer"]),
+    ({"num_key_value_heads": 3}, ["not a multiple of num_key_value_heads"]),
+    ({"hidden_size": 128}, ["has the shape", "config.json belongs to these weights"]),   # weights are 32 wide
+])
+def test_a_config_that_does_not_fit_is_one_clear_line(capsys, small_model_dir, tmp_path, change, needles):
+    d = tmp_path / "edited"
+    shutil.copytree(small_model_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config.update({k: v for k, v in change.items() if v is not None})
+    for k in [k for k, v in change.items() if v is None]:
+        del config[k]
+    (d / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "generate", "--model", str(d), "-p", "hi", "--max-new-tokens", "2")
+    assert_one_line_error(code, err, *needles)
 
 
 def test_running_without_the_kernels_says_so(capsys, small_model_dir, monkeypatch):

@@ -32,7 +32,8 @@ def encode_prompt(model: CausalLM, prompt: Prompt, *, chat: bool = False) -> lis
             raise UserError("the prompt is empty", EMPTY_FIX, field="prompt")
         check_text(prompt, "prompt", "the prompt")
         if tok is None:
-            raise UserError("this model has no tokenizer", "pass token ids instead of text")
+            raise UserError("this model has no tokenizer", "use a model directory with its tokenizer.json "
+                            "(the Python API and /v1/completions also take token ids)")
         if chat:
             if not getattr(tok, "chat_template", None):
                 raise UserError("this model has no chat template", "drop --chat to use the prompt as plain text")

@@ -32,12 +32,22 @@ def build_parser() -> argparse.ArgumentParser:
         if not mod.name.startswith("_"):
             module = importlib.import_module(f"{commands.__name__}.{mod.name}")
             module.register(sub)
+    parser.subcommands = dict(sub.choices)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    if sys.stdin is None:               # started with stdin closed (0<&-): read as empty
+        sys.stdin = open(os.devnull)
+    if sys.stdout is None:              # stdout closed (>&-): what would be printed goes nowhere, as asked
+        sys.stdout = open(os.devnull, "w")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:                           # named by the subcommand that was given, so its --help is the one shown
+        sub = parser.subcommands.get(getattr(args, "command", None), parser)
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
@@ -51,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:                # the output cannot be written (a full disk, a device that refuses)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"paradecode: error: cannot go on: {e.strerror or e}{where} — check where the output goes "
+              "(free space, permissions)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,8 +21,12 @@ def check_text(text: str, field: str, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise UserError(f"{what} holds an unpaired surrogate (U+{ord(text[e.start]):04X}) at character {e.start}, "
-                        "which is not valid Unicode", "send the text as valid UTF-8 (pair or drop the surrogate)",
+        c = ord(text[e.start])
+        if 0xDC80 <= c <= 0xDCFF:       # a byte that was not UTF-8, as Python keeps it from argv or a pipe
+            raise UserError(f"{what} holds the byte 0x{c - 0xDC00:02X} at character {e.start}, which is not UTF-8",
+                            "pass the text in UTF-8 (e.g. convert it with iconv -t utf-8)", field=field) from None
+        raise UserError(f"{what} holds an unpaired surrogate (U+{c:04X}) at character {e.start}, which is not "
+                        "valid Unicode", "send the text as valid UTF-8 (pair or drop the surrogate)",
                         field=field) from None
 
 

@@ -46,7 +46,11 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UserError(f"option {pair!r} is not KEY=VALUE", "write options like -o max_ngram=3")
-        out[key.strip().replace("-", "_")] = value.strip()
+        key = key.strip().replace("-", "_")
+        if key in out:
+            raise UserError(f"option {key} given twice ({out[key]!r} and {value.strip()!r})",
+                            f"pass -o {key}=... once")
+        out[key] = value.strip()
     return out
 
 
@@ -68,8 +72,15 @@ def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -
 def generation_config(args: argparse.Namespace):
     from ..sampling import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    if gen.greedy:                      # sampling settings would be dropped without a word
+        unused = [flag for flag, given in (("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0),
+                                           ("--seed", args.seed is not None)) if given]
+        if unused:
+            raise UserError(f"{' and '.join(unused)} given without --temperature: greedy decoding takes none",
+                            f"pass --temperature above 0 to sample, or drop {' and '.join(unused)}")
+    return gen
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -92,7 +103,7 @@ def read_prompt(args: argparse.Namespace) -> str:
                     text = f.read()
             except (OSError, UnicodeDecodeError) as e:
                 raise UserError(f"cannot read prompt file {path}: {e}", "pass a readable UTF-8 text file") from None
-    elif not sys.stdin.isatty():
+    elif sys.stdin is not None and not sys.stdin.isatty():
         text = sys.stdin.read()
     else:
         raise UserError("no prompt given", "pass --prompt TEXT, --prompt-file PATH, or pipe text on stdin")

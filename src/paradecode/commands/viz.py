@@ -27,12 +27,19 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..api import generate
+    from ..errors import UserError
     from ..methods import get_method
     from ..viz import write_trajectory
 
+    if args.no_png and args.png is not None:
+        raise UserError("both --png and --no-png given", "pass only one of them")
+    if not args.out.lower().endswith((".html", ".htm")):
+        raise UserError(f"--out {args.out} is not an .html file", "pass --out a path ending in .html (the page)")
     writable_file(os.path.abspath(args.out), "--out")             # before the decode, not after it
     png = None if args.no_png else (args.png or os.path.splitext(args.out)[0] + ".png")
     if png is not None:
+        if not png.lower().endswith(".png"):
+            raise UserError(f"--png {png} is not a .png file", "pass --png a path ending in .png, or --no-png")
         writable_file(os.path.abspath(png), "--png")
     gen = generation_config(args)
     options = method_options(args)

@@ -75,6 +75,7 @@ class ChainDraftOptions:
         check(self.max_draft_tokens >= self.min_draft_tokens, "max_draft_tokens",
               f"must be ≥ min_draft_tokens ({self.min_draft_tokens}), got {self.max_draft_tokens}",
               "raise max_draft_tokens or lower min_draft_tokens")
+        check_range(self.max_draft_tokens, 1, 64, "max_draft_tokens", 12)
         check(self.min_draft_tokens <= self.num_draft_tokens <= self.max_draft_tokens, "num_draft_tokens",
               f"must lie in [{self.min_draft_tokens}, {self.max_draft_tokens}], got {self.num_draft_tokens}",
               "pick a value between min_draft_tokens and max_draft_tokens")

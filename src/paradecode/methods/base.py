@@ -144,8 +144,8 @@ def _convert(name: str, raw: Any, tp) -> Any:
         try:
             return tp(raw)
         except (TypeError, ValueError):
-            raise UserError(f"option {name}={raw!r} must be of type {tp.__name__}",
-                            f"pass a {tp.__name__} for {name}", field=name) from None
+            kind = {int: "an integer", float: "a number", str: "text"}[tp]
+            raise UserError(f"option {name}={raw!r} must be {kind}", f"pass {kind} for {name}", field=name) from None
     return raw
 
 

@@ -128,8 +128,7 @@ class LookaheadConfig:
         check_range(self.window, 1, 64, "window", 3)
         check_range(self.ngram, 2, 16, "ngram", 3)
         check_range(self.guesses, 0, 64, "guesses", 2)
-        check(isinstance(self.pool_size, int) and self.pool_size >= 1, "pool_size",
-              f"must be a positive integer, got {self.pool_size!r}", "try -o pool_size=4096")
+        check_range(self.pool_size, 1, 1 << 22, "pool_size", 4096)
 
 
 @register

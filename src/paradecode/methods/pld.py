@@ -71,6 +71,7 @@ class PLDConfig:
         check(self.min_ngram >= 1, "min_ngram", f"must be at least 1, got {self.min_ngram}", "use min_ngram=1")
         check(self.max_ngram >= self.min_ngram, "max_ngram",
               f"must be ≥ min_ngram ({self.min_ngram}), got {self.max_ngram}", "e.g. max_ngram=3 min_ngram=1")
+        check_range(self.max_ngram, 1, 16, "max_ngram", 3)
         check_range(self.num_draft_tokens, 1, 64, "num_draft_tokens", 10)
 
 

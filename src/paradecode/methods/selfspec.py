@@ -13,9 +13,10 @@ greedy output is token-identical to plain decoding whatever the skip set.
 
 from __future__ import annotations
 
+
 import inspect
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -48,6 +49,13 @@ class SelfSpecConfig(ChainDraftOptions):
         check_range(self.calibration_steps, 0, 200, "calibration_steps", 10)
         check(all(i >= 0 for i in self.skip_layers), "skip_layers", "layer indices must be ≥ 0",
               "pass layer numbers counted from 0, e.g. skip_layers=5,9,13")
+        check(len(set(self.skip_layers)) == len(self.skip_layers), "skip_layers",
+              f"lists a layer twice ({','.join(map(str, self.skip_layers))})", "name each layer once")
+        if self.skip_layers:            # the calibration's settings would be dropped without a word
+            for name in ("skip_ratio", "calibration_steps", "recalibrate"):
+                default = next(f.default for f in fields(self) if f.name == name)
+                check(getattr(self, name) == default, name, "has no effect with skip_layers (no calibration runs)",
+                      f"drop {name}, or drop skip_layers to calibrate")
 
 
 def supports_layer_skipping(model: CausalLM) -> bool:

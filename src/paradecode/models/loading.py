@@ -264,6 +264,33 @@ def read_config(path: Path) -> CheckpointConfig:
     return CheckpointConfig(data)
 
 
+LLAMA_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def check_llama_config(config: CheckpointConfig, path: Path) -> None:
+    """The sizes the native backend reads are positive integers that fit together (a config.json edited by
+    hand fails here, in one line, not at the first forward)."""
+    def size(name: str, required: bool = True) -> int | None:
+        value = getattr(config, name, None)
+        if value is None and not required:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{path / 'config.json'}: {name} must be a positive integer, got {value!r}",
+                            "fix config.json, or pass the model's own directory")
+        return value
+
+    hidden, heads = size("hidden_size"), size("num_attention_heads")
+    for name in LLAMA_SIZES:
+        size(name)
+    kv, head_dim = size("num_key_value_heads", False), size("head_dim", False)
+    if kv is not None and heads % kv:
+        raise UserError(f"{path / 'config.json'}: num_attention_heads ({heads}) is not a multiple of "
+                        f"num_key_value_heads ({kv})", "fix config.json, or pass the model's own directory")
+    if head_dim is None and hidden % heads:
+        raise UserError(f"{path / 'config.json'}: hidden_size ({hidden}) is not a multiple of num_attention_heads "
+                        f"({heads})", "fix config.json, or pass the model's own directory")
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags as Linux lists them (empty elsewhere)."""
     try:
@@ -291,6 +318,22 @@ def auto_dtype(backend: str = "native") -> str:
     return "bfloat16" if kernels.attention_kernel() is not None else "float32"
 
 
+MAX_THREADS = 1024     # beyond it torch's thread pool fails (an overflow, or a crash at 100,000)
+
+
+def set_threads(threads: int, option: str = "--threads") -> None:
+    """torch's intra-op threads, refused with a clear error outside 1..MAX_THREADS."""
+    check_threads(threads, option)
+    torch.set_num_threads(threads)
+
+
+def check_threads(threads: int | None, option: str = "--threads") -> None:
+    """A thread count the user gave: None (all cores) or 1..MAX_THREADS."""
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise UserError(f"threads must be in 1..{MAX_THREADS}, got {threads}",
+                        f"pass {option} 1 or more (this machine has {os.cpu_count()} cores)", field="threads")
+
+
 def load_model(model: str | os.PathLike | None = None, *, backend: str = "native", dtype: str = "auto",
                threads: int | None = None) -> CausalLM:
     """Load a causal LM for paradecode.
@@ -313,9 +356,7 @@ def load_model(model: str | os.PathLike | None = None, *, backend: str = "native
         raise UserError(f"dtype {dtype} (weight-only quantization) needs the native backend",
                         "use --backend native, or --dtype bfloat16 / float32 with transformers")
     if threads is not None:
-        if threads < 1:
-            raise UserError(f"threads must be ≥ 1, got {threads}", "pass --threads 1 or more")
-        torch.set_num_threads(threads)
+        set_threads(threads)
     path = resolve_model_path(model)
     name = DEFAULT_MODEL_NAME if model in (None, "default") else Path(str(model)).name
     tokenizer = load_tokenizer(path)
@@ -326,6 +367,7 @@ def load_model(model: str | os.PathLike | None = None, *, backend: str = "native
             raise UserError(f"architecture {arch} is not supported by the native backend",
                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}; "
                             "use --backend transformers for any other causal LM")
+        check_llama_config(config, path)
         return NativeLlama(config, LazyWeights(path), dtype=dtype, tokenizer=tokenizer, name=name)
     from transformers import AutoModelForCausalLM
     from .hf import HFCausalLM

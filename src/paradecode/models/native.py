@@ -427,6 +427,17 @@ class NativeLlama(CausalLM):
         def vec(name: str, dtype: torch.dtype = dt) -> torch.Tensor:    # norms and biases: small
             return raw(name).to(dtype).contiguous()
 
+        q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        for name, want in (("model.embed_tokens.weight", (s.vocab_size, s.hidden)),
+                           ("model.layers.0.self_attn.q_proj.weight", (q, s.hidden)),
+                           ("model.layers.0.self_attn.k_proj.weight", (kv, s.hidden)),
+                           ("model.layers.0.self_attn.o_proj.weight", (s.hidden, q)),
+                           ("model.layers.0.mlp.gate_proj.weight", (s.intermediate, s.hidden)),
+                           ("model.layers.0.mlp.down_proj.weight", (s.hidden, s.intermediate))):
+            if tuple(raw(name).shape) != want:          # config.json and the weights disagree
+                raise UserError(f"weight {name} has the shape {tuple(raw(name).shape)} where the model config "
+                                f"says {want}", "check that config.json belongs to these weights")
+
         # int4 with the compiled kernels: int4 x int8 products (models/kernels/int4.c), else PyTorch's int4 x bfloat16
         compiled = self._attn_kernel is not None
 
