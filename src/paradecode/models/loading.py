@@ -370,8 +370,11 @@ def load_model(model: str | os.PathLike | None = None, *, backend: str = "native
         check_llama_config(config, path)
         return NativeLlama(config, LazyWeights(path), dtype=dtype, tokenizer=tokenizer, name=name)
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
     from .hf import HFCausalLM
 
+    hf_logging.disable_progress_bar()       # a load of a small model needs no progress bar on stderr
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
     except Exception as e:
