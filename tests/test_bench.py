@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from paradecode.errors import UserError
 from paradecode.methods.base import REGISTRY, option, register
 from paradecode.methods.plain import Plain
 from paradecode.models import kernels
+from test_cli import assert_one_line_error, run_cli
 
 EXACT, WRONG = "test-exact", "test-wrong"
 
@@ -281,6 +283,126 @@ def test_report_only_uses_the_lines_present(tmp_path, test_methods, tiny_lm):
     assert report["lines_measured_now"] == 0 and report["lines"] == 2
     assert set(report["results"]["tiny"]) == {EXACT}
     assert any("2 of 6 requested lines" in n for n in report["notes"])
+
+
+# -- bad input: refused in one line, before anything in --out is touched ---------------
+
+def _bench_argv(out, *extra: str) -> list[str]:
+    return ["bench", "--model", "tiny", "--categories", "qa", "--num-prompts", "1", "--max-new-tokens", "4",
+            "--peers", "none", "--warmup", "0", "--out", str(out), *extra]
+
+
+def _snapshot(folder) -> dict:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def measured(tmp_path, test_methods, tiny_lm):
+    """An --out folder holding one measured line of EXACT and its report."""
+    from rich.console import Console
+
+    out = tmp_path / "run"
+    run_benchmark(_cfg(out, methods=[EXACT], warmup=0, max_new_tokens=4), models=[tiny_lm], prompts=_prompts(1),
+                  console=Console(file=io.StringIO()))
+    assert (out / RESULTS_FILE).read_text().strip()
+    return out
+
+
+def test_report_only_with_fresh_is_refused_and_deletes_nothing(capsys, measured):
+    before = _snapshot(measured)
+    code, _, err = run_cli(capsys, *_bench_argv(measured, "--methods", EXACT, "--max-new-tokens", "12",
+                                                "--report-only", "--fresh"))
+    assert_one_line_error(code, err, "--report-only", "--fresh")
+    assert _snapshot(measured) == before
+
+
+def test_fresh_keeps_the_old_lines_until_a_new_one_replaces_them(capsys, measured):
+    before = _snapshot(measured)
+    code, _, err = run_cli(capsys, *_bench_argv(measured, "--methods", "nope", "--fresh"))
+    assert_one_line_error(code, err, "unknown method")
+    assert _snapshot(measured) == before                         # a refused --fresh run deletes nothing
+    code, _, err = run_cli(capsys, *_bench_argv(measured, "--methods", EXACT, "--fresh"))
+    assert code == 0, err
+    lines = (measured / RESULTS_FILE).read_text().splitlines()
+    assert len(lines) == 1 and lines[0] != before[RESULTS_FILE].decode().splitlines()[0]
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--methods", ""], ["--methods is empty"]),
+    (["--methods", ","], ["--methods is empty"]),
+    (["--methods", "plain"], ["nothing to measure", "baseline", "--methods"]),
+    (["--categories", ""], ["--categories is empty"]),
+    (["--peers", ""], ["--peers is empty", "--peers none"]),
+    (["--methods", "pld", "-o", "jacobi:nope=1"], ["jacobi", "not in this run", "--methods"]),
+    (["--methods", "pld", "--sweep", "jacobi:max_ngram=1,2"], ["jacobi", "not in this run", "--sweep"]),
+    (["--methods", "pld", "-o", "pld:nope=1"], ["no option 'nope'"]),
+    (["--methods", "pld", "-o", "plain:x=1"], ["plain has no option"]),
+    (["--methods", "draft", "--draft-model", "/does/not/exist"], ["/does/not/exist", "does not exist",
+                                                                   "--draft-model"]),
+    (["--methods", "draft", "-o", "draft:draft_model=/does/not/exist"], ["does not exist", "-o draft:draft_model"]),
+    (["--methods", "draft"], ["needs a draft model", "--draft-model"]),
+    (["--repeats", "0"], ["--repeats must be ≥ 1, got 0"]),
+    (["--warmup", "-1"], ["--warmup must be ≥ 0"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens must be ≥ 1"]),
+    (["--seed", "-1"], ["seed"]),
+    (["--report-only", "--fresh"], ["--report-only", "--fresh"]),
+    (["--report-only"], ["no results to report", "--out"]),
+])
+def test_cli_refuses_before_touching_out_or_loading_a_model(capsys, tmp_path, args, needles):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *_bench_argv(out, *args))
+    assert_one_line_error(code, err, *needles)
+    assert not out.exists()
+
+
+def test_draft_model_that_is_not_a_model_is_named_with_its_flag(capsys, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("")
+    code, _, err = run_cli(capsys, *_bench_argv(tmp_path / "out", "--methods", "draft", "--draft-model", str(notes)))
+    assert_one_line_error(code, err, "not a .gguf file", "--draft-model")
+    code, _, err = run_cli(capsys, *_bench_argv(tmp_path / "out", "--methods", "draft", "--draft-model", str(tmp_path)))
+    assert_one_line_error(code, err, "has no config.json", "--draft-model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_is_refused(capsys, tmp_path):
+    f = tmp_path / "notmodel.txt"
+    f.write_text("keep me")
+    code, _, err = run_cli(capsys, *_bench_argv(f, "--methods", "pld"))
+    assert_one_line_error(code, err, "is a file", "--out needs a folder")
+    assert f.read_text() == "keep me"
+
+
+def test_report_only_checks_peers_and_refuses_an_empty_selection(capsys, measured):
+    before = _snapshot(measured)
+    code, _, err = run_cli(capsys, *_bench_argv(measured, "--methods", EXACT, "--report-only", "--peers", "nope"))
+    assert_one_line_error(code, err, "unknown peer 'nope'")
+    code, _, err = run_cli(capsys, *_bench_argv(measured, "--methods", WRONG, "--report-only"))
+    assert_one_line_error(code, err, "none of the 1 requested lines", "--methods")
+    assert _snapshot(measured) == before                         # the report these lines made is kept
+    report = run_benchmark(_cfg(measured, methods=[EXACT], max_new_tokens=4, report_only=True), prompts=_prompts(1))
+    assert report["lines"] == 1                                  # the settings of the run: the report is rebuilt
+
+
+def test_default_run_skips_a_method_without_its_draft_model_with_a_note(tmp_path):
+    from paradecode.bench.runner import build_variants
+
+    notes: list[str] = []
+    keys = {v.key for v in build_variants(BenchConfig(out=tmp_path, peers=[]), notes)}
+    assert "draft" not in keys and "pld" in keys
+    assert any(n.startswith("draft: skipped") and "--draft-model" in n for n in notes)
+
+
+def test_cli_fails_when_every_method_was_skipped(capsys, tmp_path):
+    register(_NeedsConfig)
+    try:
+        code, _, err = run_cli(capsys, *_bench_argv(tmp_path / "out", "--methods", _NeedsConfig.name))
+    finally:
+        REGISTRY.pop(_NeedsConfig.name, None)
+    assert code == 2 and "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("paradecode: error:")]
+    assert len(errors) == 1 and "nothing was measured" in errors[0]
+    assert "needs a draft model" in err                          # the note says why
 
 
 # -- llama.cpp peer -------------------------------------------------------------------

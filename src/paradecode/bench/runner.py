@@ -106,33 +106,46 @@ def parse_sweep(spec: str) -> tuple[str, str, list[str]]:
 # -- results file --------------------------------------------------------------
 
 class ResultsFile:
-    """Append-only JSONL of measured lines; knows which lines are already done."""
+    """Append-only JSONL of measured lines; knows which lines are already done.
 
-    def __init__(self, path: Path, config_key: str, *, fresh: bool = False):
+    ``fresh``: the lines already there are ignored and the file is emptied only when the first new line is
+    written, so a run that stops before measuring anything (a bad option, a model that does not load) loses
+    nothing. ``read_only`` (``--report-only``): the file must already exist; nothing is written to it.
+    """
+
+    def __init__(self, path: Path, config_key: str, *, fresh: bool = False, read_only: bool = False):
         self.path = path
         self.config_key = config_key
-        try:                          # before anything is measured: the lines must have somewhere to go
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if fresh and path.exists():
-                path.unlink()
-            with open(path, "a", encoding="utf-8"):
-                pass
-        except OSError as e:
-            raise UserError(f"cannot write the benchmark's results in {path.parent}: {e.strerror or e}",
-                            "pass --out a folder you can write to", field="out") from None
+        self._empty_first = False
+        if read_only:
+            if not path.is_file():
+                raise UserError(f"no results to report: {path} does not exist",
+                                "pass --out the folder of an earlier run, or drop --report-only to measure",
+                                field="out")
+        else:
+            try:                      # before anything is measured: the lines must have somewhere to go
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a", encoding="utf-8"):
+                    pass
+            except OSError as e:
+                raise UserError(f"cannot write the benchmark's results in {path.parent}: {e.strerror or e}",
+                                "pass --out a folder you can write to", field="out") from None
         self.lines: list[dict] = []
-        if path.exists():
-            for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not raw.strip():
-                    continue
-                try:
-                    line = json.loads(raw)
-                except ValueError:       # a line cut by an interruption: measure it again
-                    continue
-                if line.get("config") != config_key:
-                    raise UserError(f"{path} holds results measured with other settings (line {n})",
-                                    "use another --out folder, or pass --fresh to start over")
-                self.lines.append(line)
+        if fresh:
+            self._empty_first = path.stat().st_size > 0
+            return
+        for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                line = json.loads(raw)
+            except ValueError:           # a line cut by an interruption: measure it again
+                continue
+            if line.get("config") != config_key:
+                fix = ("pass the --max-new-tokens, --seed, --threads, --dtype and --backend of the run that "
+                       "measured them" if read_only else "use another --out folder, or pass --fresh to start over")
+                raise UserError(f"{path} holds results measured with other settings (line {n})", fix)
+            self.lines.append(line)
 
     @staticmethod
     def key(line: dict) -> tuple:
@@ -145,7 +158,10 @@ class ResultsFile:
         line = {"config": self.config_key, **line}
         # the previous line may lack its newline if a run was killed mid-write
         text = self.path.read_bytes()[-1:] if self.path.exists() and self.path.stat().st_size else b"\n"
-        with open(self.path, "a", encoding="utf-8") as f:
+        mode = "a"
+        if self._empty_first:         # --fresh: the earlier lines go only now that a new one replaces them
+            mode, text, self._empty_first = "w", b"\n", False
+        with open(self.path, mode, encoding="utf-8") as f:
             if text != b"\n":
                 f.write("\n")
             f.write(json.dumps(line) + "\n")
@@ -179,19 +195,37 @@ def in_matrix(cls) -> bool:
     return "diffusion" not in str(cls.family).lower()
 
 
+DRAFT_OPTIONS = ("draft_model", "draft", "draft_path")     # options --draft-model fills in
+
+
 def build_variants(cfg: BenchConfig, notes: list[str]) -> list[Variant]:
-    """The methods of the matrix (registry order), their option variants and sweeps."""
+    """The methods of the matrix (registry order), their option variants and sweeps.
+
+    Every option (``-o``) and sweep must be for a method of the run, and is validated here, before any model
+    is loaded. When measuring, a method that needs a draft model and has none is refused if named in
+    ``--methods`` and skipped with a note otherwise.
+    """
     from ..methods.base import all_methods, get_method, method_options
 
     registry = all_methods()
-    sweeps = [parse_sweep(s) for s in cfg.sweeps]
+    sweeps = [(spec, *parse_sweep(spec)) for spec in cfg.sweeps]
     wanted = cfg.methods
     if wanted is None:
         wanted = [n for n, c in registry.items() if n != "plain" and in_matrix(c)]
-    for m in list(wanted) + [s[0] for s in sweeps] + list(cfg.options):
+    for m in list(wanted) + [s[1] for s in sweeps] + list(cfg.options):
         if m not in registry:
             raise UserError(f"unknown method {m!r}", f"choose from: {', '.join(registry)}", field="methods")
+    for m in cfg.options:
+        if m not in wanted and m != "plain":
+            raise UserError(f"-o {m}:... is an option of method {m}, which is not in this run",
+                            f"add {m} to --methods, or drop the option", field="option")
+    get_method("plain", cfg.options.get("plain"))         # the baseline takes none: say so
+    for spec, m, _, _ in sweeps:
+        if m not in wanted:
+            raise UserError(f"--sweep {spec} is for method {m}, which is not in this run",
+                            f"add {m} to --methods, or drop the sweep", field="sweep")
     variants: list[Variant] = []
+    no_draft: set[str] = set()
 
     def add(name: str, options: dict, sweep=None) -> None:
         cls = registry[name]
@@ -199,34 +233,103 @@ def build_variants(cfg: BenchConfig, notes: list[str]) -> list[Variant]:
             notes.append(f"{name}: skipped — a {cls.family} method is not part of the autoregressive matrix")
             return
         opts = dict(cfg.options.get(name, {}))
-        if cfg.draft_model:
-            for o in method_options(cls):
-                if o["name"] in ("draft_model", "draft", "draft_path") and o["name"] not in opts:
-                    opts[o["name"]] = cfg.draft_model
+        drafts = [o["name"] for o in method_options(cls) if o["name"] in DRAFT_OPTIONS]
+        for o in drafts:
+            if cfg.draft_model and o not in opts:
+                opts[o] = cfg.draft_model
         opts.update(options)
         key = variant_key(name, options if sweep else {k: v for k, v in opts.items()
                                                         if k in cfg.options.get(name, {})})
         if any(v.key == key for v in variants):
             return
         method = get_method(name, opts)          # a bad option or value is the user's to fix: raise
+        for o in drafts:
+            given = opts.get(o)
+            if isinstance(given, str) and not cfg.report_only and (o in options or o in cfg.options.get(name, {})):
+                check_model_path(given, f"--sweep {name}:{o}" if o in options else f"-o {name}:{o}", "draft model")
+        if drafts and not cfg.report_only and not any(opts.get(o) for o in drafts):
+            if cfg.methods is not None:
+                raise UserError(f"method {name} needs a draft model", "pass --draft-model PATH (a smaller model "
+                                "with the target's tokenizer), or leave it out of --methods", field="draft_model")
+            if name not in no_draft:
+                no_draft.add(name)
+                notes.append(f"{name}: skipped — no draft model (pass --draft-model PATH to include it)")
+            return
         variants.append(Variant(key, name, "method", bool(cls.lossless), opts, sweep, method))
 
     for name in wanted:
         if name != "plain":
             add(name, {})
-    for name, option, values in sweeps:
+    for _, name, option, values in sweeps:
         for v in values:
             add(name, {option: v}, sweep=(option, v))
     return variants
 
 
+def check_model_path(spec: str, flag: str, what: str = "model") -> None:
+    """A model path the user gave is a folder with config.json or a .gguf file (checked before any loading)."""
+    p = Path(spec).expanduser()
+    fix = f"{flag} takes a local Hugging Face model directory (with config.json) or a .gguf file"
+    if not spec.strip():
+        raise UserError(f"{flag} is empty", fix)
+    if not p.exists():
+        raise UserError(f"{what} path {p} does not exist", fix)
+    if p.is_file() and p.suffix != ".gguf":
+        raise UserError(f"{what} path {p} is a file but not a .gguf file", fix)
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise UserError(f"{what} path {p} has no config.json", fix)
+
+
+def check_config(cfg: BenchConfig, specs: Sequence) -> None:
+    """Refuse what cannot make a sensible run, before any file is touched or model loaded."""
+    from ..models.loading import check_threads
+    from ..sampling import GenerationConfig
+    from .peers import PEERS
+
+    if cfg.report_only and cfg.fresh:
+        raise UserError("--report-only and --fresh together would discard the results the report is built from",
+                        "drop --fresh to rebuild the report, or drop --report-only to measure afresh", field="fresh")
+    if cfg.repeats < 1:
+        raise UserError(f"--repeats must be ≥ 1, got {cfg.repeats}",
+                        "pass how many times to measure each prompt (1 or more; the report takes the median)",
+                        field="repeats")
+    if cfg.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be ≥ 1, got {cfg.max_new_tokens}",
+                        "pass how many tokens to generate per prompt (e.g. 64)", field="max_new_tokens")
+    if cfg.warmup < 0:
+        raise UserError(f"--warmup must be ≥ 0, got {cfg.warmup}", "pass 0 to skip warming up, or more",
+                        field="warmup")
+    if cfg.num_prompts is not None and cfg.num_prompts < 1:
+        raise UserError(f"num_prompts must be ≥ 1, got {cfg.num_prompts}",
+                        "pass None for all prompts (the CLI's --num-prompts 0)", field="num_prompts")
+    GenerationConfig(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)      # the seed's range
+    check_threads(cfg.threads)
+    if cfg.methods is not None and not cfg.methods:
+        raise UserError("--methods is empty", "name methods (e.g. --methods pld,jacobi), or leave --methods out "
+                        "for every registered method", field="methods")
+    if cfg.categories is not None and not cfg.categories:
+        raise UserError("--categories is empty", "name categories (e.g. --categories qa,code), or leave "
+                        "--categories out for all of them", field="categories")
+    unknown = [n for n in cfg.peers or [] if n not in PEERS]
+    if unknown:
+        raise UserError(f"unknown peer {unknown[0]!r}", f"choose from: {', '.join(PEERS)} (or none)", field="peers")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file", "--out needs a folder (new, or one from an earlier run) for "
+                        "results.jsonl and the report", field="out")
+    if cfg.report_only:                 # nothing is loaded: the paths need not exist any more
+        return
+    for spec in specs:
+        if isinstance(spec, str) and spec not in ("default", "tiny"):
+            check_model_path(spec, "--model")
+    if cfg.draft_model is not None:
+        check_model_path(cfg.draft_model, "--draft-model", "draft model")
+
+
 def build_peers(cfg: BenchConfig, lm: LoadedModel, notes: list[str]) -> list[Variant]:
     from .peers import PEERS, PeerContext
 
-    names = list(PEERS) if cfg.peers is None else cfg.peers
-    unknown = [n for n in names if n not in PEERS]
-    if unknown:
-        raise UserError(f"unknown peer {unknown[0]!r}", f"choose from: {', '.join(PEERS)} (or none)", field="peers")
+    names = list(PEERS) if cfg.peers is None else cfg.peers       # names checked by check_config
     info = lm.model.info
     ctx = PeerContext(model_spec=None if lm.label == "default" else lm.label, eos_token_ids=info.eos_token_ids,
                       pad_token_id=info.pad_token_id, threads=cfg.threads, draft_model=cfg.draft_model,
@@ -320,24 +423,25 @@ def run_benchmark(cfg: BenchConfig, *, models: Sequence[LoadedModel] | None = No
     from .report import build_report, write_report
 
     console = console or Console(stderr=True)
-    if cfg.repeats < 1 or cfg.warmup < 0 or cfg.max_new_tokens < 1 or (cfg.num_prompts is not None
-                                                                       and cfg.num_prompts < 1):
-        raise UserError("repeats, max new tokens and num prompts must be ≥ 1 and warmup ≥ 0",
-                        "check --repeats, --max-new-tokens, --num-prompts and --warmup")
+    specs = list(models) if models is not None else list(cfg.models)
+    check_config(cfg, specs)
     prompts = list(prompts) if prompts is not None else load_prompts(cfg.categories, cfg.num_prompts)
     if not prompts:
         raise UserError("no prompts selected", "check --categories and --num-prompts")
-    out = Path(cfg.out)
-    results = ResultsFile(out / RESULTS_FILE, cfg.measurement_key(), fresh=cfg.fresh)
     notes: list[str] = []
-    variants = build_variants(cfg, notes)          # validate methods before loading any model
+    variants = build_variants(cfg, notes)          # validate methods before touching --out or loading a model
+    if not variants and cfg.peers == []:
+        raise UserError("nothing to measure: plain decoding is the baseline of every line, and no other method "
+                        "or peer is in this run",
+                        "name a method (e.g. --methods pld) or a peer (e.g. --peers transformers)", field="methods")
+    out = Path(cfg.out)
+    results = ResultsFile(out / RESULTS_FILE, cfg.measurement_key(), fresh=cfg.fresh, read_only=cfg.report_only)
     for n in notes:
         console.print(f"[yellow]note:[/yellow] {escape(n)}")
     plain = get_method("plain")
     selection: set[tuple] = set()
     described: dict[str, dict] = {v.key: v.describe() for v in variants}
     model_names: dict[str, str] = {}
-    specs = list(models) if models is not None else list(cfg.models)
     computed = 0
     if cfg.report_only:
         selection, model_names = _existing_selection(cfg, specs, variants, prompts, results, described, notes)
@@ -350,6 +454,9 @@ def run_benchmark(cfg: BenchConfig, *, models: Sequence[LoadedModel] | None = No
         for n in peer_notes:
             console.print(f"[yellow]note:[/yellow] {escape(n)}")
         notes += [n for n in peer_notes if n not in notes]
+        if not matrix:
+            raise UserError(f"nothing to measure on {lm.label}: every peer was skipped and no method besides plain "
+                            "is in this run", "see the notes above, or name a method with --methods")
         described.update({v.key: v.describe() for v in matrix})
         ids_of = {p.id: p.encode(lm.model) for p in prompts}
         for p in prompts:
@@ -385,6 +492,10 @@ def _existing_selection(cfg, specs, variants, prompts, results, described, notes
     wanted = {(m, k, p.id, r) for m in labels for k in keys for p in prompts for r in range(cfg.repeats)}
     present = {ResultsFile.key(ln) for ln in results.lines if not ln.get("error")}
     selection = wanted & present
+    if not selection:                       # an empty report would replace the one these lines made
+        raise UserError(f"none of the {len(wanted)} requested lines is in {results.path} "
+                        f"({len(results.lines)} line(s) there)", "pass the --model, --methods, --categories, "
+                        "--num-prompts and --repeats of the run that measured them", field="out")
     for ln in results.lines:
         if ResultsFile.key(ln) in selection and ln["method"] not in described:
             described[ln["method"]] = {"key": ln["method"], "name": ln["method"].removeprefix("peer:"),

@@ -69,12 +69,14 @@ def _method_options(pairs: list[str]) -> dict[str, dict]:
 
 def config_from_args(args):
     from ..bench.runner import BenchConfig
+    from ..models.loading import check_threads
 
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"threads must be ≥ 1, got {args.threads}", "pass --threads 1 or more", field="threads")
+    check_threads(args.threads)
     if args.num_prompts < 0:
         raise UserError("--num-prompts must be ≥ 0", "pass 0 for all prompts or a positive number")
     peers = _csv(args.peers)
+    if peers == []:
+        raise UserError("--peers is empty", "name peers, or pass --peers none to measure none", field="peers")
     return BenchConfig(
         models=list(args.model), methods=_csv(args.methods), categories=_csv(args.categories),
         num_prompts=args.num_prompts or None, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
@@ -117,6 +119,9 @@ def run(args) -> int:
     console = Console(stderr=True)
     report = run_benchmark(cfg, console=console)
     out = Path(cfg.out)
+    if not report["lines"]:             # every method and peer skipped (e.g. a draft model that does not fit)
+        raise UserError(f"nothing was measured: every method and peer of this run was skipped (empty report in "
+                        f"{out})", "see the notes above for why")
     console.print(f"[green]report:[/green] {out / 'report.md'} (JSON: {out / 'report.json'}, "
                   f"lines: {out / 'results.jsonl'})")
     print((out / "report.md").read_text())
