@@ -246,3 +246,187 @@ def test_training_is_deterministic_and_resumable(tmp_path):
     resumed = train(cfg, tmp_path / "b.safetensors", progress=False)
     for (name, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+# -- bad input on the CLI: one line naming the problem and the fix, exit 2, no traceback ---------------
+def _bad_weights(tmp_path, kind):
+    """A file (or folder) that is not diffusion weights, of the given kind."""
+    from safetensors.torch import save_file
+
+    names = {"text": "notmodel.txt", "empty-gguf": "empty.gguf", "folder": "adir"}
+    p = tmp_path / names.get(kind, f"{kind}.safetensors")
+    if kind == "text":
+        p.write_text("hello\n")
+    elif kind == "empty-gguf":
+        p.write_bytes(b"")
+    elif kind == "folder":
+        p.mkdir()
+    elif kind == "other-model":          # a whole safetensors file of another model: no "shape" metadata
+        save_file({"model.embed_tokens.weight": torch.zeros(4, 2)}, str(p), metadata={"format": "pt"})
+    elif kind == "wrong-tensors":        # our metadata, someone else's tensors
+        save_file({"a": torch.zeros(2)}, str(p), metadata={"shape": '{"vocab_size": 8, "hidden": 4, '
+                  '"intermediate": 4, "layers": 1, "heads": 1, "kv_heads": 1, "head_dim": 4}'})
+    elif kind == "truncated":
+        good = tmp_path / "good.safetensors"
+        DiffusionTransformer(DiffusionShape(vocab_size=len(VOCAB), hidden=8, intermediate=8, layers=1, heads=1,
+                                            kv_heads=1, head_dim=8)).save(good)
+        p.write_bytes(good.read_bytes()[:-16])
+    return p
+
+
+BAD_WEIGHTS = {"text": "not a whole safetensors file", "empty-gguf": "not a whole safetensors file",
+               "folder": "is a folder", "other-model": '"shape" metadata', "wrong-tensors": "tensor",
+               "truncated": "not a whole safetensors file"}
+
+
+@pytest.mark.parametrize("kind", list(BAD_WEIGHTS))
+def test_cli_generate_refuses_what_is_not_diffusion_weights(capsys, tmp_path, kind):
+    from test_cli import assert_one_line_error, run_cli
+
+    p = _bad_weights(tmp_path, kind)
+    code, out, err = run_cli(capsys, "diffusion", "generate", "sort : d a c b", "--weights", str(p))
+    assert_one_line_error(code, err, str(p), BAD_WEIGHTS[kind], "paradecode diffusion train")
+    assert not out
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--steps", "1", "--out", "{tmp}/w.safetensors", "--init", "{bad}"],
+    ["train-filter", "--out", "{tmp}/f.json", "--weights", "{bad}"],
+    ["bench", "--out", "{tmp}/bench", "-n", "1", "--weights", "{bad}"],
+])
+def test_cli_every_weights_option_refuses_a_non_model_file(capsys, tmp_path, argv):
+    from test_cli import assert_one_line_error, run_cli
+
+    bad = _bad_weights(tmp_path, "text")
+    code, _, err = run_cli(capsys, "diffusion", *(a.format(tmp=tmp_path, bad=bad) for a in argv))
+    assert_one_line_error(code, err, str(bad), "not a whole safetensors file")
+    assert sorted(x.name for x in tmp_path.iterdir()) == [bad.name]     # nothing written, no folder made
+
+
+def test_cli_init_of_another_shape_is_refused(capsys, tmp_path):
+    from test_cli import assert_one_line_error, run_cli
+
+    small = tmp_path / "small.safetensors"
+    DiffusionTransformer(DiffusionShape(vocab_size=len(VOCAB), hidden=8, intermediate=8, layers=1, heads=1,
+                                        kv_heads=1, head_dim=8)).save(small)
+    code, _, err = run_cli(capsys, "diffusion", "train", "--steps", "1", "--out", str(tmp_path / "w.safetensors"),
+                           "--init", str(small))
+    assert_one_line_error(code, err, "--init", "another shape", "hidden 8 (this run: 128)")
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "sort : d a c b"],
+    ["train", "--steps", "1", "--out", "{tmp}/w.safetensors"],
+    ["bench", "-n", "1", "--out", "{tmp}/bench"],
+])
+@pytest.mark.parametrize("threads", ["0", "-1", "100000"])
+def test_cli_threads_out_of_range_are_refused_before_any_work(capsys, tmp_path, command, threads):
+    from test_cli import assert_one_line_error, run_cli
+
+    code, out, err = run_cli(capsys, "diffusion", *(a.format(tmp=tmp_path) for a in command), "--threads", threads)
+    assert_one_line_error(code, err, f"got {threads}", "--threads")
+    assert not out and not list(tmp_path.iterdir())
+
+
+def test_cli_bench_names_a_bad_task_even_with_bad_threads(capsys):
+    from test_cli import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "diffusion", "bench", "--tasks", "nope", "--threads", "0")
+    assert_one_line_error(code, err, "unknown task 'nope'", "sort")
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("hello", "not readable JSON"),
+    ('{"weight": [1, 2], "bias": 0}', '"weight" list of 6 numbers'),
+    ("[1, 2, 3]", '"weight" list of 6 numbers'),
+    (None, "is a folder"),
+])
+def test_cli_learn2pd_refuses_a_bad_filter_file(capsys, tmp_path, content, needle):
+    from test_cli import assert_one_line_error, run_cli
+
+    path = tmp_path / "filter.json"
+    path.mkdir() if content is None else path.write_text(content)
+    code, _, err = run_cli(capsys, "diffusion", "generate", "sort : d a c b", "--sampler", "learn2pd",
+                           "-o", f"filter={path}")
+    assert_one_line_error(code, err, "Learn2PD filter", str(path), needle, "train-filter")
+
+
+def test_cli_unknown_sampler_option_says_sampler(capsys):
+    from test_cli import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "diffusion", "generate", "sort : d a c b", "-o", "nope=1")
+    assert_one_line_error(code, err, "sampler threshold has no option 'nope'", "block_length, cache, threshold")
+    assert "method" not in err
+
+
+def test_cli_diffusion_without_a_subcommand_is_a_usage_error(capsys):
+    from paradecode.cli import main
+
+    assert main(["diffusion"]) == 2
+    out, err = capsys.readouterr()
+    assert not out and "generate" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--lr", "nan"], ["--lr", "got nan"]),
+    (["--lr", "-1"], ["--lr", "> 0"]),
+    (["--lr", "0"], ["--lr", "> 0"]),
+    (["--warmup", "-1"], ["--warmup", ">= 0"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--seed", "99999999999999999999"], ["--seed"]),
+    (["--mix", "reverse=nan"], ["--mix", "reverse", "'nan'"]),
+    (["--mix", "reverse=-1"], ["--mix", "reverse", ">= 0"]),
+    (["--mix", "reverse"], ["--mix", "no weight"]),
+    (["--mix", "nope=1"], ["--mix", "unknown task 'nope'", "sort"]),
+    (["--mix", ",".join(f"{t}=0" for t in TASKS)], ["--mix", "every task has weight 0"]),
+])
+def test_cli_train_refuses_bad_values_before_any_work(capsys, tmp_path, args, needles):
+    from test_cli import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "diffusion", "train", "--steps", "1", "--out", str(tmp_path / "w.safetensors"),
+                           *args)
+    assert_one_line_error(code, err, *needles)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("n", ["0", "-5"])
+def test_cli_train_filter_refuses_per_task_below_one(capsys, tmp_path, n):
+    from test_cli import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "diffusion", "train-filter", "--out", str(tmp_path / "f.json"), "--per-task", n)
+    assert_one_line_error(code, err, "--per-task", f"got {n}")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_train_rerun_of_a_finished_run_and_a_changed_run(capsys, tmp_path):
+    """A finished run run again says so and changes nothing; the same --out with other settings is refused
+    in one line that names the settings that differ and how to go on."""
+    from test_cli import assert_one_line_error, run_cli
+
+    out = tmp_path / "w.safetensors"
+    code, stdout, _ = run_cli(capsys, "diffusion", "train", "--steps", "1", "--out", str(out))
+    assert code == 0 and "wrote" in stdout
+    before = out.read_bytes()
+    code, stdout, err = run_cli(capsys, "diffusion", "train", "--steps", "1", "--out", str(out))
+    assert code == 0 and "already trained" in stdout and "Traceback" not in err
+    assert out.read_bytes() == before
+    code, _, err = run_cli(capsys, "diffusion", "train", "--steps", "2", "--lr", "1e-3", "--out", str(out))
+    assert_one_line_error(code, err, "other settings", "--steps 1 (now 2)", "--lr 0.002 (now 0.001)",
+                          "another --out", "w.ckpt.pt")
+    (tmp_path / "w.ckpt.pt").write_bytes(b"garbage")
+    code, _, err = run_cli(capsys, "diffusion", "train", "--steps", "1", "--out", str(out))
+    assert_one_line_error(code, err, "cannot read the training checkpoint", "w.ckpt.pt")
+
+
+def test_train_of_a_finished_run_writes_its_weights_again(tmp_path):
+    """train() on a complete checkpoint (its output deleted) trains no step and writes the same weights."""
+    from paradecode.diffusion.train import TrainConfig, train
+
+    cfg = TrainConfig(steps=2, batch_size=2, hidden=16, layers=1, heads=2, intermediate=16, warmup=1)
+    first = train(cfg, tmp_path / "a.safetensors", progress=False)
+    (tmp_path / "a.safetensors").unlink()
+    again = train(cfg, tmp_path / "a.safetensors", progress=False)
+    for (name, p), q in zip(first.state_dict().items(), DiffusionTransformer.load(tmp_path / "a.safetensors")
+                            .state_dict().values()):
+        assert torch.equal(p, q), name
+    assert again is not None

@@ -92,3 +92,41 @@ def test_caches_on_llada_shaped_model_are_exact_when_nothing_changed():
         cache = BlockKVCache(model, mode)
         full = cache.refresh(x, (8, 12))
         torch.testing.assert_close(cache.step(x), full, rtol=1e-5, atol=1e-5)
+
+
+# -- bad input on the CLI: one line naming the problem and the fix, exit 2, no traceback ---------------
+def test_cli_llada_refuses_a_llama_directory(capsys, tmp_path):
+    from safetensors.torch import save_file
+    from test_cli import assert_one_line_error, run_cli
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32,
+                                                      "num_hidden_layers": 1, "num_attention_heads": 2}))
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 2)}, str(tmp_path / "model.safetensors"))
+    code, _, err = run_cli(capsys, "diffusion", "generate", "1 2 3", "--llada", str(tmp_path))
+    assert_one_line_error(code, err, "not a LLaDA checkpoint", "'d_model'", "'llama'", "paradecode generate")
+
+
+def test_cli_llada_refuses_broken_files(capsys, tmp_path):
+    from safetensors.torch import save_file
+    from test_cli import assert_one_line_error, run_cli
+
+    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "model.safetensors").write_bytes(b"xx")
+    code, _, err = run_cli(capsys, "diffusion", "generate", "1 2 3", "--llada", str(tmp_path))
+    assert_one_line_error(code, err, "config.json", "JSON")
+    (tmp_path / "config.json").write_text(json.dumps(CFG))
+    code, _, err = run_cli(capsys, "diffusion", "generate", "1 2 3", "--llada", str(tmp_path))
+    assert_one_line_error(code, err, "model.safetensors", "not a whole safetensors file")
+    save_file(llada_weights(CFG), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({**CFG, "d_model": 64, "mlp_hidden_size": 96}))
+    code, _, err = run_cli(capsys, "diffusion", "generate", "1 2 3", "--llada", str(tmp_path))
+    assert_one_line_error(code, err, "do not match their config.json", "size mismatch")
+
+
+def test_cli_llada_with_weights_is_refused(capsys, tmp_path):
+    """--weights names the task model; with --llada it used to be ignored without a word."""
+    from test_cli import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "diffusion", "generate", "1 2 3", "--llada", str(tmp_path),
+                           "--weights", str(tmp_path / "w.safetensors"))
+    assert_one_line_error(code, err, "--llada", "--weights", "only one")

@@ -11,7 +11,7 @@ from ._common import writable_dir, writable_file
 def register(sub) -> None:
     p = sub.add_parser("diffusion", help="diffusion language models: samplers, generate, train, bench")
     dsub = p.add_subparsers(dest="diffusion_command", metavar="{samplers,generate,train,train-filter,bench}")
-    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
+    p.set_defaults(func=lambda args: _no_subcommand(p))
 
     s = dsub.add_parser("samplers", help="list diffusion samplers and their options")
     s.set_defaults(func=run_samplers)
@@ -55,6 +55,14 @@ def register(sub) -> None:
     b.set_defaults(func=run_bench)
 
 
+def _no_subcommand(parser) -> int:
+    """`paradecode diffusion` alone is a usage error, like `paradecode` alone: help on stderr, exit 2."""
+    import sys
+
+    parser.print_help(sys.stderr)
+    return 2
+
+
 def _options(pairs):
     from ._common import parse_options
 
@@ -85,12 +93,15 @@ def run_samplers(args) -> int:
 
 
 def run_generate(args) -> int:
-    import torch
-
     from ..diffusion import VOCAB, build_sampler
+    from ..models.loading import check_threads, set_threads
 
-    torch.set_num_threads(args.threads)
+    check_threads(args.threads)
+    if args.llada and args.weights:
+        raise UserError("--llada and --weights both name the model to decode with",
+                        "pass only one of them (--weights is for the task model)", field="weights")
     sampler = build_sampler(args.sampler, _options(args.option))
+    set_threads(args.threads)
     if args.llada:
         from ..diffusion.llada import load_llada
 
@@ -114,21 +125,26 @@ def run_generate(args) -> int:
 def run_train(args) -> int:
     import dataclasses
 
-    from ..diffusion.train import TrainConfig, train
+    from ..diffusion.model import read_shape
+    from ..diffusion.train import TrainConfig, checkpoint_path, read_checkpoint, train
+    from ..models.loading import check_threads
 
     cfg = TrainConfig()
     changes = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("init_from", args.init),
                                  ("lr", args.lr), ("warmup", args.warmup), ("mix", args.mix)) if v is not None}
     cfg = dataclasses.replace(cfg, **changes)
-    if cfg.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {cfg.steps}", "pass a positive number of steps")
-    try:
-        from ..diffusion.train import task_mix
-
-        task_mix(cfg.mix)
-    except ValueError as e:
-        raise UserError(f"--mix: {e}", "use task=weight pairs with the task names of `diffusion bench`") from None
-    train(cfg, writable_file(args.out, "--out"), threads=args.threads)
+    cfg.validate()
+    check_threads(args.threads)
+    out = writable_file(args.out, "--out")
+    if cfg.init_from:
+        read_shape(Path(cfg.init_from))              # a bad --init fails now, named, before the run starts
+    ckpt = checkpoint_path(out)
+    state = read_checkpoint(ckpt, cfg)
+    if state is not None and state["step"] >= cfg.steps and out.is_file():
+        print(f"{out} is already trained: its checkpoint {ckpt} is at step {state['step']} of {cfg.steps}, "
+              f"so there is nothing to do (delete {ckpt} to train again)")
+        return 0
+    train(cfg, out, threads=args.threads)
     print(f"wrote {args.out}")
     return 0
 
@@ -138,6 +154,9 @@ def run_train_filter(args) -> int:
 
     from ..diffusion.learn2pd import FILTER_PATH, train_filter
 
+    if args.per_task < 1:
+        raise UserError(f"--per-task must be >= 1, got {args.per_task}", "pass a positive number of instances",
+                        field="per_task")
     torch.set_num_threads(1)
     out = writable_file(args.out, "--out") if args.out else FILTER_PATH
     meta = train_filter(_model(args.weights), out, args.per_task)
@@ -146,20 +165,21 @@ def run_train_filter(args) -> int:
 
 
 def run_bench(args) -> int:
-    import torch
-
     from ..diffusion import bench
     from ..diffusion.tasks import TASKS
+    from ..models.loading import check_threads, set_threads
 
-    torch.set_num_threads(args.threads)
     tasks = tuple(TASKS) if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(","))
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         raise UserError(f"unknown task {bad[0]!r}", f"choose from: {', '.join(TASKS)}")
     if args.n < 1:
         raise UserError(f"-n must be >= 1, got {args.n}", "pass a positive number of instances")
+    check_threads(args.threads)
+    model = _model(args.weights)                     # bad weights fail before --out is made
     writable_dir(args.out, "--out")
-    rows = bench.run(_model(args.weights), tasks, args.n)
+    set_threads(args.threads)
+    rows = bench.run(model, tasks, args.n)
     speed = None if args.no_cache_speed else bench.cache_speed()
     paths = bench.save(rows, Path(args.out), bench.machine_name(), speed)
     print(paths["markdown"].read_text())

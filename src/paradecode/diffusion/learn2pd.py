@@ -55,10 +55,24 @@ class LogisticFilter:
 
     @classmethod
     def load(cls, path: Path) -> "LogisticFilter":
-        if not Path(path).is_file():
-            raise UserError(f"Learn2PD filter {path} not found", "train it with `paradecode diffusion train-filter`")
-        d = json.loads(Path(path).read_text())
-        return cls(torch.tensor(d["weight"]), float(d["bias"]))
+        """A filter saved by :meth:`save`; a UserError naming the file when it is not one."""
+        path = Path(path)
+        fix = "pass -o filter= a JSON file written by `paradecode diffusion train-filter --out`"
+        if path.is_dir():
+            raise UserError(f"Learn2PD filter {path} is a folder", fix, field="filter")
+        if not path.is_file():
+            raise UserError(f"Learn2PD filter {path} not found", fix, field="filter")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"Learn2PD filter {path} is not readable JSON ({e})", fix, field="filter") from None
+        w = d.get("weight") if isinstance(d, dict) else None
+        ok = isinstance(w, list) and len(w) == len(FEATURES) and \
+            all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w + [d.get("bias")])
+        if not ok:
+            raise UserError(f"Learn2PD filter {path} does not hold a filter (a \"weight\" list of "
+                            f"{len(FEATURES)} numbers and a \"bias\" number)", fix, field="filter")
+        return cls(torch.tensor(w, dtype=torch.float32), float(d["bias"]))
 
 
 class _Recorder(LowConfidence):

@@ -78,8 +78,18 @@ def from_llada_weights(cfg: Mapping, weights: Mapping[str, torch.Tensor],
             raise UserError(f"LLaDA config {key}={cfg.get(key)} is not supported",
                             "only the LLaDA-8B layout (no biases, no q/k norm) is supported")
     model = DiffusionTransformer(llada_shape(cfg, max_context))
-    model.load_state_dict(llada_state_dict(cfg, weights))
+    try:
+        model.load_state_dict(llada_state_dict(cfg, weights))
+    except RuntimeError as e:                        # a tensor's shape disagrees with config.json
+        lines = [l.strip() for l in str(e).splitlines() if "size mismatch" in l] or [str(e).splitlines()[0]]
+        raise UserError(f"the LLaDA weights do not match their config.json: {lines[0]}",
+                        "pass a complete, unmodified LLaDA checkpoint directory", field="llada") from None
     return model.eval().requires_grad_(False)
+
+
+LLADA_FIX = "pass a local LLaDA-architecture checkpoint directory (GSAI-ML/LLaDA-8B-*); other models " \
+            "decode with `paradecode generate --model`"
+REQUIRED_KEYS = ("d_model", "n_heads", "n_layers")
 
 
 def load_llada(path: str | Path, max_context: int = 4096) -> DiffusionTransformer:
@@ -92,8 +102,33 @@ def load_llada(path: str | Path, max_context: int = 4096) -> DiffusionTransforme
     if not cfg_file.is_file() or not files:
         raise UserError(f"{path} is not a LLaDA checkpoint directory",
                         "it needs config.json and *.safetensors (download it yourself; paradecode never does)")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_llada_config(cfg_file)
     weights: dict[str, torch.Tensor] = {}
     for f in files:
-        weights.update(load_file(str(f)))
+        try:
+            weights.update(load_file(str(f)))
+        except Exception as e:                       # noqa: BLE001  (SafetensorError, OSError, ...)
+            raise UserError(f"cannot read {f}: not a whole safetensors file ({str(e).splitlines()[0]})",
+                            LLADA_FIX, field="llada") from None
     return from_llada_weights(cfg, weights, max_context)
+
+
+def read_llada_config(cfg_file: Path) -> dict:
+    """A LLaDA config.json, checked to describe a LLaDA model (UserError naming the file otherwise)."""
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"cannot read {cfg_file} as JSON ({e})", LLADA_FIX, field="llada") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_file} is not a JSON object", LLADA_FIX, field="llada")
+    missing = [k for k in REQUIRED_KEYS if k not in cfg]
+    if missing:
+        kind = f" (model_type {cfg['model_type']!r})" if "model_type" in cfg else ""
+        raise UserError(f"{cfg_file.parent} is not a LLaDA checkpoint: its config.json has no {missing[0]!r}{kind}",
+                        LLADA_FIX, field="llada")
+    try:
+        llada_shape(cfg)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"{cfg_file} is not a valid LLaDA config ({type(e).__name__}: {e})", LLADA_FIX,
+                        field="llada") from None
+    return cfg

@@ -147,18 +147,73 @@ class DiffusionTransformer(nn.Module):
 
     @classmethod
     def load(cls, path: Path) -> "DiffusionTransformer":
-        from safetensors import safe_open
+        """A model saved by :meth:`save`; a UserError naming the file when it is not one."""
         from safetensors.torch import load_file
 
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"diffusion weights {path} not found",
-                            "pass a .safetensors file written by `paradecode diffusion train`")
-        with safe_open(str(path), "pt") as f:
-            shape = DiffusionShape(**json.loads(f.metadata()["shape"]))
+        shape = read_shape(path)
+        try:
+            weights = load_file(str(path))
+        except Exception as e:                       # noqa: BLE001  (safetensors raises its own error types)
+            raise _not_weights(path, f"cannot read its tensors: {str(e).splitlines()[0]}") from None
+        _check_tensors(path, shape, {k: tuple(v.shape) for k, v in weights.items()})
         model = cls(shape)
-        model.load_state_dict(load_file(str(path)))
+        model.load_state_dict(weights)
         return model.eval().requires_grad_(False)
+
+
+_WEIGHTS_FIX = "pass a .safetensors file written by `paradecode diffusion train`"
+
+
+def _not_weights(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is not paradecode diffusion weights: {why}", _WEIGHTS_FIX, field="weights")
+
+
+def read_shape(path: Path) -> DiffusionShape:
+    """The :class:`DiffusionShape` stored in a diffusion weights file's metadata, the file checked to be one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"diffusion weights {path} is a folder", _WEIGHTS_FIX, field="weights")
+    if not path.is_file():
+        raise UserError(f"diffusion weights {path} not found", _WEIGHTS_FIX, field="weights")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:                           # noqa: BLE001  (SafetensorError, OSError, ...)
+        raise _not_weights(path, f"not a whole safetensors file ({str(e).splitlines()[0]})") from None
+    if "shape" not in meta:
+        raise _not_weights(path, "a safetensors file without the diffusion model's \"shape\" metadata "
+                                 "(another model's weights?)")
+    try:
+        shape = DiffusionShape(**json.loads(meta["shape"]))
+    except (ValueError, TypeError) as e:
+        raise _not_weights(path, f"its \"shape\" metadata is malformed ({e})") from None
+    sizes = (shape.vocab_size, shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.kv_heads,
+             shape.head_dim, shape.max_context)
+    ids = (shape.mask_id, shape.eos_id, shape.pad_id)
+    if not all(isinstance(n, int) and n >= 1 for n in sizes) or shape.heads % shape.kv_heads \
+            or not all(isinstance(i, int) and 0 <= i < shape.vocab_size for i in ids) \
+            or not all(isinstance(x, (int, float)) and x > 0 for x in (shape.eps, shape.rope_theta)):
+        raise _not_weights(path, f"its \"shape\" metadata is not a valid model shape ({shape})")
+    return shape
+
+
+def _check_tensors(path: Path, shape: DiffusionShape, found: dict[str, tuple[int, ...]]) -> None:
+    """The tensors a file holds must be exactly the parameters of a model of ``shape``."""
+    with torch.device("meta"):                       # shapes only, no memory
+        want = {k: tuple(v.shape) for k, v in DiffusionTransformer(shape).state_dict().items()}
+    missing = sorted(set(want) - set(found))
+    if missing:
+        raise _not_weights(path, f"tensor {missing[0]!r} is missing")
+    extra = sorted(set(found) - set(want))
+    if extra:
+        raise _not_weights(path, f"unexpected tensor {extra[0]!r}")
+    bad = [k for k in want if want[k] != found[k]]
+    if bad:
+        raise _not_weights(path, f"tensor {bad[0]!r} has shape {list(found[bad[0]])}, its metadata says "
+                                 f"{list(want[bad[0]])}")
 
 
 def load_shipped(name: str = "tasks") -> DiffusionTransformer:

@@ -384,6 +384,11 @@ def build_sampler(name: str, options: Mapping[str, Any] | None = None) -> Sample
         raise UserError(f"unknown diffusion sampler {name!r}", f"choose one of: {', '.join(DIFFUSION_SAMPLERS)}",
                         field="sampler")
     cls = DIFFUSION_SAMPLERS[name]
+    fields = [f.name for f in dataclasses.fields(cls.Config)]
+    unknown = [k for k in (options or {}) if k not in fields]
+    if unknown:                       # checked here so the message says "sampler", not "method"
+        raise UserError(f"sampler {name} has no option {unknown[0]!r}", f"its options are: {', '.join(fields)}",
+                        field=unknown[0])
     return cls(build_config(cls, options))
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from .model import DiffusionShape, DiffusionTransformer
 from .tasks import TASKS, TRAIN_MIX
 from .vocab import VOCAB
@@ -48,6 +49,26 @@ class TrainConfig:
     init_from: str = ""          # start from these weights (a second training stage)
     mix: str = ""                # task-weight overrides, e.g. "reverse=4,text=1"
 
+    def validate(self) -> None:
+        """UserError naming the CLI option of the first bad field."""
+        if self.steps < 1:
+            raise UserError(f"--steps must be >= 1, got {self.steps}", "pass a positive number of steps", field="steps")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr must be a finite number > 0, got {self.lr}", "pass e.g. --lr 2e-3", field="lr")
+        if self.warmup < 0:
+            raise UserError(f"--warmup must be >= 0, got {self.warmup}", "pass 0 or more warm-up steps",
+                            field="warmup")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"--seed must be in 0..{MAX_SEED}, got {self.seed}", "pass e.g. --seed 1", field="seed")
+        try:
+            task_mix(self.mix)
+        except ValueError as e:
+            raise UserError(f"--mix: {e}", f"write task=weight pairs with weights >= 0, e.g. reverse=4,text=1; "
+                                           f"tasks: {', '.join(TRAIN_MIX)}", field="mix") from None
+
+
+MAX_SEED = 2**32 - 1          # the batch seed seed * 1_000_003 + step must fit torch's int64
+
 
 def model_shape(cfg: TrainConfig) -> DiffusionShape:
     return DiffusionShape(vocab_size=len(VOCAB), hidden=cfg.hidden, intermediate=cfg.intermediate,
@@ -64,11 +85,20 @@ def encode_instance(prompt: list[str], answer: list[str], gen_length: int) -> tu
 def task_mix(overrides: str = "") -> dict[str, float]:
     """The training mixture with ``"task=weight,..."`` overrides applied."""
     mix = dict(TRAIN_MIX)
-    for item in filter(None, overrides.split(",")):
-        name, _, w = item.partition("=")
+    for item in filter(None, (i.strip() for i in overrides.split(","))):
+        name, sep, w = (x.strip() for x in item.partition("="))
         if name not in mix:
             raise ValueError(f"unknown task {name!r} in mix")
-        mix[name] = float(w)
+        try:
+            weight = float(w) if sep else None
+        except ValueError:
+            weight = None
+        if weight is None or not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"the weight of {name} must be a number >= 0, got {w!r}" if sep
+                             else f"{item!r} has no weight")
+        mix[name] = weight
+    if not any(mix.values()):
+        raise ValueError("every task has weight 0")
     return mix
 
 
@@ -116,30 +146,36 @@ def train(cfg: TrainConfig, out: Path, checkpoint: Path | None = None, threads: 
           progress: bool = True, stop_after: int | None = None) -> DiffusionTransformer | None:
     """Train (or resume from ``checkpoint``, default ``OUT.ckpt.pt``) and write ``out``.
     ``stop_after`` ends the run after that step with a checkpoint (returns None), as an interruption would."""
-    torch.set_num_threads(threads)
+    from ..models.loading import set_threads
+
+    cfg.validate()
+    set_threads(threads)
     torch.manual_seed(cfg.seed)
     model = DiffusionTransformer(model_shape(cfg))
     if cfg.init_from:
-        model.load_state_dict(DiffusionTransformer.load(Path(cfg.init_from)).state_dict())
+        init = DiffusionTransformer.load(Path(cfg.init_from))
+        if init.shape != model.shape:
+            raise UserError(f"--init {cfg.init_from} is a model of another shape than this run trains: "
+                            f"{_shape_diff(init.shape, model.shape)}",
+                            "pass --init weights written by `paradecode diffusion train`", field="init")
+        model.load_state_dict(init.state_dict())
         model.requires_grad_(True).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
     start = 0
-    checkpoint = Path(checkpoint) if checkpoint else Path(out).with_suffix(".ckpt.pt")
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        if state["config"] != asdict(cfg):
-            raise SystemExit(f"checkpoint {checkpoint} was written with a different config: {state['config']}")
+    ema = None
+    checkpoint = checkpoint_path(out, checkpoint)
+    state = read_checkpoint(checkpoint, cfg)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        start = state["step"]
+        start, ema = state["step"], state.get("loss_ema")
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = (TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn())
-    ema = None
     t0 = time.perf_counter()
     with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("train", total=cfg.steps, completed=start, loss=float("nan"))
+        task = bar.add_task("train", total=cfg.steps, completed=start, loss=float("nan") if ema is None else ema)
         for step in range(start, cfg.steps):
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
@@ -151,19 +187,58 @@ def train(cfg: TrainConfig, out: Path, checkpoint: Path | None = None, threads: 
             opt.step()
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
             bar.update(task, advance=1, loss=ema)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                tmp = checkpoint.with_suffix(".tmp")
-                torch.save({"config": asdict(cfg), "model": model.state_dict(), "opt": opt.state_dict(),
-                            "step": step + 1}, tmp)
-                tmp.replace(checkpoint)
-            if stop_after is not None and step + 1 >= stop_after:
-                if (step + 1) % cfg.checkpoint_every:
-                    torch.save({"config": asdict(cfg), "model": model.state_dict(), "opt": opt.state_dict(),
-                                "step": step + 1}, checkpoint)
+            stopping = stop_after is not None and step + 1 >= stop_after
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stopping:
+                _save_checkpoint(checkpoint, {"config": asdict(cfg), "model": model.state_dict(),
+                                              "opt": opt.state_dict(), "step": step + 1, "loss_ema": ema})
+            if stopping:
                 return None
-    model.save(Path(out), meta={"train_config": json_dumps(asdict(cfg)), "final_loss_ema": f"{ema:.4f}",
+    # a re-run of a finished run trains no step: its weights are written again from the checkpoint
+    model.save(Path(out), meta={"train_config": json_dumps(asdict(cfg)),
+                                "final_loss_ema": "unknown" if ema is None else f"{ema:.4f}",
                                 "train_seconds_this_run": f"{time.perf_counter() - t0:.0f}"})
     return model.eval().requires_grad_(False)
+
+
+def checkpoint_path(out: Path, checkpoint: Path | None = None) -> Path:
+    """Where a run writing ``out`` keeps its checkpoint (default ``OUT.ckpt.pt``)."""
+    return Path(checkpoint) if checkpoint else Path(out).with_suffix(".ckpt.pt")
+
+
+def read_checkpoint(checkpoint: Path, cfg: TrainConfig) -> dict | None:
+    """The saved state of this run (None when there is none); UserError when the file is unreadable
+    or was written by a run with other settings."""
+    if not checkpoint.exists():
+        return None
+    fix = f"pass another --out, or delete {checkpoint} to start afresh"
+    try:
+        state = torch.load(checkpoint, weights_only=False)
+    except Exception as e:                           # noqa: BLE001  (pickle, zip and OS errors)
+        raise UserError(f"cannot read the training checkpoint {checkpoint} ({type(e).__name__})", fix,
+                        field="out") from None
+    if not isinstance(state, dict) or not {"config", "model", "opt", "step"} <= set(state) \
+            or not isinstance(state["config"], dict):
+        raise UserError(f"{checkpoint} is not a `paradecode diffusion train` checkpoint", fix, field="out")
+    if state["config"] != asdict(cfg):
+        flags = {"steps": "--steps", "seed": "--seed", "init_from": "--init", "lr": "--lr", "warmup": "--warmup",
+                 "mix": "--mix"}
+        now, then = asdict(cfg), state["config"]
+        diff = [f"{flags.get(k, k)} {then.get(k, '(unset)')!r} (now {now.get(k, '(unset)')!r})"
+                for k in {**then, **now} if then.get(k, "(unset)") != now.get(k, "(unset)")]
+        raise UserError(f"checkpoint {checkpoint} belongs to a run with other settings: {'; '.join(diff)}",
+                        f"rerun with those settings to resume it, or {fix}", field="out")
+    return state
+
+
+def _save_checkpoint(checkpoint: Path, state: dict) -> None:
+    tmp = checkpoint.with_suffix(".tmp")             # written whole, then renamed: never half a checkpoint
+    torch.save(state, tmp)
+    tmp.replace(checkpoint)
+
+
+def _shape_diff(got: DiffusionShape, want: DiffusionShape) -> str:
+    a, b = asdict(got), asdict(want)
+    return ", ".join(f"{k} {a[k]} (this run: {b[k]})" for k in a if a[k] != b[k])
 
 
 def json_dumps(d) -> str:
