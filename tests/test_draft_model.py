@@ -23,11 +23,12 @@ from paradecode.drafters.chain import ChainDrafter, common_prefix, draft_seed, n
 from paradecode.errors import UserError
 from paradecode.methods.base import get_method
 from paradecode.methods.draft import ModelDrafter
-from paradecode.models.tiny import tiny_model
+from paradecode.models.tiny import tiny_hf_model, tiny_model, tiny_native
 from paradecode.sampling import GenerationConfig, target_probs
 from paradecode.stats import DecodeStats
 
 from prompts import PROMPTS
+from test_speculative import accepted_draft_tokens
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,20 @@ def twin():
 def small():
     """A different, 1-layer model on the same 97-token vocabulary."""
     return tiny_model("llama", seed=1, layers=1)
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    """``target``'s weights plus noise (std 0.03 on weights of std 0.08..0.15): a draft that agrees with the
+    target about a quarter of the time, so verification both accepts and rejects (``small`` almost never
+    agrees)."""
+    hf = tiny_hf_model("llama", seed=0, layers=2)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.03)
+    return tiny_native(hf)
 
 
 def _prompt(n: int, seed: int = 0, vocab: int = 97) -> list[int]:
@@ -95,9 +110,9 @@ def test_draft_cache_mirrors_context_through_accepts_and_rejects(target, twin):
 
 
 def test_confidence_threshold_stops_drafting(target, small):
-    r = generate(target, _prompt(6), "draft", {"draft_model": small, "confidence_threshold": 0.99},
-                 max_new_tokens=20, ignore_eos=True)
-    assert set(r.stats.extra["draft_lengths"]) <= {1}                    # tiny models are never that sure
+    options = {"draft_model": small, "confidence_threshold": 0.99, "backoff": False}
+    r = generate(target, _prompt(6), "draft", options, max_new_tokens=20, ignore_eos=True)
+    assert set(r.stats.extra["draft_lengths"]) == {1}                    # tiny models are never that sure
 
 
 # -- greedy: identical to plain ---------------------------------------------------------------------
@@ -119,21 +134,38 @@ def test_same_weights_draft_is_always_accepted(target, twin):
 @given(n=st.integers(1, 20), seed=st.integers(0, 1000), k=st.integers(1, 6),
        schedule=st.sampled_from(["heuristic", "constant"]), conf=st.sampled_from([0.0, 0.05, 0.3]),
        budget=st.integers(1, 40), siblings=st.integers(0, 3))
-def test_greedy_matches_plain(target, small, n, seed, k, schedule, conf, budget, siblings):
+def test_greedy_matches_plain(target, noisy, n, seed, k, schedule, conf, budget, siblings):
     p = _prompt(n, seed)
     ref = _plain(target, p, budget)
-    r = generate(target, p, "draft", {"draft_model": small, "num_draft_tokens": k, "max_draft_tokens": max(k, 8),
-                                      "schedule": schedule, "confidence_threshold": conf, "siblings": siblings},
+    r = generate(target, p, "draft", {"draft_model": noisy, "num_draft_tokens": k, "max_draft_tokens": max(k, 8),
+                                      "schedule": schedule, "confidence_threshold": conf, "siblings": siblings,
+                                      "backoff": False},
                  max_new_tokens=budget, ignore_eos=True)
     assert r.token_ids == ref.token_ids
+
+
+def test_a_partly_agreeing_draft_is_accepted_and_rejected(target, noisy):
+    """The companion of the property test above: on fixed prompts the noisy draft's tokens are accepted
+    (45 of 173 drafted) and rejected, so both the kept and the rolled-back draft cache are exercised."""
+    accepted = drafted = 0
+    for seed in range(12):
+        p = _prompt(1 + seed, seed)
+        ref = _plain(target, p, 20)
+        r = generate(target, p, "draft", {"draft_model": noisy, "num_draft_tokens": 3, "backoff": False,
+                                          "schedule": ["constant", "heuristic"][seed % 2]},
+                     max_new_tokens=20, ignore_eos=True)
+        assert r.token_ids == ref.token_ids
+        accepted += accepted_draft_tokens(r.stats)
+        drafted += r.stats.draft_tokens
+    assert 15 < accepted < drafted, (accepted, drafted)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
 def test_greedy_matches_plain_other_families(arch):
     t, d = tiny_model(arch, seed=3, layers=2), tiny_model(arch, seed=4, layers=1)
     p = _prompt(10, 3)
-    assert generate(t, p, "draft", {"draft_model": d, "confidence_threshold": 0.0}, max_new_tokens=30,
-                    ignore_eos=True).token_ids == _plain(t, p, 30).token_ids
+    assert generate(t, p, "draft", {"draft_model": d, "confidence_threshold": 0.0, "backoff": False},
+                    max_new_tokens=30, ignore_eos=True).token_ids == _plain(t, p, 30).token_ids
 
 
 def test_stops_like_plain_at_eos(target, twin):
@@ -141,7 +173,8 @@ def test_stops_like_plain_at_eos(target, twin):
     for seed in range(6):
         p = _prompt(5, seed)
         ref = generate(target, p, "plain", max_new_tokens=40, eos_token_ids=(7, 11, 13))
-        r = generate(target, p, "draft", {"draft_model": twin}, max_new_tokens=40, eos_token_ids=(7, 11, 13))
+        r = generate(target, p, "draft", {"draft_model": twin, "backoff": False}, max_new_tokens=40,
+                     eos_token_ids=(7, 11, 13))
         assert (r.token_ids, r.finish_reason) == (ref.token_ids, ref.finish_reason)
 
 
@@ -222,7 +255,8 @@ def test_siblings_are_verified_and_accepted(target, small):
 V_SMALL = 8
 RUNS = 600
 PROMPT = [3, 7, 4]
-DRAFT_OPTIONS = {"confidence_threshold": 0.0, "schedule": "constant", "num_draft_tokens": 2}
+# back-off off: it decides from wall time, and with it on most runs would be plain steps
+DRAFT_OPTIONS = {"confidence_threshold": 0.0, "schedule": "constant", "num_draft_tokens": 2, "backoff": False}
 
 
 def exact_pair_distribution(model, prompt: list[int], gen: GenerationConfig) -> torch.Tensor:
@@ -244,17 +278,22 @@ def exact_pair_distribution(model, prompt: list[int], gen: GenerationConfig) -> 
     return out
 
 
-def sampled_pairs(model, prompt, method: str, options: dict, gen: GenerationConfig, n: int) -> torch.Tensor:
-    """Counts (V, V) of the 2nd and 3rd tokens over ``n`` seeded runs of ``method``."""
+def sampled_pairs(model, prompt, method: str, options: dict, gen: GenerationConfig, n: int,
+                  min_accepted: int = 0) -> torch.Tensor:
+    """Counts (V, V) of the 2nd and 3rd tokens over ``n`` seeded runs of ``method``; checks that at least
+    ``min_accepted`` draft tokens were accepted in all (else the test would not exercise the verifier)."""
     m = get_method(method, options)
     V = model.vocab_size
     counts = torch.zeros(V, V, dtype=torch.float64)
+    accepted = 0
     for seed in range(n):
         g = GenerationConfig(max_new_tokens=4, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
                              seed=seed, ignore_eos=True)
         sink = TokenSink(gen=g, eos_token_ids=())
         m.decode(model, prompt, g, sink)
         counts[sink.tokens[1], sink.tokens[2]] += 1
+        accepted += accepted_draft_tokens(sink.stats)
+    assert accepted >= min_accepted, f"only {accepted} draft tokens accepted in {n} runs"
     return counts
 
 
@@ -283,7 +322,8 @@ SAMPLING = [GenerationConfig(temperature=1.0, top_k=3), GenerationConfig(tempera
 @pytest.mark.parametrize("gen", SAMPLING, ids=["t1-top3", "t0.7-topp0.9"])
 def test_sampling_is_exact(small_vocab_pair, gen):
     t, d = small_vocab_pair
-    counts = sampled_pairs(t, PROMPT, "draft", DRAFT_OPTIONS | {"draft_model": d}, gen, RUNS)
+    options = DRAFT_OPTIONS | {"draft_model": d}
+    counts = sampled_pairs(t, PROMPT, "draft", options, gen, RUNS, min_accepted=RUNS // 4)
     assert chi2_pvalue(counts, exact_pair_distribution(t, PROMPT, gen)) > 1e-4
 
 
@@ -291,11 +331,11 @@ def test_sampling_is_exact(small_vocab_pair, gen):
 def test_sampling_is_exact_with_siblings(small_vocab_pair, gen):
     """Siblings are deterministic leaves (one-hot q) tried after the sampled chain token beside them."""
     t, d = small_vocab_pair
-    options = DRAFT_OPTIONS | {"draft_model": d, "siblings": 2, "backoff": False}
+    options = DRAFT_OPTIONS | {"draft_model": d, "siblings": 2}
     assert sum(generate(t, PROMPT, "draft", options, max_new_tokens=4, temperature=gen.temperature, top_k=gen.top_k,
                         top_p=gen.top_p, seed=s, ignore_eos=True).stats.extra.get("sibling_hits", 0)
                for s in range(40)) > 0
-    counts = sampled_pairs(t, PROMPT, "draft", options, gen, RUNS)
+    counts = sampled_pairs(t, PROMPT, "draft", options, gen, RUNS, min_accepted=RUNS // 4)
     assert chi2_pvalue(counts, exact_pair_distribution(t, PROMPT, gen)) > 1e-4
 
 
@@ -319,8 +359,7 @@ def test_negative_control_siblings_before_the_sampled_token_are_detected(small_v
 
     monkeypatch.setattr(ChainDrafter, "_with_siblings", siblings_first)
     gen = SAMPLING[0]
-    counts = sampled_pairs(t, PROMPT, "draft", DRAFT_OPTIONS | {"draft_model": d, "siblings": 2, "backoff": False},
-                           gen, RUNS)
+    counts = sampled_pairs(t, PROMPT, "draft", DRAFT_OPTIONS | {"draft_model": d, "siblings": 2}, gen, RUNS)
     assert chi2_pvalue(counts, exact_pair_distribution(t, PROMPT, gen)) < 1e-4
 
 
@@ -350,8 +389,8 @@ def test_default_model_with_itself_as_draft(default_model, default_twin):
     """Plumbing on the real model: a second instance drafts; greedy output equals plain."""
     for prompt in (PROMPTS[0], PROMPTS[5], PROMPTS[12]):
         ref = generate(default_model, prompt, "plain", chat=True, max_new_tokens=16)
-        r = generate(default_model, prompt, "draft", {"draft_model": default_twin, "confidence_threshold": 0.0},
-                     chat=True, max_new_tokens=16)
+        r = generate(default_model, prompt, "draft", {"draft_model": default_twin, "confidence_threshold": 0.0,
+                                                      "backoff": False}, chat=True, max_new_tokens=16)
         assert r.token_ids == ref.token_ids
         assert r.stats.acceptance_rate >= 0.9                                  # same weights (float ties aside)
         assert r.stats.model_calls < ref.stats.model_calls
@@ -359,7 +398,8 @@ def test_default_model_with_itself_as_draft(default_model, default_twin):
 
 def test_default_model_path_option_loads_the_draft(default_model):
     """``draft_model`` as a string goes through load_model (here the default model's name)."""
-    r = generate(default_model, PROMPTS[3], "draft", {"draft_model": "default"}, chat=True, max_new_tokens=8)
+    r = generate(default_model, PROMPTS[3], "draft", {"draft_model": "default", "backoff": False}, chat=True,
+                 max_new_tokens=8)
     ref = generate(default_model, PROMPTS[3], "plain", chat=True, max_new_tokens=8)
     assert r.token_ids == ref.token_ids and r.stats.extra["draft_model"] == "SmolLM2-135M-Instruct"
 
@@ -368,7 +408,7 @@ def test_transformers_backend_as_draft(tiny_llama_pair):
     """The draft may run on the transformers adapter (its cache rolls back by slicing)."""
     hf, native = tiny_llama_pair
     p = _prompt(8, 2)
-    r = generate(native, p, "draft", {"draft_model": hf, "confidence_threshold": 0.0}, max_new_tokens=30,
-                 ignore_eos=True)
+    r = generate(native, p, "draft", {"draft_model": hf, "confidence_threshold": 0.0, "backoff": False},
+                 max_new_tokens=30, ignore_eos=True)
     assert r.token_ids == _plain(native, p, 30).token_ids
     assert r.stats.acceptance_rate > 0.9                                  # same weights, another implementation

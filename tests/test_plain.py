@@ -15,10 +15,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import paradecode.methods.plain as plain_mod
 from paradecode.api import generate, generate_batch
-from paradecode.sampling import GenerationConfig, target_probs
+from paradecode.models.tiny import tiny_model
+from paradecode.sampling import GenerationConfig, sample, target_probs
 
 from prompts import PROMPTS
+from test_speculative import VOCAB, chi2_pvalue, exact_marginals
 
 
 def _tiny_prompts():
@@ -206,6 +209,55 @@ def test_sampling_follows_target_probs(tiny):
     draws = sample(probs.expand(n, -1), g)
     freq = torch.bincount(draws, minlength=probs.numel()).float() / n
     assert (freq - probs).abs().max() < 0.015
+
+
+# -- plain sampling end to end: the oracle of every method's sampling test ------------------------
+SAMPLED = dict(max_new_tokens=3, temperature=0.7, top_k=3, ignore_eos=True)
+SAMPLED_PROMPT = [3, 7, 4, 9]
+RUNS = 600
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A tiny model on a 12-token vocabulary: the exact distribution of 3 tokens is cheap to enumerate."""
+    return tiny_model("llama", vocab_size=VOCAB, seed=3)
+
+
+def _fit(counts: torch.Tensor, exact: torch.Tensor) -> float:
+    """The chi-square p-value of ``counts`` against ``exact``; 0 when a token outside its support came out."""
+    if counts[exact == 0].sum() > 0:
+        return 0.0
+    return chi2_pvalue(counts, exact)
+
+
+def _plain_sampling_fits(model) -> tuple[float, float]:
+    """p-values of (t1, t2) and (t2, t3) over RUNS seeded ``generate(.., "plain")`` runs."""
+    c12, c23 = torch.zeros(VOCAB, VOCAB), torch.zeros(VOCAB, VOCAB)
+    for s in range(RUNS):
+        t = generate(model, SAMPLED_PROMPT, "plain", seed=s, **SAMPLED).token_ids
+        c12[t[0], t[1]] += 1
+        c23[t[1], t[2]] += 1
+    e12, e23 = exact_marginals(model, SAMPLED_PROMPT, GenerationConfig(**SAMPLED))
+    return _fit(c12, e12), _fit(c23, e23)
+
+
+def test_plain_sampling_matches_the_exact_distribution(small):
+    """Temperature 0.7 and top-k 3 apply to every token, not only the first (chi-square on pairs)."""
+    assert min(_plain_sampling_fits(small)) > 1e-4
+
+
+def test_plain_sampling_negative_control(small, monkeypatch):
+    """Plain decoding that samples every token after the first at temperature 1 without top-k fails the test."""
+    real, current = plain_mod.next_token, [None]
+
+    def first_only(logits, gen, generator):
+        if generator is not current[0]:                       # a new run: its first token stays right
+            current[0] = generator
+            return real(logits, gen, generator)
+        return sample(logits.float().softmax(-1), generator)
+
+    monkeypatch.setattr(plain_mod, "next_token", first_only)
+    assert max(_plain_sampling_fits(small)) < 1e-6
 
 
 def test_invalid_generation_settings():

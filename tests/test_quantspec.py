@@ -8,6 +8,8 @@ distribution; the draft must leave the target's cache as it found it.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,11 +18,10 @@ from hypothesis import strategies as st
 from paradecode.api import generate
 from paradecode.errors import UserError
 from paradecode.models.quant import int4_codes, linear, quantize_int4
-from paradecode.models.tiny import tiny_model
-from paradecode.sampling import GenerationConfig
+from paradecode.models.tiny import tiny_hf_model, tiny_model, tiny_native
 
 from prompts import PROMPTS
-from test_draft_model import chi2_pvalue, exact_pair_distribution, sampled_pairs
+from test_speculative import MUTATIONS, exactness_pvalue, method_run
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,8 @@ def test_greedy_matches_plain_tiny(tiny32, n, seed, k, budget, fmt, threshold, s
     ref = generate(tiny32, p, "plain", max_new_tokens=budget, ignore_eos=True)
     r = generate(tiny32, p, "quantspec", {"num_draft_tokens": k, "max_draft_tokens": max(k, 8),
                                           "draft_format": fmt, "confidence_threshold": threshold,
-                                          "siblings": siblings, "draft_vocab": vocab, "draft_activations": acts},
+                                          "siblings": siblings, "draft_vocab": vocab,
+                                          "draft_activations": acts if fmt == "int4" else 8},
                  max_new_tokens=budget, ignore_eos=True)
     assert r.token_ids == ref.token_ids
     assert r.stats.extra["draft_format"] == fmt
@@ -269,50 +271,55 @@ def test_first_channels_is_the_first_rows_of_every_layout():
 
 
 # -- sampling: exact distribution ---------------------------------------------------------------------
-def test_sampling_is_exact():
-    t = tiny_model("llama", seed=5, layers=2, vocab_size=8, hidden=64, intermediate=128)
-    gen = GenerationConfig(temperature=1.0, top_k=4)
-    prompt = [3, 7, 4]
-    counts = sampled_pairs(t, prompt, "quantspec", {"confidence_threshold": 0.0, "schedule": "constant",
-                                                    "num_draft_tokens": 2, "backoff": False}, gen, 600)
-    assert chi2_pvalue(counts, exact_pair_distribution(t, prompt, gen)) > 1e-4
+@functools.cache
+def _rough_twin_model(vocab_size: int):
+    """A tiny 2-layer model whose int4 twin is a rough draft: each layer weight is scaled by a log-normal factor
+    exp(2 N(0, 1)), so a few large weights set each group's int4 step and the others round coarsely. At
+    SAMPLING_GEN its twin's distribution overlaps the target's ~60% (a plain tiny model's: ~90%, too few
+    rejections for a wrong residual to show)."""
+    hf = tiny_hf_model("llama", seed=5, layers=2, vocab_size=vocab_size, hidden=64, intermediate=128)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, w in hf.named_parameters():
+            if name.endswith("proj.weight"):
+                w.mul_(torch.randn(w.shape, generator=g).mul(2.0).exp())
+    return tiny_native(hf)
 
 
-def test_sampling_is_exact_with_siblings():
-    t = tiny_model("llama", seed=5, layers=2, vocab_size=8, hidden=64, intermediate=128)
-    gen = GenerationConfig(temperature=1.0, top_k=4)
-    prompt = [3, 7, 4]
-    options = {"confidence_threshold": 0.0, "schedule": "constant", "num_draft_tokens": 2, "backoff": False,
-               "siblings": 2, "lookup_ngram": 0}
-    counts = sampled_pairs(t, prompt, "quantspec", options, gen, 600)
-    assert chi2_pvalue(counts, exact_pair_distribution(t, prompt, gen)) > 1e-4
+SAMPLING_GEN = dict(max_new_tokens=4, temperature=0.5, top_k=4, ignore_eos=True)
+SAMPLING_OPTIONS = {"confidence_threshold": 0.0, "schedule": "constant", "num_draft_tokens": 2, "backoff": False}
+SAMPLING_CASES = {   # name: (vocabulary, prompt, options, runs, a stats.extra count that must be > 0)
+    "chain": (8, [3, 7, 4], {}, 1000, None),
+    "siblings": (8, [3, 7, 4], {"siblings": 2, "lookup_ngram": 0}, 1000, "sibling_hits"),
+    # the twin scores only ids 0-15 (and the prompt's): its q is zero on most of the target's top 4, so most
+    # target tokens come from the residual
+    "draft_vocab": (48, [3, 7, 4], {"lookup_ngram": 0, "draft_vocab": 16}, 600, None),
+    # the first call finds no lookup for its context (…, 6, t1), the twin drafts, and its token almost always
+    # ends on a bigram of the prompt: a lookup tail follows (one-hot q rows below the twin's q row)
+    "lookup_tail": (8, _every_bigram_then(6), {"num_draft_tokens": 1, "lookup_ngram": 2}, 2400, "lookup_extensions"),
+}
 
 
-def test_sampling_is_exact_with_a_draft_vocabulary():
-    """The twin scores only ids 0-15 (and the prompt's): its q is zero on most of the target's top 4, so
-    most target tokens come from the residual; the distribution must still be the target's."""
-    t = tiny_model("llama", seed=5, layers=2, vocab_size=48, hidden=64, intermediate=128)
-    gen = GenerationConfig(temperature=1.0, top_k=4)
-    prompt = [3, 7, 4]
-    options = {"confidence_threshold": 0.0, "schedule": "constant", "num_draft_tokens": 2, "backoff": False,
-               "lookup_ngram": 0, "draft_vocab": 16}
-    counts = sampled_pairs(t, prompt, "quantspec", options, gen, 600)
-    assert chi2_pvalue(counts, exact_pair_distribution(t, prompt, gen)) > 1e-4
+def _sampling_pvalue(case: str) -> float:
+    vocab, prompt, options, runs, seen = SAMPLING_CASES[case]
+    model = _rough_twin_model(vocab)
+    make = method_run(model, prompt, "quantspec", SAMPLING_OPTIONS | options, SAMPLING_GEN)
+    if seen:
+        assert sum(make(seed)[1].extra.get(seen, 0) for seed in range(20)) > 0
+    return exactness_pvalue(model, prompt, make, runs, SAMPLING_GEN)
 
 
-def test_sampling_is_exact_with_lookup_extensions():
-    """The first call finds no lookup for its context (…, 6, t1), the twin drafts, and its token almost always
-    ends on a bigram of the prompt: a lookup tail follows (one-hot q rows below the twin's q row)."""
-    t = tiny_model("llama", seed=5, layers=2, vocab_size=8, hidden=64, intermediate=128)
-    gen = GenerationConfig(temperature=1.0, top_k=4)
-    prompt = _every_bigram_then(6)
-    options = {"confidence_threshold": 0.0, "schedule": "constant", "num_draft_tokens": 1, "backoff": False,
-               "lookup_ngram": 2}
-    extended = sum(generate(t, prompt, "quantspec", options, max_new_tokens=4, temperature=1.0, top_k=4, seed=s,
-                            ignore_eos=True).stats.extra["lookup_extensions"] for s in range(20))
-    assert extended > 0
-    counts = sampled_pairs(t, prompt, "quantspec", options, gen, 600)
-    assert chi2_pvalue(counts, exact_pair_distribution(t, prompt, gen)) > 1e-4
+@pytest.mark.parametrize("case", SAMPLING_CASES)
+def test_sampling_is_exact(case):
+    assert _sampling_pvalue(case) > 1e-4
+
+
+@pytest.mark.parametrize("case, mutation", [(case, "A-no-residual") for case in SAMPLING_CASES] +
+                         [("chain", "B-accept-1.5x"), ("chain", "C-q-untempered")])
+def test_sampling_negative_control(case, mutation, monkeypatch):
+    """The test above, with a wrong acceptance rule or a wrong q, must fail."""
+    MUTATIONS[mutation](monkeypatch)
+    assert _sampling_pvalue(case) < 1e-6
 
 
 # -- refusals -----------------------------------------------------------------------------------------

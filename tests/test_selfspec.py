@@ -19,10 +19,9 @@ from paradecode.drafters.layer_skip import agreement, calibrate, search_skip_set
 from paradecode.errors import UserError
 from paradecode.methods.base import get_method
 from paradecode.models.tiny import tiny_model
-from paradecode.sampling import GenerationConfig
 
 from prompts import PROMPTS
-from test_draft_model import chi2_pvalue, exact_pair_distribution, sampled_pairs
+from test_speculative import MUTATIONS, exactness_pvalue, method_run
 
 
 @pytest.fixture(scope="module")
@@ -163,13 +162,36 @@ def test_bad_options(deep):
 
 
 # -- sampling: exact distribution ------------------------------------------------------------------
-def test_sampling_is_exact():
-    t = tiny_model("llama", seed=5, layers=4, vocab_size=8)
-    gen = GenerationConfig(temperature=1.0, top_k=3)
-    prompt = [3, 7, 4]
-    counts = sampled_pairs(t, prompt, "selfspec", {"skip_layers": "1,2", "confidence_threshold": 0.0,
-                                                   "schedule": "constant", "num_draft_tokens": 2}, gen, 600)
-    assert chi2_pvalue(counts, exact_pair_distribution(t, prompt, gen)) > 1e-4
+# No back-off: it decides from wall-clock cost and drafted ~0.08 tokens a run, so the test compared plain
+# sampling with itself. Two layers of four skipped: ~60% of the drafted tokens are accepted, the rest rejected.
+# Temperature 0.7 with top-k: a q reported without them (MUTATIONS' C) shows in 1000 runs.
+SAMPLING_PROMPT = [3, 7, 4]
+SAMPLING_GEN = dict(max_new_tokens=4, temperature=0.7, top_k=3, ignore_eos=True)
+SAMPLING_OPTIONS = {"skip_layers": "1,2", "confidence_threshold": 0.0, "schedule": "constant", "num_draft_tokens": 2,
+                    "backoff": False}
+SAMPLING_RUNS = 1000
+
+
+@pytest.fixture(scope="module")
+def shallow():
+    """A tiny random 4-layer model with an 8-token vocabulary (plain sampling's pair law is enumerable)."""
+    return tiny_model("llama", seed=5, layers=4, vocab_size=8)
+
+
+def _sampling_pvalue(model) -> float:
+    make = method_run(model, SAMPLING_PROMPT, "selfspec", SAMPLING_OPTIONS, SAMPLING_GEN)
+    return exactness_pvalue(model, SAMPLING_PROMPT, make, SAMPLING_RUNS, SAMPLING_GEN)
+
+
+def test_sampling_is_exact(shallow):
+    assert _sampling_pvalue(shallow) > 1e-4
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_sampling_negative_control(shallow, monkeypatch, mutation):
+    """The test above, with a wrong acceptance rule or a wrong q, must fail."""
+    MUTATIONS[mutation](monkeypatch)
+    assert _sampling_pvalue(shallow) < 1e-6
 
 
 # -- the default model -------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import paradecode.decoding.verify as verify_mod
 from paradecode.decoding.sink import TokenSink
 from paradecode.decoding.speculative import BackOff, Drafter, speculative_decode
 from paradecode.decoding.tree import Draft
+from paradecode.drafters.chain import ChainDrafter
 from paradecode.models.tiny import tiny_model
 from paradecode.sampling import GenerationConfig, target_probs
 
@@ -249,7 +250,7 @@ def exact_marginals(model, prompt, gen):
     V = model.vocab_size
 
     def probs(seqs):                                         # list of sequences -> (N, V)
-        c = model.new_cache(len(seqs), 64)
+        c = model.new_cache(len(seqs), len(seqs[0]))
         return target_probs(model.forward(c, torch.tensor(seqs))[:, -1], gen)
 
     p1 = probs([prompt])[0]                                  # (V,)
@@ -272,18 +273,58 @@ def chi2_pvalue(counts, probs):
     return float(chisquare(obs[keep].numpy(), exp[keep].numpy()).pvalue)
 
 
+def accepted_draft_tokens(stats) -> int:
+    """Draft tokens a decode accepted: every call's accepted length minus its recovered/bonus token."""
+    return sum(n - 1 for n in stats.accepted_lengths)
+
+
 def sample_counts(model, make_run, n):
-    """Counts of (t1, t2) and (t2, t3) over n seeds; checks drafts were accepted along the way."""
-    counts12 = torch.zeros(VOCAB, VOCAB)
-    counts23 = torch.zeros(VOCAB, VOCAB)
-    accepted = 0
+    """Counts of (t1, t2) and (t2, t3) over n seeds; checks drafts were accepted and rejected along the way."""
+    V = model.vocab_size
+    counts12 = torch.zeros(V, V)
+    counts23 = torch.zeros(V, V)
+    accepted = drafted = 0
     for seed in range(n):
         t, stats = make_run(seed)
         counts12[t[0], t[1]] += 1
         counts23[t[1], t[2]] += 1
-        accepted += sum(a - 1 for a in stats.accepted_lengths)
+        accepted += accepted_draft_tokens(stats)
+        drafted += stats.draft_tokens
     assert accepted > n // 4, "the drafts were hardly ever accepted: the test would not exercise them"
+    assert drafted - accepted > n // 4, "the drafts were hardly ever rejected: a wrong residual would not show"
     return counts12, counts23
+
+
+def exactness_pvalue(model, prompt, make_run, n, gen: dict) -> float:
+    """The smaller chi-square p-value of (t1, t2) and (t2, t3) over ``n`` runs against plain sampling (``gen``:
+    the GenerationConfig fields of the runs)."""
+    c12, c23 = sample_counts(model, make_run, n)
+    e12, e23 = exact_marginals(model, prompt, GenerationConfig(**gen))
+    return min(chi2_pvalue(c12, e12), chi2_pvalue(c23, e23))
+
+
+class _ScaledRand:
+    """``torch`` as the verifier sees it, but ``rand`` divided by 1.5: ``u * q < r`` becomes ``u * q < 1.5 * r``."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def rand(*args, **kwargs):
+        return torch.rand(*args, **kwargs) / 1.5
+
+
+_pick = ChainDrafter._pick
+# Deliberately wrong sampling, for negative controls: each must make the statistical tests fail (p < 1e-6).
+MUTATIONS = {
+    # no residual: after a rejection the next candidate and the recovered token are judged against r itself
+    "A-no-residual": lambda mp: mp.setattr(verify_mod, "residual", lambda r, q: r),
+    # too generous: accept x when u * q(x) < 1.5 * r(x)
+    "B-accept-1.5x": lambda mp: mp.setattr(verify_mod, "torch", _ScaledRand()),
+    # a chain drafter samples with temperature/top-k but reports q as its raw softmax
+    "C-q-untempered": lambda mp: mp.setattr(ChainDrafter, "_pick",
+                                            lambda self, logits: (_pick(self, logits)[0], logits.softmax(-1))),
+}
 
 
 GEN = dict(max_new_tokens=4, temperature=1.0, ignore_eos=True)
@@ -301,26 +342,29 @@ def _loop_run(small, name):
     return make
 
 
-def _method_run(small, method):
+def method_run(model, prompt, method, options, gen: dict):
+    """A ``make_run`` for :func:`sample_counts`: ``method`` with ``options`` and ``gen``, seeded per run."""
     def make(seed):
-        out = pd.generate(small, PROMPT, method, {"backoff": False}, seed=seed, **GEN)
+        out = pd.generate(model, prompt, method, options, seed=seed, **gen)
         return out.token_ids, out.stats
     return make
 
 
+RUNS = 2000     # with 500, chain_q and tree_iid_q passed under MUTATIONS["B-accept-1.5x"]
+
+
 @pytest.mark.parametrize("source", ["chain_q", "tree_iid_q", "pld", "ngram", "recycle"])
 def test_sampling_end_to_end_matches_plain_distribution(small, source):
-    make = _loop_run(small, source) if source in DRAFTERS else _method_run(small, source)
-    c12, c23 = sample_counts(small, make, 500)
-    e12, e23 = exact_marginals(small, PROMPT, GenerationConfig(**GEN))
-    assert chi2_pvalue(c12, e12) > 1e-4 and chi2_pvalue(c23, e23) > 1e-4
+    make = _loop_run(small, source) if source in DRAFTERS else \
+        method_run(small, PROMPT, source, {"backoff": False}, GEN)
+    assert exactness_pvalue(small, PROMPT, make, RUNS, GEN) > 1e-4
 
 
-def test_sampling_end_to_end_negative_control(small, monkeypatch):
-    monkeypatch.setattr(verify_mod, "residual", lambda r, q: r)
-    c12, c23 = sample_counts(small, _loop_run(small, "chain_q"), 500)
-    e12, e23 = exact_marginals(small, PROMPT, GenerationConfig(**GEN))
-    assert min(chi2_pvalue(c12, e12), chi2_pvalue(c23, e23)) < 1e-6
+@pytest.mark.parametrize("mutation", ["A-no-residual", "B-accept-1.5x"])
+def test_sampling_end_to_end_negative_control(small, monkeypatch, mutation):
+    """The test above, with a wrong verifier, must fail. (MarkovDrafter's q is its own: C does not apply.)"""
+    MUTATIONS[mutation](monkeypatch)
+    assert exactness_pvalue(small, PROMPT, _loop_run(small, "chain_q"), RUNS, GEN) < 1e-6
 
 
 def test_backoff_is_cost_aware():
