@@ -90,8 +90,12 @@ class QuantSpecConfig(ChainDraftOptions):
         check(self.lookup_tokens <= self.max_lookup_tokens <= 64, "max_lookup_tokens",
               f"must be in lookup_tokens..64 ({self.lookup_tokens}..64), got {self.max_lookup_tokens}",
               f"e.g. max_lookup_tokens={max(32, self.lookup_tokens)}")
-        check(self.draft_vocab == 0 or self.draft_vocab >= 16, "draft_vocab",
-              f"must be 0 (the whole vocabulary) or at least 16, got {self.draft_vocab}", "e.g. draft_vocab=24576")
+        check(self.draft_vocab == 0 or 16 <= self.draft_vocab <= 1 << 20, "draft_vocab",
+              f"must be 0 (the whole vocabulary) or in 16..{1 << 20}, got {self.draft_vocab}",
+              "e.g. draft_vocab=24576")
+        check(self.draft_format == "int4" or self.draft_activations == 8, "draft_activations",
+              f"applies to an int4 twin only (draft_format={self.draft_format})",
+              "drop draft_activations, or use draft_format=int4")
 
 
 class TwinDrafter(SharedCacheDrafter):

@@ -13,7 +13,6 @@ greedy output is token-identical to plain decoding whatever the skip set.
 
 from __future__ import annotations
 
-
 import inspect
 import weakref
 from dataclasses import dataclass, fields
