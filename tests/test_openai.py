@@ -160,11 +160,12 @@ def test_completion_refusals(client, name, change, param):
     ({"prompt": "hi", "max_tokens": 2, "temperature": 1e309}, "temperature"),     # Infinity
     ({"prompt": [True, 2], "max_tokens": 2}, "prompt"),                          # JSON types as they are
     ({"prompt": "hi", "max_tokens": 2, "stream": "yes"}, "stream"),
+    ({"prompt": "hi", "max_tokens": 2, "stop": 5}, "stop"),                     # not "stop.str"
 ])
 def test_raw_json_refusals(http, body, param):
     r = http.post("/v1/completions", content=json.dumps(body), headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"].split(".")[0] == param and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_our_own_endpoint_keeps_its_error_shape(http):

@@ -33,9 +33,9 @@ def run(args) -> int:
 
     if args.no_png and args.png is not None:
         raise UserError("both --png and --no-png given", "pass only one of them")
+    writable_file(os.path.abspath(args.out), "--out")             # before the decode, not after it
     if not args.out.lower().endswith((".html", ".htm")):
         raise UserError(f"--out {args.out} is not an .html file", "pass --out a path ending in .html (the page)")
-    writable_file(os.path.abspath(args.out), "--out")             # before the decode, not after it
     png = None if args.no_png else (args.png or os.path.splitext(args.out)[0] + ".png")
     if png is not None:
         if not png.lower().endswith(".png"):

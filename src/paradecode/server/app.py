@@ -28,6 +28,7 @@ from ..errors import UserError
 from .openai import PATHS as OPENAI_PATHS, add_openai_routes, openai_error
 from .streaming import run_unless_disconnected, stream_decode
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
 MAX_BODY = 4 << 20      # bytes a request body may have (a full context window of text is ~40 KB)
 
 
@@ -121,7 +122,9 @@ def create_app(model, *, api_key: str | None = None, draft_models: Sequence[str]
             return _error(422, "invalid_request", f"the body is not valid JSON (at character {where})",
                           'send a JSON object such as {"prompt": "..."} with content-type application/json',
                           request=request)
-        field = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        # the request's own path (messages.0.content), without pydantic's union branches (stop.str, prompt.list[int])
+        field = ".".join(str(x) for x in first.get("loc", ())
+                         if x != "body" and not (isinstance(x, str) and (x in _TYPE_NAMES or "[" in x))) or None
         fix = f"paradecode does not take {field}; remove it" if first.get("type") == "extra_forbidden" \
             else "see GET /docs for the request schema"
         return _error(422, "invalid_request", f"{field or 'body'}: {first.get('msg', 'invalid request')}",
