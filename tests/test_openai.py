@@ -127,7 +127,7 @@ def test_completions(client, default_model, name):
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}]},
      "messages", 400),                                                     # nothing in a part is dropped
     ({"stream_options": {"include_usage": True}}, "stream_options", 400),  # without stream
-    ({"extra_body": {"method": "draft", "options": {"draft_model": "/etc/passwd"}}}, "options.draft_model", 400),
+    ({"extra_body": {"method": "draft", "options": {"draft_model": "/etc/passwd"}}}, "draft_model", 400),
 ])
 def test_chat_refusals_are_openai_errors_and_the_server_keeps_serving(client, http, name, change, param, status):
     args = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **change}
@@ -161,11 +161,23 @@ def test_completion_refusals(client, name, change, param):
     ({"prompt": [True, 2], "max_tokens": 2}, "prompt"),                          # JSON types as they are
     ({"prompt": "hi", "max_tokens": 2, "stream": "yes"}, "stream"),
     ({"prompt": "hi", "max_tokens": 2, "stop": 5}, "stop"),                     # not "stop.str"
+    ({"prompt": "hi", "model": 5}, "model"),                                    # 400: a type, not a model
+    ({"prompt": "hi", "method": "jacobi", "stream": True}, "temperature"),      # sampling by default: refused
 ])
 def test_raw_json_refusals(http, body, param):
     r = http.post("/v1/completions", content=json.dumps(body), headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_null_max_tokens_is_openai_default_and_huge_bodies_are_413(http):
+    r = http.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": None, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 16
+    r = http.post("/v1/chat/completions", content=b"x" * (5 << 20), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                "max_completion_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
 
 
 def test_our_own_endpoint_keeps_its_error_shape(http):

@@ -61,12 +61,19 @@ def test_generate_matches_library(client, default_model):
     ({"prompt": "hi", "method": "selfspec", "options": {"skip_layers": 5}}, 400, "skip_layers"),
     ({"prompt": "hi", "method": "selfspec", "options": {"skip_layers": "1,,2"}}, 400, "skip_layers"),
     ({"prompt": "hi", "method": "draft", "options": {"draft_model": "/etc/passwd"}}, 400,
-     "options.draft_model"),                                                # no files of the client's choosing
+     "draft_model"),                                                # no files of the client's choosing
     ({"prompt": "hi", "temprature": 0.5}, 422, "temprature"),               # unknown fields are refused
     ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, 422, "messages.0.name"),
     ({"prompt": "hi", "max_new_tokens": True}, 422, "max_new_tokens"),      # JSON types as they are
     ({"prompt": "hi", "max_new_tokens": "2"}, 422, "max_new_tokens"),
     ({"prompt": "hi", "stream": "yes"}, 422, "stream"),
+    # the second audit
+    ({"prompt": "hi", "method": "jacobi", "options": {"block_size": "2"}}, 400, "block_size"),     # JSON types
+    ({"prompt": "hi", "method": "selfspec", "options": {"confidence_threshold": False}}, 400,
+     "confidence_threshold"),
+    ({"prompt": "hi", "top_k": 5}, 400, "top_k"),                    # greedy would drop it
+    ({"prompt": "hi", "seed": 3}, 400, "seed"),
+    ({"messages": [{"role": "user", "content": "hi"}], "chat": False}, 400, "chat"),
 ])
 def test_bad_requests_get_error_objects_and_server_keeps_serving(client, body, status, field):
     # json.dumps as a client would send it: "\ud800" escaped, Infinity allowed (the test client refuses both)
@@ -88,10 +95,11 @@ def test_a_body_that_is_not_json_gets_an_error_object(client):
 
 def test_a_tiny_temperature_samples_the_argmax_instead_of_failing(client):
     greedy = client.post("/v1/generate", json={"prompt": "The capital of France is", "max_new_tokens": 4})
-    tiny = client.post("/v1/generate", json={"prompt": "The capital of France is", "max_new_tokens": 4,
-                                             "temperature": 1e-40, "seed": 1})
-    assert tiny.status_code == 200, tiny.text
-    assert tiny.json()["token_ids"] == greedy.json()["token_ids"]
+    for t in (1e-40, 1e-300, 5e-324):                # 1e-300 is 0 in float32
+        tiny = client.post("/v1/generate", json={"prompt": "The capital of France is", "max_new_tokens": 4,
+                                                 "temperature": t, "seed": 1})
+        assert tiny.status_code == 200, tiny.text
+        assert tiny.json()["token_ids"] == greedy.json()["token_ids"]
 
 
 @pytest.mark.parametrize("body, field", [
@@ -99,11 +107,21 @@ def test_a_tiny_temperature_samples_the_argmax_instead_of_failing(client):
     ({"prompt": "word " * 9000}, "prompt"),
     ({"prompt": "hi", "max_new_tokens": 99999}, "max_new_tokens"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    ({"prompt": "hi", "method": "jacobi", "temperature": 0.7}, "temperature"),   # refused by the method's decode
+    ({"prompt": "hi", "method": "selfspec", "options": {"skip_layers": [1000]}}, "skip_layers"),
 ])
 def test_a_bad_stream_request_is_refused_before_the_stream_starts(client, body, field):
     r = client.post("/v1/generate", json={**body, "stream": True})
     assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), r.text
     assert r.json()["error"]["field"] == field
+
+
+def test_compressed_or_non_utf8_bodies_are_refused_and_health_takes_head(client):
+    for headers in ({"content-type": "application/json", "content-encoding": "gzip"},
+                    {"content-type": "application/json; charset=iso-8859-1"}):
+        r = client.post("/v1/generate", content=b'{"prompt": "hi"}', headers=headers)
+        assert r.status_code == 415 and r.json()["error"]["message"], r.text
+    assert client.head("/health").status_code == 200
 
 
 def test_unknown_routes_methods_and_huge_bodies_get_error_objects(client):
@@ -158,8 +176,9 @@ def test_cancel_ends_a_decode_for_every_method(tiny):
 
 
 @pytest.fixture()
-def live_server(default_model, monkeypatch):
-    """The app on a real socket (uvicorn in a thread), with every decode's result recorded."""
+def live_server(default_model, monkeypatch, request):
+    """The app on a real socket (uvicorn in a thread), with every decode's result recorded; parametrized
+    indirectly, its parameter is the server's API key."""
     import socket
     import threading
     import time
@@ -180,7 +199,8 @@ def live_server(default_model, monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(default_model), host="127.0.0.1", port=port,
+    app = create_app(default_model, api_key=getattr(request, "param", None))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -228,5 +248,18 @@ def test_a_request_whose_client_leaves_stops_decoding(live_server, path, body):
     url, results = live_server
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + path, json=body, timeout=httpx.Timeout(60, read=1.0))
+    _wait_for(results, 1)
+    assert results[0].finish_reason == "cancelled" and len(results[0].token_ids) < 300
+
+
+@pytest.mark.parametrize("live_server", ["s3cret"], indirect=True)
+def test_a_client_that_leaves_stops_its_decode_behind_an_api_key_too(live_server):
+    """The key is checked in plain ASGI: an ``@app.middleware`` hid the disconnect, so the decode ran on."""
+    import httpx
+
+    url, results = live_server
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/generate", json={"prompt": COUNTING, "max_new_tokens": 300},
+                   headers={"authorization": "Bearer s3cret"}, timeout=httpx.Timeout(60, read=1.0))
     _wait_for(results, 1)
     assert results[0].finish_reason == "cancelled" and len(results[0].token_ids) < 300

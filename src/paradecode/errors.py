@@ -12,10 +12,11 @@ from __future__ import annotations
 class UserError(Exception):
     """A problem with what the user gave us, with a one-line fix."""
 
-    def __init__(self, problem: str, fix: str | None = None, *, field: str | None = None):
+    def __init__(self, problem: str, fix: str | None = None, *, field: str | None = None, status: int = 400):
         self.problem = problem
         self.fix = fix
         self.field = field
+        self.status = status            # the server's HTTP status for it (404: something not served here)
         super().__init__(self.message)
 
     @property

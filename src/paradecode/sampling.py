@@ -82,7 +82,7 @@ class GenerationConfig:
 
 
 ARGMAX_BLOCK = 1024   # row block of :func:`argmax`
-TINY_TEMPERATURE = 1e-30   # below it :func:`target_probs` scales logits relative to each row's max
+TINY_TEMPERATURE = 1e-30   # below it :func:`target_probs` takes the limit T -> 0: the row's maxima alone
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -122,9 +122,11 @@ def target_probs(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     logits = logits.float()
     if cfg.greedy:
         return torch.nn.functional.one_hot(argmax(logits), logits.shape[-1]).float()
-    if cfg.temperature < TINY_TEMPERATURE:      # logits / T would overflow to inf (and softmax give NaN)
-        logits = logits - logits.amax(-1, keepdim=True)
-    logits = logits / cfg.temperature
+    if cfg.temperature < TINY_TEMPERATURE:      # logits / T overflows (or T is 0 in float32): take the limit,
+        top = logits.amax(-1, keepdim=True)     # the row's maxima alone, equally likely
+        logits = torch.zeros_like(logits).masked_fill(logits < top, float("-inf"))
+    else:
+        logits = logits / cfg.temperature
     V = logits.shape[-1]
     if 0 < cfg.top_k < V:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]          # (..., 1)

@@ -100,57 +100,73 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _convert(name: str, raw: Any, tp) -> Any:
+def _convert(name: str, raw: Any, tp, strict: bool = False) -> Any:
+    """``raw`` as the option's type. Text is parsed as the CLI's ``-o`` gives it ("3", "1,2", "true"), unless
+    ``strict`` (JSON from the server, whose types are taken as they are); a boolean is never a number."""
+    def wrong(kind: str, fix: str | None = None) -> UserError:
+        return UserError(f"option {name}={raw!r} must be {kind}", fix or f"pass {kind} for {name}", field=name)
+
+    text = isinstance(raw, str) and not strict
     origin = typing.get_origin(tp)
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+        if raw is None or (text and raw.lower() in ("none", "null", "")):
             return None
         tp = args[0]
         origin = typing.get_origin(tp)
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         for a in allowed:               # numbers given as text (the CLI's -o) match by their spelling
-            as_text = isinstance(raw, str) and not isinstance(a, str) and raw == str(a)
+            as_text = text and not isinstance(a, str) and raw == str(a)
             if as_text or (raw == a and type(raw) is type(a)):
                 return a
         raise UserError(f"option {name}={raw!r} is not allowed", f"choose one of {', '.join(map(str, allowed))}",
                         field=name)
     if origin in (tuple, list):
         (inner, *_) = typing.get_args(tp) or (str,)
-        if isinstance(raw, str):                     # the CLI's -o name=1,2,3 ("" is the empty list)
+        if text:                                     # the CLI's -o name=1,2,3 ("" is the empty list)
             items = [x.strip() for x in raw.split(",")] if raw.strip() else []
         elif isinstance(raw, (list, tuple)):
             items = list(raw)
         else:
-            raise UserError(f"option {name}={raw!r} must be a list",
-                            f"pass a list such as [1, 2] (the CLI: -o {name}=1,2)", field=name)
+            raise wrong("a list", f"pass a list such as [1, 2] (the CLI: -o {name}=1,2)")
         if any(x == "" for x in items):
             raise UserError(f"option {name}={raw!r} has an empty item", "remove the extra comma", field=name)
-        return tuple(_convert(name, x, inner) for x in items)
+        return tuple(_convert(name, x, inner, strict) for x in items)
     if tp is bool:
         if isinstance(raw, bool):
             return raw
-        if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on"):
+        if text and raw.lower() in ("1", "true", "yes", "on"):
             return True
-        if isinstance(raw, str) and raw.lower() in ("0", "false", "no", "off"):
+        if text and raw.lower() in ("0", "false", "no", "off"):
             return False
         raise UserError(f"option {name}={raw!r} is not a boolean", "use true or false", field=name)
-    if tp in (int, float, str):
-        if tp is int and isinstance(raw, float) and not raw.is_integer():
-            raise UserError(f"option {name}={raw!r} must be an integer", f"pass a whole number for {name}", field=name)
-        if tp is int and isinstance(raw, bool):
-            raise UserError(f"option {name}={raw!r} must be an integer", f"pass a whole number for {name}", field=name)
-        try:
-            return tp(raw)
-        except (TypeError, ValueError):
-            kind = {int: "an integer", float: "a number", str: "text"}[tp]
-            raise UserError(f"option {name}={raw!r} must be {kind}", f"pass {kind} for {name}", field=name) from None
+    if tp is str:
+        if not isinstance(raw, str):
+            raise wrong("text")
+        return raw
+    if tp in (int, float):
+        kind = "an integer" if tp is int else "a number"
+        if isinstance(raw, bool):
+            raise wrong(kind)
+        if tp is int and isinstance(raw, int):
+            return raw
+        if tp is float and isinstance(raw, (int, float)):
+            return float(raw)
+        if tp is int and isinstance(raw, float) and raw.is_integer() and not strict:
+            return int(raw)
+        if text:
+            try:
+                return tp(raw)
+            except ValueError:
+                pass
+        raise wrong(kind, f"pass a whole number for {name}" if tp is int else None)
     return raw
 
 
-def build_config(cls: type[Method], options: Mapping[str, Any] | None) -> Any:
-    """Convert and validate user options into ``cls.Config``."""
+def build_config(cls: type[Method], options: Mapping[str, Any] | None, strict: bool = False) -> Any:
+    """Convert and validate user options into ``cls.Config`` (``strict``: JSON types as they are, see
+    :func:`_convert`)."""
     options = dict(options or {})
     fields = {f.name: f for f in dataclasses.fields(cls.Config)}
     hints = typing.get_type_hints(cls.Config)
@@ -159,7 +175,7 @@ def build_config(cls: type[Method], options: Mapping[str, Any] | None) -> Any:
         allowed = ", ".join(fields) or "none"
         raise UserError(f"method {cls.name} has no option {unknown[0]!r}", f"its options are: {allowed}",
                         field=unknown[0])
-    values = {k: _convert(k, v, hints[k]) for k, v in options.items()}
+    values = {k: _convert(k, v, hints[k], strict) for k, v in options.items()}
     try:
         config = cls.Config(**values)
     except UserError:
@@ -170,8 +186,9 @@ def build_config(cls: type[Method], options: Mapping[str, Any] | None) -> Any:
     return config
 
 
-def get_method(name: str | Method, options: Mapping[str, Any] | None = None) -> Method:
-    """A ready method instance from its name and user options."""
+def get_method(name: str | Method, options: Mapping[str, Any] | None = None, *, strict: bool = False) -> Method:
+    """A ready method instance from its name and user options (``strict``: options from JSON, whose types
+    are taken as they are: "3" is no number there)."""
     if isinstance(name, Method):
         if options:
             raise ValueError("options are given with a method instance")
@@ -180,7 +197,7 @@ def get_method(name: str | Method, options: Mapping[str, Any] | None = None) -> 
     if name not in methods:
         raise UserError(f"unknown method {name!r}", f"choose one of: {', '.join(methods)}", field="method")
     cls = methods[name]
-    return cls(build_config(cls, options))
+    return cls(build_config(cls, options, strict))
 
 
 def check(cond: bool, field: str, problem: str, fix: str) -> None:
@@ -192,4 +209,4 @@ def check(cond: bool, field: str, problem: str, fix: str) -> None:
 def check_range(value, lo: int, hi: int, field: str, example) -> None:
     """An integer option must lie in lo..hi (inclusive); the fix suggests ``field=example``."""
     check(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi, field,
-          f"must be an integer in {lo}..{hi}, got {value!r}", f"e.g. -o {field}={example}")
+          f"must be an integer in {lo}..{hi}, got {value!r}", f"e.g. {field}={example}")

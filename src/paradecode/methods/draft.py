@@ -58,7 +58,7 @@ def resolve_draft_model(config: DraftConfig, target: CausalLM) -> CausalLM:
     d = config.draft_model
     if d is None or d == "":
         raise UserError("method draft needs a draft model",
-                        "pass -o draft_model=PATH (a smaller model with the same tokenizer)", field="draft_model")
+                        "give the option draft_model: a smaller model with the same tokenizer", field="draft_model")
     if isinstance(d, CausalLM):
         return d
     return _load(str(d), config.draft_backend, target.info.dtype)

@@ -99,7 +99,7 @@ class Jacobi(Method):
     def decode(self, model, prompt_ids, gen, sink):
         if not gen.greedy:
             raise UserError("jacobi decoding is greedy only (its fixed point is the argmax chain)",
-                            "use --temperature 0, or --method lookahead to sample with Jacobi-style drafts",
+                            "use temperature 0, or the lookahead method to sample with Jacobi-style drafts",
                             field="temperature")
         cfg: JacobiConfig = self.config
         m, stats, pad = cfg.block_size, sink.stats, model.info.pad_token_id

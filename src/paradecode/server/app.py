@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
-from .openai import PATHS as OPENAI_PATHS, add_openai_routes, openai_error
-from .streaming import run_unless_disconnected, stream_decode
+from .openai import add_openai_routes, is_openai_path, openai_error
+from .streaming import run_unless_disconnected, started, stream_decode
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
 MAX_BODY = 4 << 20      # bytes a request body may have (a full context window of text is ~40 KB)
@@ -59,7 +59,7 @@ class GenerateRequest(_Strict):
 
 def _error(status: int, type_: str, message: str, fix: str | None = None, field: str | None = None, *,
            request: Request | None = None) -> JSONResponse:
-    if request is not None and request.url.path.startswith(OPENAI_PATHS):     # OpenAI's shape there
+    if request is not None and is_openai_path(request.url.path):               # OpenAI's shape there
         return openai_error(status, type_, message, fix, field)
     body = {"type": type_, "message": message}
     if fix:
@@ -67,6 +67,12 @@ def _error(status: int, type_: str, message: str, fix: str | None = None, field:
     if field:
         body["field"] = field
     return JSONResponse(status_code=status, content={"error": body})
+
+
+def stream_error(data: dict, request: Request) -> JSONResponse:
+    """The error a stream's decode raised before its first piece, as the error object of its route."""
+    status = 400 if data["type"] == "invalid_request" else 500
+    return _error(status, data["type"], data["message"], data.get("fix"), data.get("field"), request=request)
 
 
 def check_paths(options: dict[str, Any], allowed: Sequence[str]) -> None:
@@ -78,15 +84,13 @@ def check_paths(options: dict[str, Any], allowed: Sequence[str]) -> None:
         raise UserError(f"this server does not load draft_model {path!r}: it loads only the draft models it "
                         f"was started with ({listed})",
                         "name one of those, or ask the operator to start the server with --draft-model PATH",
-                        field="options.draft_model")
+                        field="draft_model")
 
 
 def create_app(model, *, api_key: str | None = None, draft_models: Sequence[str] = ()) -> FastAPI:
     """An app serving ``model`` (a loaded CausalLM). One decode runs at a time. With ``api_key``, every
     request but ``GET /health`` must carry ``Authorization: Bearer <api_key>`` (what OpenAI clients send).
     ``draft_models``: the paths a request's ``draft_model`` option may name (none by default)."""
-    import hmac
-
     from ..api import check_fits, encode_prompt, generate
     from ..methods import all_methods, get_method, method_options
     from ..sampling import GenerationConfig
@@ -95,24 +99,9 @@ def create_app(model, *, api_key: str | None = None, draft_models: Sequence[str]
     lock = threading.Lock()  # the CPU does one decode at a time; requests queue here
     draft_models = tuple(draft_models)
 
-
-    if api_key:
-        expected = f"Bearer {api_key}".encode()
-
-        @app.middleware("http")
-        async def require_key(request: Request, call_next):
-            if request.url.path != "/health":
-                given = request.headers.get("authorization", "").encode()
-                if not hmac.compare_digest(given, expected):
-                    what = "a wrong API key" if given else "no API key"
-                    return _error(401, "authentication_error", f"the request has {what}",
-                                  "send the header Authorization: Bearer <the key given to serve --api-key>",
-                                  request=request)
-            return await call_next(request)
-
     @app.exception_handler(UserError)
     async def user_error(request: Request, e: UserError):
-        return _error(400, "invalid_request", e.problem, e.fix, e.field, request=request)
+        return _error(e.status, "invalid_request", e.problem, e.fix, e.field, request=request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
@@ -147,7 +136,7 @@ def create_app(model, *, api_key: str | None = None, draft_models: Sequence[str]
     async def internal_error(request: Request, e: Exception):
         return _error(500, "internal_error", f"{type(e).__name__}: {e}", request=request)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     def health():
         i = model.info
         return {"status": "ok", "model": i.name, "backend": i.backend, "dtype": i.dtype,
@@ -160,6 +149,16 @@ def create_app(model, *, api_key: str | None = None, draft_models: Sequence[str]
                 for n, c in all_methods().items()]
 
     def prepare(req: GenerateRequest):
+        if req.temperature == 0:        # what greedy decoding would drop without a word
+            unused = [f for f in ("top_k", "top_p", "seed") if f in req.model_fields_set
+                      and getattr(req, f) != GenerateRequest.model_fields[f].default]
+            if unused:
+                raise UserError(f"{' and '.join(unused)} given with temperature 0: greedy decoding takes none",
+                                f"send a temperature above 0 to sample, or drop {' and '.join(unused)}",
+                                field=unused[0])
+        if req.messages and "chat" in req.model_fields_set and not req.chat:
+            raise UserError("chat is false, but messages always take the chat template",
+                            'drop "chat", or send a plain "prompt"', field="chat")
         if req.prompt is None and not req.messages:
             raise UserError("give a prompt or messages", 'send {"prompt": "..."} or {"messages": [...]}',
                             field="prompt")
@@ -168,7 +167,7 @@ def create_app(model, *, api_key: str | None = None, draft_models: Sequence[str]
         gen = GenerationConfig(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
                                top_p=req.top_p, seed=req.seed, stop=tuple(req.stop))
         check_paths(req.options, draft_models)
-        method = get_method(req.method, req.options)
+        method = get_method(req.method, req.options, strict=True)
         prompt = [m.model_dump() for m in req.messages] if req.messages else req.prompt
         ids = encode_prompt(model, prompt, chat=req.chat)       # every check before a stream starts
         check_fits(model, len(ids), gen)
@@ -195,39 +194,53 @@ def create_app(model, *, api_key: str | None = None, draft_models: Sequence[str]
         def run(on_text):
             return decode(prompt, method, gen, cancel, stream=on_text)
 
+        first, rest = await started(stream_decode(run, cancel))
+        if first[0] == "error":
+            return stream_error(first[1], request)
+
         async def events():
-            async for kind, data in stream_decode(run, cancel):
-                if kind == "done":
-                    if data is None:
+            kind, data = first
+            try:
+                while True:
+                    if kind == "done":
+                        if data is None:
+                            return
+                        data = data.to_dict()
+                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                    if kind in ("done", "error"):
                         return
-                    data = data.to_dict()
-                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                    kind, data = await anext(rest)
+            finally:
+                await rest.aclose()             # a client that left: the decode stops (stream_decode's cancel)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     add_openai_routes(app, model, decode, draft_models)
-    app.add_middleware(_LimitBody)
+    app.add_middleware(_Gate, api_key=api_key)
     return app
 
 
-class _LimitBody:
-    """A body over :data:`MAX_BODY` bytes gets a 413 error object: at once by its content-length, else (a
-    chunked body) as soon as it grows past the limit. Plain ASGI: an ``@app.middleware`` would wrap
-    ``receive`` and hide a client's disconnect from the endpoints that stop decoding on it. (FastAPI's own
-    ``max_body_size`` answers in plain text.)"""
+class _Gate:
+    """What every request passes before its route, in plain ASGI (an ``@app.middleware`` wraps ``receive``
+    and hides a client's disconnect from the endpoints that stop decoding on it):
 
-    def __init__(self, app):
+    * with an API key, ``Authorization: Bearer <key>`` (``GET /health`` stays open), else 401;
+    * a body in plain UTF-8: another ``Content-Encoding`` or charset gets 415;
+    * at most :data:`MAX_BODY` bytes, else 413: at once by its content-length, else (a chunked body) as soon
+      as it grows past the limit. (FastAPI's own ``max_body_size`` answers in plain text.)
+    """
+
+    def __init__(self, app, api_key: str | None = None):
         self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request = Request(scope)
-        size = request.headers.get("content-length", "")
-        if size and (not size.isdigit() or int(size) > MAX_BODY):
-            response = _error(413, "invalid_request", f"the request body has {size} bytes, more than the "
-                              f"{MAX_BODY} this server takes", "send a shorter prompt", request=request)
-            return await response(scope, receive, send)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return await _error(*refusal, request=request)(scope, receive, send)
         seen = 0
 
         async def counted():
@@ -242,3 +255,26 @@ class _LimitBody:
 
         await self.app(scope, counted, send)
 
+    def _refusal(self, request: Request) -> tuple | None:
+        import hmac
+
+        h = request.headers
+        if self.expected is not None and request.url.path != "/health":
+            given = h.get("authorization", "").encode()
+            if not hmac.compare_digest(given, self.expected):
+                what = "a wrong API key" if given else "no API key"
+                return (401, "authentication_error", f"the request has {what}",
+                        "send the header Authorization: Bearer <the key given to serve --api-key>")
+        encoding = h.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            return (415, "invalid_request", f"the body is sent with Content-Encoding {encoding}, which this "
+                    "server does not decode", "send the JSON body uncompressed")
+        charset = h.get("content-type", "").lower().partition("charset=")[2].split(";")[0].strip().strip('"')
+        if charset not in ("", "utf-8", "utf8"):
+            return (415, "invalid_request", f"the body is in {charset}; this server reads UTF-8",
+                    "send the JSON body as UTF-8 (content-type: application/json)")
+        size = h.get("content-length", "")
+        if size and (not size.isdigit() or int(size) > MAX_BODY):
+            return (413, "invalid_request", f"the request body has {size} bytes, more than the {MAX_BODY} this "
+                    "server takes", "send a shorter prompt")
+        return None

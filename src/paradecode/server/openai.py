@@ -28,9 +28,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import UserError
-from .streaming import run_unless_disconnected, stream_decode
+from .streaming import run_unless_disconnected, started, stream_decode
 
 PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions")
+
+
+def is_openai_path(path: str) -> bool:
+    """A route of this module's (whose errors take OpenAI's shape): one of :data:`PATHS` or a model's own."""
+    return path in PATHS or path.startswith("/v1/models/")
+COMPLETION_TOKENS = 16      # OpenAI's max_tokens for completions when none (or null) is sent
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}   # the last: nobody reads it
 
 
@@ -90,7 +96,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int]
-    max_tokens: int | None = 16                 # OpenAI's default for completions
+    max_tokens: int | None = COMPLETION_TOKENS  # OpenAI's default for completions (null too)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -102,9 +108,11 @@ def openai_error(status: int, type_: str, message: str, fix: str | None, field: 
     400 as OpenAI answers them, a model that is not served 404."""
     code = None
     if type_ == "invalid_request":
-        status, type_ = 400, "invalid_request_error"
-        if field == "model":
-            status, code = 404, "model_not_found"
+        type_ = "invalid_request_error"
+        if status == 422:               # a body that does not fit the schema: 400, as OpenAI answers it
+            status = 400
+        if status == 404 and field == "model":
+            code = "model_not_found"
     elif type_ == "internal_error":
         type_ = "server_error"
     elif type_ == "authentication_error":
@@ -126,8 +134,10 @@ def _refuse_unsupported(req: _Sampling) -> None:
     if getattr(req, "best_of", None) not in (None, 1):
         raise UserError("best_of is not supported", "leave best_of out", field="best_of")
     logprobs = getattr(req, "logprobs", None)
-    if (logprobs is not None and logprobs is not False) or getattr(req, "top_logprobs", None) is not None:
+    if logprobs is not None and logprobs is not False:
         raise UserError("logprobs are not supported", "leave logprobs out", field="logprobs")
+    if getattr(req, "top_logprobs", None) is not None:
+        raise UserError("top_logprobs are not supported", "leave top_logprobs out", field="top_logprobs")
     if getattr(req, "echo", False):
         raise UserError("echo is not supported", "leave echo out; the prompt is the one you sent", field="echo")
     if getattr(req, "suffix", None) is not None:
@@ -141,7 +151,7 @@ def add_openai_routes(app: FastAPI, model, decode: Callable, draft_models: tuple
     """Register the endpoints; ``decode(prompt, method, gen, cancel, stream=None)`` runs one request under
     the server's lock (None when ``cancel`` was set while it queued); ``draft_models`` as ``create_app``'s."""
     from ..api import encode_prompt
-    from .app import check_paths
+    from .app import check_paths, stream_error
     from ..methods import get_method
     from ..sampling import GenerationConfig
 
@@ -151,20 +161,22 @@ def add_openai_routes(app: FastAPI, model, decode: Callable, draft_models: tuple
     def check_model(req: _Sampling) -> None:
         if req.model is not None and req.model != name:
             raise UserError(f"model {req.model!r} is not served here; this server serves {name!r}",
-                            f'send "model": "{name}" (GET /v1/models lists it)', field="model")
+                            f'send "model": "{name}" (GET /v1/models lists it)', field="model",
+                            status=404)
 
     def prepare(req: _Sampling, prompt, *, chat: bool, max_tokens: int | None):
         check_model(req)
         _refuse_unsupported(req)
         check_paths(req.options, draft_models)
-        method = get_method(req.method, req.options)
+        method = get_method(req.method, req.options, strict=True)
         ids = encode_prompt(model, prompt, chat=chat)
         room = model.max_context - len(ids)
         if room <= 0:
             raise UserError(f"the prompt has {len(ids)} tokens, as long as or longer than the model's context "
                             f"window of {model.max_context}", "shorten the prompt",
                             field="messages" if chat else "prompt")
-        limit_field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        limit_field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None \
+            else "max_tokens"
         if max_tokens is not None and not 0 < max_tokens <= room:
             raise UserError(f"{limit_field}={max_tokens}: it must be at least 1 and fit the context window "
                             f"({len(ids)} prompt tokens of {model.max_context})",
@@ -197,21 +209,33 @@ def add_openai_routes(app: FastAPI, model, decode: Callable, draft_models: tuple
         def run(on_text):
             return decode(ids, method, gen, cancel, stream=on_text)
 
+        start, rest = await started(stream_decode(run, cancel))
+        if start[0] == "error":
+            return stream_error(start[1], request)
+
         async def body():
             if first is not None:
                 yield _data(chunk(first))
-            async for kind, data in stream_decode(run, cancel):
-                if kind == "text":
-                    yield _data(chunk({"text": data}))
-                elif kind == "error":
-                    kind_ = "server_error" if data["type"] == "internal_error" else "invalid_request_error"
-                    yield _data({"error": {"message": data["message"], "type": kind_, "param": None, "code": None,
-                                           **({"fix": data["fix"]} if data.get("fix") else {})}})
-                    break
-                elif data is not None:
-                    yield _data({**chunk({"finish": FINISH[data.finish_reason]}), "paradecode": ours(data)})
-                    if include_usage:
-                        yield _data({**chunk(None), "choices": [], "usage": usage(data)})
+            kind, data = start
+            try:
+                while True:
+                    if kind == "text":
+                        yield _data(chunk({"text": data}))
+                    elif kind == "error":
+                        kind_ = "server_error" if data["type"] == "internal_error" else "invalid_request_error"
+                        yield _data({"error": {"message": data["message"], "type": kind_,
+                                               "param": data.get("field"), "code": None,
+                                               **({"fix": data["fix"]} if data.get("fix") else {})}})
+                        break
+                    else:
+                        if data is not None:
+                            yield _data({**chunk({"finish": FINISH[data.finish_reason]}), "paradecode": ours(data)})
+                            if include_usage:
+                                yield _data({**chunk(None), "choices": [], "usage": usage(data)})
+                        break
+                    kind, data = await anext(rest)
+            finally:
+                await rest.aclose()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream")
@@ -225,7 +249,7 @@ def add_openai_routes(app: FastAPI, model, decode: Callable, draft_models: tuple
     def get_model(model_id: str):
         if model_id != name:
             raise UserError(f"model {model_id!r} is not served here; this server serves {name!r}",
-                            "GET /v1/models lists it", field="model")
+                            "GET /v1/models lists it", field="model", status=404)
         return {"id": name, "object": "model", "created": created, "owned_by": "paradecode"}
 
     @app.post("/v1/chat/completions")
@@ -264,7 +288,8 @@ def add_openai_routes(app: FastAPI, model, decode: Callable, draft_models: tuple
                 raise UserError(f"{len(prompt)} prompts in one request: paradecode answers one at a time",
                                 "send one request per prompt", field="prompt")
             prompt = prompt[0]
-        ids, method, gen = prepare(req, prompt, chat=False, max_tokens=req.max_tokens)
+        limit = COMPLETION_TOKENS if req.max_tokens is None else req.max_tokens     # null: OpenAI's default
+        ids, method, gen = prepare(req, prompt, chat=False, max_tokens=limit)
         cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def full(out) -> dict:

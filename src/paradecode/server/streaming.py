@@ -28,7 +28,7 @@ async def stream_decode(run: Callable[[Callable[[str], None]], Any],
         try:
             pieces.put(("done", run(lambda piece: pieces.put(("text", piece)))))
         except UserError as e:
-            pieces.put(("error", {"type": "invalid_request", "message": e.problem, "fix": e.fix}))
+            pieces.put(("error", {"type": "invalid_request", "message": e.problem, "fix": e.fix, "field": e.field}))
         except Exception as e:
             pieces.put(("error", {"type": "internal_error", "message": f"{type(e).__name__}: {e}"}))
 
@@ -41,6 +41,16 @@ async def stream_decode(run: Callable[[Callable[[str], None]], Any],
                 return
     finally:
         cancel.set()        # a decode still running stops after its current model call
+
+
+async def started(events: AsyncIterator[tuple[str, Any]]) -> tuple[tuple[str, Any], AsyncIterator[tuple[str, Any]]]:
+    """The first event of :func:`stream_decode` and the events after it. A server awaits it before its
+    response starts, so a request the method refuses only once it sees the model (jacobi asked to sample, a
+    layer the model lacks) gets an error status, not a 200 stream carrying an error."""
+    first = await anext(events)
+    if first[0] == "error":
+        await events.aclose()
+    return first, events
 
 
 async def run_unless_disconnected(request, run: Callable[[], Any], cancel: threading.Event):
