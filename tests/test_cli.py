@@ -234,6 +234,16 @@ def test_generate_streams_from_stdin():
     assert "model calls" in proc.stderr
 
 
+def test_stdin_that_is_not_utf8_is_one_clear_line_under_a_strict_locale():
+    import os
+
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}      # as an en_US.UTF-8 locale reads stdin
+    proc = subprocess.run([sys.executable, "-m", "paradecode", "generate", "--max-new-tokens", "2"],
+                          input=b"Hi \xff there", capture_output=True, timeout=300, env=env)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "byte 0xFF" in err and "Traceback" not in err, err
+
+
 def test_an_unwritable_cache_is_one_clear_line(capsys, tmp_path, monkeypatch):
     """A first use whose cache cannot be written: the GGUF's conversion stops before it starts."""
     blocker = tmp_path / "a-file"
@@ -312,11 +322,14 @@ def test_generate_from_a_messages_file(capsys, tmp_path, monkeypatch, default_mo
     code, out, err = run_cli(capsys, "generate", "--messages", str(f), "--max-new-tokens", "10", "--json")
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["token_ids"] == lib
-    import io                                                    # an OpenAI request body on stdin
-    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"model": "x", "messages": CONVERSATION})))
+    import io                                                    # an object with its messages, on stdin
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"messages": CONVERSATION})))
     code, out, err = run_cli(capsys, "generate", "-m", "-", "--max-new-tokens", "10", "--json", "--method", "pld")
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["token_ids"] == lib
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"messages": CONVERSATION, "max_tokens": 2})))
+    code, out, err = run_cli(capsys, "generate", "-m", "-", "--max-new-tokens", "10")   # a whole OpenAI request
+    assert_one_line_error(code, err, "max_tokens beside its messages", "--max-new-tokens")
 
 
 @pytest.mark.parametrize("content, extra, needles", [
@@ -326,6 +339,7 @@ def test_generate_from_a_messages_file(capsys, tmp_path, monkeypatch, default_mo
     ('["hi"]', (), ("does not hold a list of chat messages",)),
     ('[{"role": "wizard", "content": "hi"}]', (), ("role 'wizard'",)),
     ('[{"role": "user", "content": 3}]', (), ('"content" as text, got int',)),
+    ('[{"role": "user", "content": "hi", "name": "bob"}]', (), ("the key 'name'", "does not read")),
     ('[{"role": "user", "content": "hi"}]', ("--prompt", "hi"), ("both --messages and a prompt given",)),
 ])
 def test_bad_messages_files(capsys, tmp_path, content, extra, needles):
@@ -411,6 +425,24 @@ def test_chat_reset_system_and_a_started_conversation(capsys, monkeypatch, tmp_p
     assert code == 0 and out == f"{answer}\n"
     code, _, err = run_cli(capsys, "chat", "-m", str(f), "--system", "x")
     assert_one_line_error(code, err, "both --system and a system message")
+
+
+def test_chat_commands_reset_to_the_started_conversation_and_unknown_ones_are_refused(capsys, monkeypatch,
+                                                                                       tmp_path, default_model):
+    from paradecode import generate
+
+    f = tmp_path / "conv.json"                      # ends with a user turn, answered first
+    f.write_text(json.dumps([{"role": "user", "content": "Hello!"}]))
+    _piped(monkeypatch, "/reset\n//reset is a word\n")
+    code, out, err = run_cli(capsys, "chat", "--dtype", "float32", "--max-new-tokens", "6", "-q", "-m", str(f))
+    assert code == 0, err
+    first = generate(default_model, [{"role": "user", "content": "Hello!"}], max_new_tokens=6).text
+    after = generate(default_model, [{"role": "user", "content": "/reset is a word"}], max_new_tokens=6).text
+    assert out == f"{first}\n{after}\n"            # the reset dropped the answered turn, // sent the text
+    _piped(monkeypatch, "/exti\n")
+    code, out, err = run_cli(capsys, "chat", "--dtype", "float32", "--max-new-tokens", "6", "-q")
+    assert_one_line_error(code, err, "unknown command /exti", "//")
+    assert not out
 
 
 def test_chat_from_a_pipe_stops_at_an_error(capsys, monkeypatch, small_model_dir):

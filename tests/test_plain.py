@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import paradecode.methods.plain as plain_mod
 from paradecode.api import generate, generate_batch
+from paradecode.errors import UserError
 from paradecode.models.tiny import tiny_model
 from paradecode.sampling import GenerationConfig, sample, target_probs
 
@@ -319,3 +320,29 @@ def test_a_template_that_refuses_the_messages_is_a_clear_error(default_model):
     model = types.SimpleNamespace(tokenizer=tok, vocab_size=default_model.vocab_size)
     with pytest.raises(UserError, match="chat template refused these messages: Conversation roles must alternate"):
         encode_prompt(model, [{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda m: generate("model", "hi"), TypeError),
+    (lambda m: generate(m, "hi", options=["max_ngram=3"]), TypeError),
+    (lambda m: generate(m, "hi", method=["pld"]), TypeError),
+    (lambda m: generate(m, "hi", gen={"max_new_tokens": 2}), TypeError),
+    (lambda m: generate(m, "hi", stream=True), TypeError),
+    (lambda m: generate(m, "hi", cancel=True), TypeError),
+    (lambda m: generate_batch(m, "hello"), TypeError),                     # would decode five 1-letter prompts
+    (lambda m: generate(m, "hi", max_new_tokens=True), UserError),         # not 1
+    (lambda m: generate(m, "hi", ignore_eos="no"), UserError),             # not True
+    (lambda m: generate(m, "hi", stop=5), UserError),
+    (lambda m: generate(m, "hi", eos_token_ids=5), UserError),
+    (lambda m: generate(m, "hi", temperature=0.5, top_k=True), UserError),
+    (lambda m: generate(m, [1, 2, 3], chat=True), UserError),              # chat applies to text
+])
+def test_the_python_api_refuses_wrong_kinds_up_front(tiny, call, error):
+    with pytest.raises(error):
+        call(tiny)
+
+
+def test_numpy_integers_are_integers(tiny):
+    import numpy as np
+
+    assert len(generate(tiny, [1, 2, 3], max_new_tokens=np.int64(3), ignore_eos=True).token_ids) == 3

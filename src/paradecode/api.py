@@ -44,6 +44,9 @@ def encode_prompt(model: CausalLM, prompt: Prompt, *, chat: bool = False) -> lis
             ids = tok.encode(prompt)
     else:
         ids = _messages_or_ids(model, prompt)
+        if chat and not (prompt and isinstance(prompt[0], dict)):
+            raise UserError("chat=True applies to text; token ids are used as they are", "drop chat=True",
+                            field="chat")
     if not ids:
         raise UserError("the prompt is empty", EMPTY_FIX, field="prompt")
     return list(ids)
@@ -96,6 +99,10 @@ def _check_messages(messages: Sequence[Mapping], template: str | Any) -> None:
             raise UserError(f'{where} needs its "content" as text, got {got}',
                             'write it as {"role": "user", "content": "..."}', field="messages")
         check_text(m["content"], "messages", f"{where}'s content")
+        for key in m:                   # keys the template never reads would be dropped without a word
+            if key not in ("role", "content") and not re.search(rf"""\b{re.escape(str(key))}\b""", str(template)):
+                raise UserError(f"{where} has the key {key!r}, which this model's chat template does not read",
+                                f"remove {key!r} (messages take role and content)", field="messages")
         role = m["role"]
         if role not in CHAT_ROLES and not re.search(rf"""['"]{re.escape(role)}['"]""", str(template)):
             raise UserError(f"{where} has the role {role!r}, which this model's chat template does not know",
@@ -124,7 +131,20 @@ def check_fits(model: CausalLM, n_prompt: int, gen: GenerationConfig) -> None:
 def _make_gen(gen: GenerationConfig | None, kw: Mapping[str, Any]) -> GenerationConfig:
     if gen is not None and kw:
         raise TypeError("pass either gen=GenerationConfig(...) or keyword settings, not both")
+    if gen is not None and not isinstance(gen, GenerationConfig):
+        raise TypeError(f"gen must be a GenerationConfig, not {type(gen).__name__} (or pass its fields as keywords)")
     return gen if gen is not None else GenerationConfig(**kw)
+
+
+def _check_call(model, options, **callbacks) -> None:
+    """What the Python API's caller passed is of the right kind, said before any work (not deep inside it)."""
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"model must be a loaded model (paradecode.load_model(...)), not {type(model).__name__}")
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"options must be a mapping such as {{'max_ngram': 3}}, not {type(options).__name__}")
+    for name, f in callbacks.items():
+        if f is not None and not callable(f):
+            raise TypeError(f"{name} must be a callable or None, not {type(f).__name__}")
 
 
 def generate(model: CausalLM, prompt: Prompt, method: str | Method = "plain",
@@ -141,6 +161,7 @@ def generate(model: CausalLM, prompt: Prompt, method: str | Method = "plain",
     model call; once it answers True the decode ends with the tokens accepted
     so far and ``finish_reason == "cancelled"``.
     """
+    _check_call(model, options, stream=stream, cancel=cancel)
     g = _make_gen(gen, settings)
     m = get_method(method, options)
     ids = encode_prompt(model, prompt, chat=chat)
@@ -157,6 +178,9 @@ def generate_batch(model: CausalLM, prompts: Sequence[Prompt], method: str | Met
                    options: Mapping[str, Any] | None = None, *, chat: bool = False,
                    gen: GenerationConfig | None = None, **settings) -> list[DecodeResult]:
     """Generate for several prompts (batched where the method supports it)."""
+    _check_call(model, options)
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of prompts, not {type(prompts).__name__} (one prompt: generate())")
     g = _make_gen(gen, settings)
     m = get_method(method, options)
     if not prompts:

@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdin = open(os.devnull)
     if sys.stdout is None:              # stdout closed (>&-): what would be printed goes nowhere, as asked
         sys.stdout = open(os.devnull, "w")
+    try:                                # bytes that are not UTF-8 reach the prompt checks, which name them
+        sys.stdin.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, OSError):
+        pass
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:                           # named by the subcommand that was given, so its --help is the one shown

@@ -44,14 +44,15 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] | None = None  # None: the model's own
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral) \
+                or self.max_new_tokens <= 0:
             raise UserError(f"max new tokens must be a positive integer, got {self.max_new_tokens!r}",
                             "ask for ≥ 1 new token (e.g. 64)", field="max_new_tokens")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real) \
                 or not (0 <= self.temperature < math.inf):
             raise UserError(f"temperature must be a finite number ≥ 0, got {self.temperature!r}",
                             "use 0 for greedy decoding or a positive value to sample", field="temperature")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
             raise UserError(f"top-k must be a non-negative integer, got {self.top_k!r}",
                             "use 0 to disable top-k", field="top_k")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, numbers.Real) or not (0.0 < self.top_p <= 1.0):
@@ -59,6 +60,22 @@ class GenerationConfig:
                             "use 1.0 to disable nucleus sampling", field="top_p")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        if not isinstance(self.stop, (tuple, list)):
+            raise UserError(f"stop must be text or a list of texts, got {self.stop!r}", 'e.g. stop=["\\n\\n"]',
+                            field="stop")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "max_new_tokens", int(self.max_new_tokens))
+        object.__setattr__(self, "top_k", int(self.top_k))
+        if not isinstance(self.ignore_eos, bool):
+            raise UserError(f"ignore_eos must be True or False, got {self.ignore_eos!r}", "pass a boolean",
+                            field="ignore_eos")
+        if self.eos_token_ids is not None:
+            ids = self.eos_token_ids
+            if not isinstance(ids, (tuple, list)) or not all(isinstance(i, numbers.Integral)
+                                                               and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise UserError(f"eos_token_ids must be a list of token ids, got {ids!r}", "e.g. eos_token_ids=(2,)",
+                                field="eos_token_ids")
+            object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in ids))
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise UserError("stop strings must be non-empty text", "remove the empty stop string", field="stop")
         for s in self.stop:

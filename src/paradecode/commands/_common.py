@@ -114,7 +114,8 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def read_messages(path: str) -> list[dict]:
     """--messages PATH ('-' for stdin): a JSON list of chat messages, or an object with a "messages" list
-    (an OpenAI request body). Their roles and contents are checked against the model's template later."""
+    (as an OpenAI request body has it, without the request's other fields, which the CLI's flags set). Their
+    roles and contents are checked against the model's template later."""
     if path == "-":
         text = sys.stdin.read()
     elif os.path.isdir(path):
@@ -134,6 +135,11 @@ def read_messages(path: str) -> list[dict]:
         raise UserError(f"{where} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                         'write a list such as [{"role": "user", "content": "..."}]') from None
     if isinstance(data, dict) and "messages" in data:
+        other = sorted(set(data) - {"messages"})
+        if other:                       # a saved request's settings would be dropped without a word
+            raise UserError(f"{where} holds {', '.join(other)} beside its messages, which the CLI does not read",
+                            "keep only the messages in the file and set the rest with flags (--max-new-tokens, "
+                            "--temperature, --stop, --model, ...)")
         data = data["messages"]
     if not isinstance(data, list) or not data or not all(isinstance(m, dict) for m in data):
         raise UserError(f"{where} does not hold a list of chat messages",

@@ -10,7 +10,8 @@ import threading
 from ._common import (add_generation_args, add_method_args, add_model_args, generation_config, method_options,
                       model_from_args, read_messages)
 
-HELP = "/reset starts over, /exit or Ctrl-D quits, Ctrl-C stops an answer"
+HELP = "/reset starts over, /exit or Ctrl-D quits, Ctrl-C stops an answer, // sends a line that begins with /"
+COMMANDS = ("/reset", "/exit", "/quit")
 
 
 def register(sub) -> None:
@@ -32,11 +33,13 @@ def run(args) -> int:
     from ..api import generate
     from ..errors import UserError
     from ..methods import get_method
+    from ..sampling import check_text
 
     gen = generation_config(args)                      # cheap checks before the model loads
     method = get_method(args.method, method_options(args))
     start = read_messages(args.messages) if args.messages is not None else []
     if args.system is not None:
+        check_text(args.system, "system", "--system")
         if any(m.get("role") == "system" for m in start):
             raise UserError("both --system and a system message in --messages", "give the system message once")
         start = [{"role": "system", "content": args.system}, *start]
@@ -45,6 +48,8 @@ def run(args) -> int:
         raise UserError("this model has no chat template", "use `paradecode generate` for plain text")
     interactive = sys.stdin.isatty()
     if interactive:
+        import readline  # noqa: F401  (line editing, and lines longer than the terminal's 4095 characters)
+
         print(f"paradecode chat · {model.info.name} ({model.info.dtype}) · method {method.name} · {HELP}",
               file=sys.stderr)
 
@@ -64,9 +69,19 @@ def run(args) -> int:
                 continue
             if text in ("/exit", "/quit"):
                 break
-            if text == "/reset":
-                messages = list(start if not pending else start[:-1])
+            if text == "/reset":                       # a last user message of --messages was answered: drop it
+                answered = bool(start) and start[-1].get("role") == "user"
+                messages = list(start[:-1] if answered else start)
                 print("(the conversation starts over)", file=sys.stderr)
+                continue
+            if text.startswith("//"):                  # a message that begins with /
+                line = line.replace("/", "", 1)
+            elif text.startswith("/"):
+                e = UserError(f"unknown command {text.split()[0]}", f"the commands are {', '.join(COMMANDS)}; begin "
+                              "with // to send a message that starts with /")
+                if not interactive:
+                    raise e
+                print(f"paradecode: error: {e.message}", file=sys.stderr)
                 continue
             messages.append({"role": "user", "content": line})
         pending = False

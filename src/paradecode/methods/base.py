@@ -97,6 +97,18 @@ def method_options(cls: type[Method]) -> list[dict[str, Any]]:
 
 
 def _type_name(tp) -> str:
+    """How `paradecode methods` and GET /v1/methods show an option's type: its values for a Literal, ``path``
+    for a model given by path or as a loaded model, ``X | None`` for an optional one."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " | ".join(map(str, typing.get_args(tp)))
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        shown = "path" if any(getattr(a, "__name__", "") == "CausalLM" for a in args) else \
+            " | ".join(_type_name(a) for a in args)
+        return shown + (" | None" if len(args) < len(typing.get_args(tp)) else "")
+    if origin in (tuple, list):
+        return f"list of {_type_name((typing.get_args(tp) or (str,))[0])}"
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
@@ -193,6 +205,8 @@ def get_method(name: str | Method, options: Mapping[str, Any] | None = None, *, 
         if options:
             raise ValueError("options are given with a method instance")
         return name
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a method's name or a Method, not {type(name).__name__}")
     methods = all_methods()
     if name not in methods:
         raise UserError(f"unknown method {name!r}", f"choose one of: {', '.join(methods)}", field="method")

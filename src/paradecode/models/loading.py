@@ -329,7 +329,8 @@ def set_threads(threads: int, option: str = "--threads") -> None:
 
 def check_threads(threads: int | None, option: str = "--threads") -> None:
     """A thread count the user gave: None (all cores) or 1..MAX_THREADS."""
-    if threads is not None and not 1 <= threads <= MAX_THREADS:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= MAX_THREADS):
         raise UserError(f"threads must be in 1..{MAX_THREADS}, got {threads}",
                         f"pass {option} 1 or more (this machine has {os.cpu_count()} cores)", field="threads")
 
@@ -344,6 +345,8 @@ def load_model(model: str | os.PathLike | None = None, *, backend: str = "native
     ``"int8"``, ``"int4"`` (native only) or ``"auto"``, :func:`auto_dtype`'s
     choice for this CPU (``model.info.dtype`` tells which).
     """
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a path (str or os.PathLike) or None, not {type(model).__name__}")
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
     from .native import DTYPES, SUPPORTED_ARCHITECTURES, NativeLlama
