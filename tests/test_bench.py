@@ -336,6 +336,7 @@ def test_fresh_keeps_the_old_lines_until_a_new_one_replaces_them(capsys, measure
     (["--methods", "pld", "-o", "jacobi:nope=1"], ["jacobi", "not in this run", "--methods"]),
     (["--methods", "pld", "--sweep", "jacobi:max_ngram=1,2"], ["jacobi", "not in this run", "--sweep"]),
     (["--methods", "pld", "-o", "pld:nope=1"], ["no option 'nope'"]),
+    (["--methods", "pld", "-o", "pld:max_ngram=3", "-o", "pld:max_ngram=5"], ["pld:max_ngram given twice"]),
     (["--methods", "pld", "-o", "plain:x=1"], ["plain has no option"]),
     (["--methods", "draft", "--draft-model", "/does/not/exist"], ["/does/not/exist", "does not exist",
                                                                    "--draft-model"]),

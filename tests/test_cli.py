@@ -385,6 +385,8 @@ def test_serve_with_an_empty_api_key_is_one_clear_line(capsys, monkeypatch):
     monkeypatch.setattr(serve, "model_from_args", lambda args: pytest.fail("the model loaded first"))
     code, _, err = run_cli(capsys, "serve", "--api-key", " ")
     assert_one_line_error(code, err, "--api-key is empty")
+    code, _, err = run_cli(capsys, "serve", "--draft-model", "/does/not/exist")
+    assert_one_line_error(code, err, "does not exist")
 
 
 def _piped(monkeypatch, text: str) -> None:

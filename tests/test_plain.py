@@ -345,4 +345,8 @@ def test_the_python_api_refuses_wrong_kinds_up_front(tiny, call, error):
 def test_numpy_integers_are_integers(tiny):
     import numpy as np
 
+    from paradecode.methods import get_method
+
+    assert get_method("pld", {"max_ngram": np.int64(3)}).config.max_ngram == 3
+
     assert len(generate(tiny, [1, 2, 3], max_new_tokens=np.int64(3), ignore_eos=True).token_ids) == 3

@@ -263,3 +263,25 @@ def test_a_client_that_leaves_stops_its_decode_behind_an_api_key_too(live_server
                    headers={"authorization": "Bearer s3cret"}, timeout=httpx.Timeout(60, read=1.0))
     _wait_for(results, 1)
     assert results[0].finish_reason == "cancelled" and len(results[0].token_ids) < 300
+
+
+def test_a_stream_whose_client_leaves_while_queued_is_never_decoded(live_server):
+    """The stream waits for its decode's first piece before answering; a client that leaves meanwhile (its
+    request queued behind another) cancels it, so the decode never runs."""
+    import threading
+    import time
+
+    import httpx
+
+    url, results = live_server
+    first = threading.Thread(target=lambda: httpx.post(url + "/v1/generate", timeout=60,
+                                                       json={"prompt": COUNTING, "max_new_tokens": 60}))
+    first.start()
+    time.sleep(0.3)                                            # the first request holds the lock
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.stream("POST", url + "/v1/generate", json={"prompt": COUNTING, "max_new_tokens": 120,
+                                                              "stream": True}, timeout=httpx.Timeout(60, read=0.3)):
+            pass
+    first.join()
+    time.sleep(1.0)
+    assert [r.finish_reason for r in results] == ["length"]   # the first alone

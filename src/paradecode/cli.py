@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except OSError as e:                # the output cannot be written (a full disk, a device that refuses)
+    except OSError as e:                # the system refused a read or write (a full disk, a closed device)
         where = f" ({e.filename})" if e.filename else ""
-        print(f"paradecode: error: cannot go on: {e.strerror or e}{where} — check where the output goes "
-              "(free space, permissions)", file=sys.stderr)
+        print(f"paradecode: error: the system refused a read or write: {e.strerror or e}{where} — check the "
+              "files and devices given (free space, permissions)", file=sys.stderr)
         return 1
 
 

@@ -98,6 +98,19 @@ class GenerationConfig:
         return g
 
 
+SAMPLING_ONLY = ("top_k", "top_p", "seed")     # settings greedy decoding does not read
+
+
+def check_sampling_given(gen: GenerationConfig, given, spell=str) -> None:
+    """Refuse sampling settings the user gave (the names in ``given``) when ``gen`` is greedy, which would
+    drop them without a word. ``spell`` names a field as the user wrote it (``--top-k`` on the CLI)."""
+    unused = [f for f in SAMPLING_ONLY if f in given] if gen.greedy else []
+    if unused:
+        names = " and ".join(map(spell, unused))
+        raise UserError(f"{names} given without {spell('temperature')}: greedy decoding takes none",
+                        f"set {spell('temperature')} above 0 to sample, or drop {names}", field=unused[0])
+
+
 ARGMAX_BLOCK = 1024   # row block of :func:`argmax`
 TINY_TEMPERATURE = 1e-30   # below it :func:`target_probs` takes the limit T -> 0: the row's maxima alone
 

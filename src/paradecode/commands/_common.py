@@ -70,16 +70,12 @@ def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -
 
 
 def generation_config(args: argparse.Namespace):
-    from ..sampling import GenerationConfig
+    from ..sampling import GenerationConfig, check_sampling_given
 
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
-    if gen.greedy:                      # sampling settings would be dropped without a word
-        unused = [flag for flag, given in (("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0),
-                                           ("--seed", args.seed is not None)) if given]
-        if unused:
-            raise UserError(f"{' and '.join(unused)} given without --temperature: greedy decoding takes none",
-                            f"pass --temperature above 0 to sample, or drop {' and '.join(unused)}")
+    given = {f for f, default in (("top_k", 0), ("top_p", 1.0), ("seed", None)) if getattr(args, f) != default}
+    check_sampling_given(gen, given, spell=lambda f: "--" + f.replace("_", "-"))
     return gen
 
 

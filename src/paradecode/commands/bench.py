@@ -63,7 +63,13 @@ def _method_options(pairs: list[str]) -> dict[str, dict]:
         if not sep or not method.strip():
             raise UserError(f"option {pair!r} is not METHOD:KEY=VALUE", "write e.g. -o pld:max_ngram=3",
                             field="option")
-        out.setdefault(method.strip(), {}).update(parse_options([kv]))
+        given = out.setdefault(method.strip(), {})
+        for key, value in parse_options([kv]).items():
+            if key in given:
+                raise UserError(f"option {method.strip()}:{key} given twice ({given[key]!r} and {value!r})",
+                                f"pass -o {method.strip()}:{key}=... once (--sweep measures several values)",
+                                field="option")
+            given[key] = value
     return out
 
 

@@ -9,6 +9,8 @@ are converted and validated once, here, against the config dataclass.
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import types
 import typing
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Mapping
@@ -102,7 +104,7 @@ def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
         return " | ".join(map(str, typing.get_args(tp)))
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         shown = "path" if any(getattr(a, "__name__", "") == "CausalLM" for a in args) else \
             " | ".join(_type_name(a) for a in args)
@@ -120,7 +122,7 @@ def _convert(name: str, raw: Any, tp, strict: bool = False) -> Any:
 
     text = isinstance(raw, str) and not strict
     origin = typing.get_origin(tp)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if raw is None or (text and raw.lower() in ("none", "null", "")):
             return None
@@ -161,9 +163,9 @@ def _convert(name: str, raw: Any, tp, strict: bool = False) -> Any:
         kind = "an integer" if tp is int else "a number"
         if isinstance(raw, bool):
             raise wrong(kind)
-        if tp is int and isinstance(raw, int):
-            return raw
-        if tp is float and isinstance(raw, (int, float)):
+        if tp is int and isinstance(raw, numbers.Integral):          # numpy's integers too
+            return int(raw)
+        if tp is float and isinstance(raw, numbers.Real):
             return float(raw)
         if tp is int and isinstance(raw, float) and raw.is_integer() and not strict:
             return int(raw)

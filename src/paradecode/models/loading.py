@@ -195,6 +195,13 @@ class LazyWeights(Mapping):
                 raise UserError(f"cannot read {f}: not a whole safetensors file ({e})",
                                 "save or copy the model's weights again") from None
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape from the files' headers, without reading it."""
+        if name not in self.index:
+            raise UserError(f"weight {name} missing from the checkpoint",
+                            "check that the model directory is a complete Llama-family checkpoint")
+        return tuple(self.index[name][2])
+
     def __getitem__(self, name: str) -> torch.Tensor:
         f, dtype, shape, offset, size = self.index[name]
         if dtype not in SAFETENSORS_DTYPES:
@@ -332,7 +339,8 @@ def check_threads(threads: int | None, option: str = "--threads") -> None:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or not 1 <= threads <= MAX_THREADS):
         raise UserError(f"threads must be in 1..{MAX_THREADS}, got {threads}",
-                        f"pass {option} 1 or more (this machine has {os.cpu_count()} cores)", field="threads")
+                        f"pass {option} between 1 and {MAX_THREADS} (this machine has {os.cpu_count()} cores)",
+                        field="threads")
 
 
 def load_model(model: str | os.PathLike | None = None, *, backend: str = "native", dtype: str = "auto",

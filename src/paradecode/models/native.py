@@ -434,9 +434,10 @@ class NativeLlama(CausalLM):
                            ("model.layers.0.self_attn.o_proj.weight", (s.hidden, q)),
                            ("model.layers.0.mlp.gate_proj.weight", (s.intermediate, s.hidden)),
                            ("model.layers.0.mlp.down_proj.weight", (s.hidden, s.intermediate))):
-            if tuple(raw(name).shape) != want:          # config.json and the weights disagree
-                raise UserError(f"weight {name} has the shape {tuple(raw(name).shape)} where the model config "
-                                f"says {want}", "check that config.json belongs to these weights")
+            got = tuple(w.shape(name)) if hasattr(w, "shape") else tuple(raw(name).shape)   # LazyWeights: no read
+            if got != want:                             # config.json and the weights disagree
+                raise UserError(f"weight {name} has the shape {got} where the model config says {want}",
+                                "check that config.json belongs to these weights")
 
         # int4 with the compiled kernels: int4 x int8 products (models/kernels/int4.c), else PyTorch's int4 x bfloat16
         compiled = self._attn_kernel is not None

@@ -14,19 +14,21 @@ Every bad request gets a JSON error object and the server keeps serving::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from typing import Any, Sequence
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
-from .openai import add_openai_routes, is_openai_path, openai_error
-from .streaming import run_unless_disconnected, started, stream_decode
+from .common import check_paths, error_response, stream_error
+from .openai import add_openai_routes
+from .streaming import EventStream, first_event, run_unless_disconnected
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
 MAX_BODY = 4 << 20      # bytes a request body may have (a full context window of text is ~40 KB)
@@ -57,43 +59,13 @@ class GenerateRequest(_Strict):
     stream: bool = False
 
 
-def _error(status: int, type_: str, message: str, fix: str | None = None, field: str | None = None, *,
-           request: Request | None = None) -> JSONResponse:
-    if request is not None and is_openai_path(request.url.path):               # OpenAI's shape there
-        return openai_error(status, type_, message, fix, field)
-    body = {"type": type_, "message": message}
-    if fix:
-        body["fix"] = fix
-    if field:
-        body["field"] = field
-    return JSONResponse(status_code=status, content={"error": body})
-
-
-def stream_error(data: dict, request: Request) -> JSONResponse:
-    """The error a stream's decode raised before its first piece, as the error object of its route."""
-    status = 400 if data["type"] == "invalid_request" else 500
-    return _error(status, data["type"], data["message"], data.get("fix"), data.get("field"), request=request)
-
-
-def check_paths(options: dict[str, Any], allowed: Sequence[str]) -> None:
-    """Clients may not make the server read files of their choosing: a draft model must be one the
-    server was started with (``serve --draft-model PATH``)."""
-    path = options.get("draft_model")
-    if path is not None and path not in allowed:
-        listed = ", ".join(allowed) if allowed else "none"
-        raise UserError(f"this server does not load draft_model {path!r}: it loads only the draft models it "
-                        f"was started with ({listed})",
-                        "name one of those, or ask the operator to start the server with --draft-model PATH",
-                        field="draft_model")
-
-
 def create_app(model, *, api_key: str | None = None, draft_models: Sequence[str] = ()) -> FastAPI:
     """An app serving ``model`` (a loaded CausalLM). One decode runs at a time. With ``api_key``, every
     request but ``GET /health`` must carry ``Authorization: Bearer <api_key>`` (what OpenAI clients send).
     ``draft_models``: the paths a request's ``draft_model`` option may name (none by default)."""
     from ..api import check_fits, encode_prompt, generate
     from ..methods import all_methods, get_method, method_options
-    from ..sampling import GenerationConfig
+    from ..sampling import GenerationConfig, check_sampling_given
 
     app = FastAPI(title="paradecode", version="0.1.0")
     lock = threading.Lock()  # the CPU does one decode at a time; requests queue here
@@ -101,14 +73,14 @@ def create_app(model, *, api_key: str | None = None, draft_models: Sequence[str]
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, e: UserError):
-        return _error(e.status, "invalid_request", e.problem, e.fix, e.field, request=request)
+        return error_response(e.status, "invalid_request", e.problem, e.fix, e.field, request=request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
         if first.get("type") == "json_invalid":       # its location is a character offset, not a field
             where = first.get("loc", ("body", "?"))[-1]
-            return _error(422, "invalid_request", f"the body is not valid JSON (at character {where})",
+            return error_response(422, "invalid_request", f"the body is not valid JSON (at character {where})",
                           'send a JSON object such as {"prompt": "..."} with content-type application/json',
                           request=request)
         # the request's own path (messages.0.content), without pydantic's union branches (stop.str, prompt.list[int])
@@ -116,25 +88,25 @@ def create_app(model, *, api_key: str | None = None, draft_models: Sequence[str]
                          if x != "body" and not (isinstance(x, str) and (x in _TYPE_NAMES or "[" in x))) or None
         fix = f"paradecode does not take {field}; remove it" if first.get("type") == "extra_forbidden" \
             else "see GET /docs for the request schema"
-        return _error(422, "invalid_request", f"{field or 'body'}: {first.get('msg', 'invalid request')}",
+        return error_response(422, "invalid_request", f"{field or 'body'}: {first.get('msg', 'invalid request')}",
                       fix, field, request=request)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         if e.status_code == 404:
-            return _error(404, "not_found", f"there is no {request.url.path}",
+            return error_response(404, "not_found", f"there is no {request.url.path}",
                           "GET /docs lists the routes", request=request)
         if e.status_code == 405:
-            return _error(405, "method_not_allowed", f"{request.url.path} does not take {request.method}",
+            return error_response(405, "method_not_allowed", f"{request.url.path} does not take {request.method}",
                           "GET /docs lists each route's methods", request=request)
         type_ = "invalid_request" if 400 <= e.status_code < 500 else "internal_error"
-        return _error(e.status_code, type_, str(e.detail),
+        return error_response(e.status_code, type_, str(e.detail),
                       "send a JSON object with content-type application/json" if e.status_code == 400 else None,
                       request=request)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
-        return _error(500, "internal_error", f"{type(e).__name__}: {e}", request=request)
+        return error_response(500, "internal_error", f"{type(e).__name__}: {e}", request=request)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     def health():
@@ -149,13 +121,6 @@ def create_app(model, *, api_key: str | None = None, draft_models: Sequence[str]
                 for n, c in all_methods().items()]
 
     def prepare(req: GenerateRequest):
-        if req.temperature == 0:        # what greedy decoding would drop without a word
-            unused = [f for f in ("top_k", "top_p", "seed") if f in req.model_fields_set
-                      and getattr(req, f) != GenerateRequest.model_fields[f].default]
-            if unused:
-                raise UserError(f"{' and '.join(unused)} given with temperature 0: greedy decoding takes none",
-                                f"send a temperature above 0 to sample, or drop {' and '.join(unused)}",
-                                field=unused[0])
         if req.messages and "chat" in req.model_fields_set and not req.chat:
             raise UserError("chat is false, but messages always take the chat template",
                             'drop "chat", or send a plain "prompt"', field="chat")
@@ -166,8 +131,10 @@ def create_app(model, *, api_key: str | None = None, draft_models: Sequence[str]
             raise UserError("give either prompt or messages, not both", "drop one of them", field="prompt")
         gen = GenerationConfig(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
                                top_p=req.top_p, seed=req.seed, stop=tuple(req.stop))
-        check_paths(req.options, draft_models)
+        check_sampling_given(gen, {f for f in req.model_fields_set
+                                   if getattr(req, f) != GenerateRequest.model_fields[f].default})
         method = get_method(req.method, req.options, strict=True)
+        check_paths(req.options, draft_models)
         prompt = [m.model_dump() for m in req.messages] if req.messages else req.prompt
         ids = encode_prompt(model, prompt, chat=req.chat)       # every check before a stream starts
         check_fits(model, len(ids), gen)
@@ -194,26 +161,22 @@ def create_app(model, *, api_key: str | None = None, draft_models: Sequence[str]
         def run(on_text):
             return decode(prompt, method, gen, cancel, stream=on_text)
 
-        first, rest = await started(stream_decode(run, cancel))
+        first, rest = await first_event(request, run, cancel)
         if first[0] == "error":
             return stream_error(first[1], request)
+        if first == ("done", None):
+            return Response(status_code=499)                # the client left while the request queued
 
         async def events():
-            kind, data = first
-            try:
-                while True:
-                    if kind == "done":
-                        if data is None:
-                            return
-                        data = data.to_dict()
-                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+            async with contextlib.aclosing(rest):
+                kind, data = first
+                while not (kind == "done" and data is None):            # None: cancelled, nobody to tell
+                    yield f"event: {kind}\ndata: {json.dumps(data.to_dict() if kind == 'done' else data)}\n\n"
                     if kind in ("done", "error"):
                         return
                     kind, data = await anext(rest)
-            finally:
-                await rest.aclose()             # a client that left: the decode stops (stream_decode's cancel)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return EventStream(events(), cancel)
 
     add_openai_routes(app, model, decode, draft_models)
     app.add_middleware(_Gate, api_key=api_key)
@@ -240,7 +203,7 @@ class _Gate:
         request = Request(scope)
         refusal = self._refusal(request)
         if refusal is not None:
-            return await _error(*refusal, request=request)(scope, receive, send)
+            return await error_response(*refusal, request=request)(scope, receive, send)
         seen = 0
 
         async def counted():

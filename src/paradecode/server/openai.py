@@ -17,6 +17,7 @@ never silently differs from what was asked. Errors use OpenAI's shape::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -24,18 +25,13 @@ import uuid
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import UserError
-from .streaming import run_unless_disconnected, started, stream_decode
+from .common import check_paths, stream_error
+from .streaming import EventStream, first_event, run_unless_disconnected
 
-PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions")
-
-
-def is_openai_path(path: str) -> bool:
-    """A route of this module's (whose errors take OpenAI's shape): one of :data:`PATHS` or a model's own."""
-    return path in PATHS or path.startswith("/v1/models/")
 COMPLETION_TOKENS = 16      # OpenAI's max_tokens for completions when none (or null) is sent
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}   # the last: nobody reads it
 
@@ -103,26 +99,6 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
 
 
-def openai_error(status: int, type_: str, message: str, fix: str | None, field: str | None) -> JSONResponse:
-    """OpenAI's error object (clients read its ``message``), with our ``fix`` beside it. Bad requests are
-    400 as OpenAI answers them, a model that is not served 404."""
-    code = None
-    if type_ == "invalid_request":
-        type_ = "invalid_request_error"
-        if status == 422:               # a body that does not fit the schema: 400, as OpenAI answers it
-            status = 400
-        if status == 404 and field == "model":
-            code = "model_not_found"
-    elif type_ == "internal_error":
-        type_ = "server_error"
-    elif type_ == "authentication_error":
-        code = "invalid_api_key"
-    body = {"message": message, "type": type_, "param": field, "code": code}
-    if fix:
-        body["fix"] = fix
-    return JSONResponse(status_code=status, content={"error": body})
-
-
 def _refuse_unsupported(req: _Sampling) -> None:
     if req.n != 1:
         raise UserError(f"n={req.n}: paradecode returns one choice per request", "send n=1 (or leave it out)",
@@ -151,7 +127,6 @@ def add_openai_routes(app: FastAPI, model, decode: Callable, draft_models: tuple
     """Register the endpoints; ``decode(prompt, method, gen, cancel, stream=None)`` runs one request under
     the server's lock (None when ``cancel`` was set while it queued); ``draft_models`` as ``create_app``'s."""
     from ..api import encode_prompt
-    from .app import check_paths, stream_error
     from ..methods import get_method
     from ..sampling import GenerationConfig
 
@@ -167,8 +142,8 @@ def add_openai_routes(app: FastAPI, model, decode: Callable, draft_models: tuple
     def prepare(req: _Sampling, prompt, *, chat: bool, max_tokens: int | None):
         check_model(req)
         _refuse_unsupported(req)
-        check_paths(req.options, draft_models)
         method = get_method(req.method, req.options, strict=True)
+        check_paths(req.options, draft_models)
         ids = encode_prompt(model, prompt, chat=chat)
         room = model.max_context - len(ids)
         if room <= 0:
@@ -209,15 +184,17 @@ def add_openai_routes(app: FastAPI, model, decode: Callable, draft_models: tuple
         def run(on_text):
             return decode(ids, method, gen, cancel, stream=on_text)
 
-        start, rest = await started(stream_decode(run, cancel))
+        start, rest = await first_event(request, run, cancel)
         if start[0] == "error":
             return stream_error(start[1], request)
+        if start == ("done", None):
+            return Response(status_code=499)                # the client left while the request queued
 
         async def body():
-            if first is not None:
-                yield _data(chunk(first))
-            kind, data = start
-            try:
+            async with contextlib.aclosing(rest):
+                if first is not None:
+                    yield _data(chunk(first))
+                kind, data = start
                 while True:
                     if kind == "text":
                         yield _data(chunk({"text": data}))
@@ -234,11 +211,9 @@ def add_openai_routes(app: FastAPI, model, decode: Callable, draft_models: tuple
                                 yield _data({**chunk(None), "choices": [], "usage": usage(data)})
                         break
                     kind, data = await anext(rest)
-            finally:
-                await rest.aclose()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(body(), media_type="text/event-stream")
+        return EventStream(body(), cancel)
 
     @app.get("/v1/models")
     def list_models():

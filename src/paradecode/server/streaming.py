@@ -8,9 +8,12 @@ every model call (``generate(..., cancel=event.is_set)``), set when the client d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from typing import Any, AsyncIterator, Callable
+
+from fastapi.responses import StreamingResponse
 
 from ..errors import UserError
 
@@ -43,14 +46,46 @@ async def stream_decode(run: Callable[[Callable[[str], None]], Any],
         cancel.set()        # a decode still running stops after its current model call
 
 
-async def started(events: AsyncIterator[tuple[str, Any]]) -> tuple[tuple[str, Any], AsyncIterator[tuple[str, Any]]]:
-    """The first event of :func:`stream_decode` and the events after it. A server awaits it before its
-    response starts, so a request the method refuses only once it sees the model (jacobi asked to sample, a
-    layer the model lacks) gets an error status, not a 200 stream carrying an error."""
-    first = await anext(events)
-    if first[0] == "error":
+async def first_event(request, run: Callable[[Callable[[str], None]], Any], cancel: threading.Event):
+    """Start ``run`` as :func:`stream_decode` does and wait for its first event (a piece, the end, or an error)
+    while watching the client: ``(first, events)``, the events after it as one async iterator that closes
+    itself. A server waits for it before its response starts, so a request the method refuses only once it
+    sees the model (jacobi asked to sample, a layer the model lacks) gets an error status rather than a 200
+    stream carrying an error, and a client that leaves while its request queues stops it (``cancel``)."""
+    events = stream_decode(run, cancel)
+
+    async def first():
+        return await anext(events)
+
+    task = asyncio.ensure_future(first())
+    while not (await asyncio.wait({task}, timeout=POLL))[0]:
+        if not cancel.is_set() and await request.is_disconnected():
+            cancel.set()
+    head = task.result()
+    if head[0] in ("done", "error"):
         await events.aclose()
-    return first, events
+    return head, _closing(events)
+
+
+async def _closing(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[tuple[str, Any]]:
+    async with contextlib.aclosing(events):
+        async for event in events:
+            yield event
+
+
+class EventStream(StreamingResponse):
+    """A stream of server-sent events whose decode stops however the response ends: finished, failed, or
+    cancelled by a client that left before its body even started."""
+
+    def __init__(self, body, cancel: threading.Event):
+        super().__init__(body, media_type="text/event-stream")
+        self.cancel = cancel
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.cancel.set()
 
 
 async def run_unless_disconnected(request, run: Callable[[], Any], cancel: threading.Event):
