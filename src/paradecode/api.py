@@ -138,7 +138,7 @@ def _make_gen(gen: GenerationConfig | None, kw: Mapping[str, Any]) -> Generation
 
 def _check_call(model, options, **callbacks) -> None:
     """What the Python API's caller passed is of the right kind, said before any work (not deep inside it)."""
-    if not isinstance(model, CausalLM):
+    if not isinstance(model, CausalLM) and not (hasattr(model, "forward") and hasattr(model, "info")):
         raise TypeError(f"model must be a loaded model (paradecode.load_model(...)), not {type(model).__name__}")
     if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"options must be a mapping such as {{'max_ngram': 3}}, not {type(options).__name__}")
