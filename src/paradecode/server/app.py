@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
-from .common import check_paths, error_response, stream_error
+from .common import check_paths, error_response, start_stream
 from .openai import add_openai_routes
-from .streaming import EventStream, first_event, run_unless_disconnected
+from .streaming import EventStream, run_unless_disconnected
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
 MAX_BODY = 4 << 20      # bytes a request body may have (a full context window of text is ~40 KB)
@@ -161,11 +161,9 @@ def create_app(model, *, api_key: str | None = None, draft_models: Sequence[str]
         def run(on_text):
             return decode(prompt, method, gen, cancel, stream=on_text)
 
-        first, rest = await first_event(request, run, cancel)
-        if first[0] == "error":
-            return stream_error(first[1], request)
-        if first == ("done", None):
-            return Response(status_code=499)                # the client left while the request queued
+        refused, first, rest = await start_stream(request, run, cancel)
+        if refused is not None:
+            return refused
 
         async def events():
             async with contextlib.aclosing(rest):

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..errors import UserError
+from .streaming import first_event
 
 OPENAI_PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions")
 
@@ -68,3 +69,14 @@ def check_paths(options: dict[str, Any], allowed: Sequence[str]) -> None:
                         f"was started with ({listed})",
                         "name one of those, or ask the operator to start the server with --draft-model PATH",
                         field="draft_model")
+
+
+async def start_stream(request: Request, run, cancel):
+    """``(None, first, rest)`` when the decode streams (see :func:`first_event`); ``(response, None, None)`` when
+    it failed before its first piece (the route's error object) or its client left while it queued (499)."""
+    first, rest = await first_event(request, run, cancel)
+    if first[0] == "error":
+        return stream_error(first[1], request), None, None
+    if first == ("done", None):
+        return Response(status_code=499), None, None
+    return None, first, rest

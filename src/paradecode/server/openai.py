@@ -29,8 +29,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import UserError
-from .common import check_paths, stream_error
-from .streaming import EventStream, first_event, run_unless_disconnected
+from .common import check_paths, start_stream
+from .streaming import EventStream, run_unless_disconnected
 
 COMPLETION_TOKENS = 16      # OpenAI's max_tokens for completions when none (or null) is sent
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}   # the last: nobody reads it
@@ -184,11 +184,9 @@ def add_openai_routes(app: FastAPI, model, decode: Callable, draft_models: tuple
         def run(on_text):
             return decode(ids, method, gen, cancel, stream=on_text)
 
-        start, rest = await first_event(request, run, cancel)
-        if start[0] == "error":
-            return stream_error(start[1], request)
-        if start == ("done", None):
-            return Response(status_code=499)                # the client left while the request queued
+        refused, start, rest = await start_stream(request, run, cancel)
+        if refused is not None:
+            return refused
 
         async def body():
             async with contextlib.aclosing(rest):
