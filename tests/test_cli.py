@@ -62,7 +62,7 @@ def small_model_dir(tmp_path_factory):
     (["--threads", "100000"], ["threads must be in 1..1024"]),                 # torch segfaulted
     (["--temperature", "inf"], ["temperature", "finite"]),
     (["--temperature", "0.5", "--seed", "-1"], ["seed", "0..2**64-1"]),
-    (["--top-k", "3"], ["--top-k", "greedy decoding takes none"]),
+    (["--top-k", "3"], ["--top-k", "greedy decoding (--temperature 0), which takes none"]),
     (["--top-p", "0.5", "--seed", "5"], ["--top-p and --seed", "--temperature"]),
     (["--method", "pld", "-o", "num_draft_tokens=0", "-o", "num_draft_tokens=5"], ["given twice"]),
     (["--method", "pld", "-o", "max_ngram=1000000000"], ["max_ngram", "1..16"]),

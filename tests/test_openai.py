@@ -180,6 +180,26 @@ def test_null_max_tokens_is_openai_default_and_huge_bodies_are_413(http):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
 
 
+def test_what_apps_send_as_defaults_is_taken(http, default_model, name):
+    from paradecode import generate
+
+    hi = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    want = generate(default_model, hi, max_new_tokens=4).text
+    r = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "developer", "content": "Be terse."}, {"role": "user", "content": "Hi"}],
+        "max_tokens": 4, "temperature": 0, "top_p": None, "n": None, "presence_penalty": None, "store": False,
+        "logit_bias": {}, "tool_choice": "none", "response_format": {"type": "text"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == want      # developer is the system role
+    ids = default_model.tokenizer.encode("The capital of France is")
+    one = http.post("/v1/completions", json={"prompt": [ids], "max_tokens": 3, "temperature": 0})
+    assert one.status_code == 200 and one.json()["choices"][0]["text"] == \
+        generate(default_model, ids, max_new_tokens=3).text
+    for field, value in (("store", True), ("logit_bias", {"50": 5.0}), ("tool_choice", "auto")):
+        r = http.post("/v1/chat/completions", json={"messages": hi, "max_tokens": 4, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
 def test_our_own_endpoint_keeps_its_error_shape(http):
     r = http.post("/v1/generate", json={"prompt": "hi", "top_p": 2.0})
     assert r.status_code == 400 and set(r.json()["error"]) >= {"type", "message", "field"}

@@ -107,7 +107,7 @@ def check_sampling_given(gen: GenerationConfig, given, spell=str) -> None:
     unused = [f for f in SAMPLING_ONLY if f in given] if gen.greedy else []
     if unused:
         names = " and ".join(map(spell, unused))
-        raise UserError(f"{names} given without {spell('temperature')}: greedy decoding takes none",
+        raise UserError(f"{names} given for greedy decoding ({spell('temperature')} 0), which takes none",
                         f"set {spell('temperature')} above 0 to sample, or drop {names}", field=unused[0])
 
 

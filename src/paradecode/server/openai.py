@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import UserError
 from .common import check_paths, start_stream
@@ -45,8 +45,9 @@ class ChatMessage(_Strict):
     content: str | list[dict[str, Any]]         # text, or OpenAI's content parts
 
     def as_dict(self, i: int) -> dict[str, str]:
+        role = "system" if self.role == "developer" else self.role     # OpenAI's newer name for the system role
         if isinstance(self.content, str):
-            return {"role": self.role, "content": self.content}
+            return {"role": role, "content": self.content}
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise UserError(f"message {i} has a content part of type {part.get('type')!r}; "
@@ -56,7 +57,7 @@ class ChatMessage(_Strict):
                 extra = sorted(set(part) - {"type", "text"})[0]
                 raise UserError(f"message {i} has a content part with {extra!r}, which paradecode does not take",
                                 f"remove {extra!r} from the part", field="messages")
-        return {"role": self.role, "content": "".join(p["text"] for p in self.content)}
+        return {"role": role, "content": "".join(p["text"] for p in self.content)}
 
 
 class StreamOptions(_Strict):
@@ -68,30 +69,42 @@ class _Sampling(_Strict):
 
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = 1.0             # null, as OpenAI takes it: the default
+    top_p: float | None = 1.0
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int | None = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None  # taken only empty: a bias would change the distribution
     user: str | None = None                     # metadata: does not change the answer
     method: str = Field("plain", description="paradecode's decoding method")
     options: dict[str, Any] = Field(default_factory=dict, description="the method's options")
     top_k: int = 0
 
+    @model_validator(mode="after")
+    def _nulls_are_defaults(self):
+        for name in ("temperature", "top_p", "n", "presence_penalty", "frequency_penalty"):
+            if getattr(self, name) is None:
+                setattr(self, name, type(self).model_fields[name].default)
+        return self
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
+    # what apps send as defaults: taken when they ask for the default, refused otherwise
+    store: bool | None = None                   # this server keeps nothing
+    tool_choice: str | None = None              # "none" only: no tools here
+    response_format: dict[str, Any] | None = None   # {"type": "text"} only
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = COMPLETION_TOKENS  # OpenAI's default for completions (null too)
     echo: bool = False
     suffix: str | None = None
@@ -100,6 +113,14 @@ class CompletionRequest(_Sampling):
 
 
 def _refuse_unsupported(req: _Sampling) -> None:
+    for name, default_only, what in (
+            ("logit_bias", not req.logit_bias, "a logit bias would change the model's distribution"),
+            ("store", not getattr(req, "store", None), "this server stores no completions"),
+            ("tool_choice", getattr(req, "tool_choice", None) in (None, "none"), "this server has no tools"),
+            ("response_format", (getattr(req, "response_format", None) or {"type": "text"}).get("type") == "text",
+             "only text answers are made here")):
+        if not default_only:
+            raise UserError(f"{name} is not supported: {what}", f"leave {name} out", field=name)
     if req.n != 1:
         raise UserError(f"n={req.n}: paradecode returns one choice per request", "send n=1 (or leave it out)",
                         field="n")
@@ -256,7 +277,7 @@ def add_openai_routes(app: FastAPI, model, decode: Callable, draft_models: tuple
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
                 raise UserError(f"{len(prompt)} prompts in one request: paradecode answers one at a time",
                                 "send one request per prompt", field="prompt")
