@@ -206,6 +206,7 @@ def build_variants(cfg: BenchConfig, notes: list[str]) -> list[Variant]:
     ``--methods`` and skipped with a note otherwise.
     """
     from ..methods.base import all_methods, get_method, method_options
+    from ..models.loading import check_model_path
 
     registry = all_methods()
     sweeps = [(spec, *parse_sweep(spec)) for spec in cfg.sweeps]
@@ -266,23 +267,9 @@ def build_variants(cfg: BenchConfig, notes: list[str]) -> list[Variant]:
     return variants
 
 
-def check_model_path(spec: str, flag: str, what: str = "model") -> None:
-    """A model path the user gave is a folder with config.json or a .gguf file (checked before any loading)."""
-    p = Path(spec).expanduser()
-    fix = f"{flag} takes a local Hugging Face model directory (with config.json) or a .gguf file"
-    if not spec.strip():
-        raise UserError(f"{flag} is empty", fix)
-    if not p.exists():
-        raise UserError(f"{what} path {p} does not exist", fix)
-    if p.is_file() and p.suffix != ".gguf":
-        raise UserError(f"{what} path {p} is a file but not a .gguf file", fix)
-    if p.is_dir() and not (p / "config.json").is_file():
-        raise UserError(f"{what} path {p} has no config.json", fix)
-
-
 def check_config(cfg: BenchConfig, specs: Sequence) -> None:
     """Refuse what cannot make a sensible run, before any file is touched or model loaded."""
-    from ..models.loading import check_threads
+    from ..models.loading import check_model_path, check_threads
     from ..sampling import GenerationConfig
     from .peers import PEERS
 

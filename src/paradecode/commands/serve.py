@@ -32,10 +32,10 @@ def run(args) -> int:
         raise UserError("--api-key is empty", "pass a non-empty key, or leave --api-key out for an open server")
     if not 0 < args.port < 65536:
         raise UserError(f"port {args.port} is out of range", "pass --port between 1 and 65535")
-    from ..models.loading import resolve_model_path
+    from ..models.loading import check_model_path
 
-    for path in args.draft_model:       # a model directory or .gguf file (converted once, as a request would)
-        resolve_model_path(path)
+    for path in args.draft_model:
+        check_model_path(path, "--draft-model", "draft model")
     _check_can_listen(args.host, args.port)              # before loading the model, in one line
     model = model_from_args(args)
     app = create_app(model, api_key=args.api_key, draft_models=args.draft_model)

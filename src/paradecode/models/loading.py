@@ -128,26 +128,32 @@ def _drop_older_conversions(out: Path) -> None:
             pass
 
 
+def check_model_path(model: str | os.PathLike, flag: str = "--model", what: str = "model") -> Path:
+    """A local model as the user gave it (``flag`` names where): a readable .gguf file or a Hugging Face
+    directory with a readable config.json, checked without loading or converting anything."""
+    p = Path(model).expanduser()
+    fix = f"pass {flag} a local Hugging Face model directory (with config.json) or a .gguf file"
+    if not str(model).strip():
+        raise UserError(f"{flag} is empty", fix)
+    if not p.exists():
+        raise UserError(f"{what} path {p} does not exist",
+                        fix + (", or omit --model for the default" if flag == "--model" else ""))
+    if p.is_file() and p.suffix != ".gguf":
+        raise UserError(f"{what} path {p} is a file but not a .gguf file", fix)
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise UserError(f"{what} path {p} has no config.json", fix)
+    readable = p if p.is_file() else p / "config.json"
+    if not os.access(readable, os.R_OK):
+        raise UserError(f"cannot read {readable}", "check its permissions")
+    return p
+
+
 def resolve_model_path(model: str | os.PathLike | None) -> Path:
     """Turn what the user gave into a Hugging Face directory, converting GGUF once."""
     if model is None or str(model) == "default":
         return convert_gguf(default_gguf())
-    p = Path(model).expanduser()
-    if not p.exists():
-        raise UserError(f"model path {p} does not exist",
-                        "pass a local Hugging Face model directory or .gguf file, or omit --model for the default")
-    if p.is_file():
-        if p.suffix != ".gguf":
-            raise UserError(f"{p} is a file but not a .gguf file",
-                            "pass a Hugging Face model directory (with config.json) or a .gguf file")
-        if not os.access(p, os.R_OK):
-            raise UserError(f"cannot read {p}", "check the file's permissions")
-        return convert_gguf(p)
-    if not (p / "config.json").is_file():
-        raise UserError(f"{p} has no config.json", "pass a Hugging Face model directory or a .gguf file")
-    if not os.access(p / "config.json", os.R_OK):
-        raise UserError(f"cannot read {p / 'config.json'}", "check the directory's permissions")
-    return p
+    p = check_model_path(model)
+    return convert_gguf(p) if p.is_file() else p
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
